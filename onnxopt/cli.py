@@ -1,0 +1,244 @@
+"""The `onnxopt` command: a thin click layer over :mod:`onnxopt.api`.
+
+Every user-facing failure is one line on stderr and exit code 2 (no
+traceback unless ``--debug``); a result over ``--max-drop`` exits 3.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from onnxopt.config import config_fields, load_recipe, parse_settings
+from onnxopt.data import parse_shape
+from onnxopt.errors import OnnxoptError
+from onnxopt.progress import Progress
+from onnxopt.report import format_bytes, print_report, write_json
+
+__all__ = ["main", "cli"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+INTERNAL_ERROR_EXIT = 1
+INTERRUPTED_EXIT = 130
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # SIGTERM unwinds like Ctrl-C so every `finally` (temp files) runs.
+    raise KeyboardInterrupt
+
+
+def _guarded(fn: F) -> F:
+    """Turn errors into one line and an exit code; ``--debug`` shows the traceback instead."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return fn(*args, **kwargs)
+        except OnnxoptError as err:
+            if debug:
+                raise
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(INTERRUPTED_EXIT)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as err:  # a bug: still one line for a user, the traceback with --debug
+            if debug:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            click.echo(f"internal error: {type(err).__name__}: {first[:300]} (rerun with --debug for the traceback)", err=True)
+            sys.exit(INTERNAL_ERROR_EXIT)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    return dict(parse_shape(s) for s in items)
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(enabled=not quiet and sys.stderr.isatty())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
+@click.version_option(package_name="onnxopt", message="onnxopt %(version)s")
+def cli(debug: bool) -> None:
+    """Compress ONNX models and prove on ONNX Runtime what each pass cost and won."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--pass", "passes", default=None, help="Comma-separated passes in order, e.g. fold,prune,quant.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Where to write the compressed model.")
+@click.option("--set", "settings", multiple=True, metavar="PASS.KEY=VALUE", help="Set a pass config key (repeatable).")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None, help="TOML recipe: passes and their keys.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Calibration data (.npz or ONNX test-data folder).")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None, help="Evaluation data for validation.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2..", help="Synthetic inputs of this shape (fidelity only).")
+@click.option("--max-drop", type=float, default=None, help="Accuracy budget (0.01 = 1 pt); past it nothing is written.")
+@click.option("--force", is_flag=True, help="Write the model even when it is over --max-drop.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--providers", default=None, help="Execution providers for validation, e.g. xnnpack (CPU is always added).")
+@click.option("--threads", type=int, default=1, show_default=True, help="ORT intra-op threads for validation and latency.")
+@click.option("--external-data/--no-external-data", default=None, help="Store weights in a .data file next to the output.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
+@click.option("--no-validate", is_flag=True, help="Skip validation on ONNX Runtime.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_guarded
+def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[str, ...], recipe: Path | None,
+          data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None, force: bool,
+          report_path: Path | None, providers: str | None, threads: int, external_data: bool | None, seed: int,
+          no_validate: bool, quiet: bool) -> None:
+    """Run passes on MODEL, validate against it on ONNX Runtime, and write the result to -o."""
+    from onnxopt.api import GATE_EXIT_CODE, apply as run_apply
+
+    names: list[str] = []
+    merged: dict[str, dict[str, Any]] = {}
+    if recipe is not None:
+        names, merged = load_recipe(recipe)
+    if passes:
+        names = [p.strip() for p in passes.split(",") if p.strip()]
+    for pass_name, values in parse_settings(settings).items():
+        merged.setdefault(pass_name, {}).update(values)
+    if max_drop is not None and not 0 <= max_drop <= 1:
+        raise OnnxoptError(f"--max-drop {max_drop} is not a share between 0 and 1", "e.g. --max-drop 0.01 for 1 pt")
+    with _progress(quiet) as progress:
+        run = run_apply(model, names, output, settings=merged, data=data, eval_data=eval_data, shapes=_shapes(shapes),
+                        max_drop=max_drop, force=force, report=report_path,
+                        providers=providers.split(",") if providers else None, threads=threads,
+                        external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress)
+    print_report(run, Console(soft_wrap=True))
+    if run.gate_passed is False:
+        click.echo(f"error: measured drop {run.validation.drop:.4f} is over --max-drop {max_drop}"  # type: ignore[union-attr]
+                   + ("" if force else "; nothing written (use --force to write anyway)"), err=True)
+        sys.exit(GATE_EXIT_CODE)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2..", help="Input shape for MACs (free dims otherwise: batch 1, others 224).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_guarded
+def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
+    """Describe MODEL: opsets, inputs/outputs, ops, parameters, MACs, where weights live."""
+    from onnxopt.inspection import inspect_model
+
+    info = inspect_model(model, _shapes(shapes))
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=2))
+        return
+    console = Console(soft_wrap=True)
+    console.print(f"[bold]{escape(info.path)}[/bold]  {format_bytes(info.size_bytes)}  IR {info.ir_version}  "
+                  f"opsets {', '.join(f'{k} {v}' for k, v in info.opsets.items())}  producer {info.producer}")
+    for line in info.inputs:
+        console.print(f"  input  {escape(line)}")
+    for line in info.outputs:
+        console.print(f"  output {escape(line)}")
+    w = info.weights
+    console.print(f"parameters {info.parameters:,}")
+    console.print(f"weights: {w.initializers} initializers ({format_bytes(w.initializer_bytes)}), "
+                  f"{w.external} external ({format_bytes(w.external_bytes)}), "
+                  f"{w.constant_nodes} in Constant nodes ({format_bytes(w.constant_bytes)}), "
+                  f"{w.constant_of_shape_nodes} ConstantOfShape ({w.constant_of_shape_elements:,} elements)")
+    shape_note = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in info.macs.input_shapes.items())
+    extra = " (free dims assumed; give --shape)" if info.macs.assumed else ""
+    unknown = f", {len(info.macs.unknown)} layer(s) with unknown shapes" if info.macs.unknown else ""
+    console.print(f"MACs {info.macs.total:,} at {shape_note}{extra}{unknown}  "
+                  + "  ".join(f"{k} {v:,}" for k, v in info.macs.by_op.items()))
+    table = Table(title=f"ops ({info.nodes} nodes)", title_justify="left")
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    for op, n in info.ops.items():
+        table.add_row(op, str(n))
+    console.print(table)
+    for note in info.notes:
+        console.print(f"[dim]{escape(note)}[/dim]")
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None, help="Evaluation data.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2..", help="Synthetic inputs of this shape.")
+@click.option("--providers", default=None, help="Execution providers, e.g. xnnpack (CPU is always added).")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--max-drop", type=float, default=None, help="Exit 3 when the drop is over this budget.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write JSON here.")
+@click.option("-q", "--quiet", is_flag=True)
+@_guarded
+def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: tuple[str, ...], providers: str | None,
+             threads: int, max_drop: float | None, report_path: Path | None, quiet: bool) -> None:
+    """Compare CANDIDATE with REFERENCE on ONNX Runtime: metrics, drop, size, latency."""
+    from onnxopt.api import GATE_EXIT_CODE, validate_models
+    from onnxopt.report import RunReport
+
+    with _progress(quiet) as progress:
+        result = validate_models(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
+                                 providers=providers.split(",") if providers else None, threads=threads, progress=progress)
+    run = RunReport(input=str(reference), output=None, validation=result, max_drop=max_drop,
+                    gate_passed=None if max_drop is None else result.drop <= max_drop)
+    print_report(run, Console(soft_wrap=True))
+    if report_path is not None:
+        write_json(run.to_dict(), report_path)
+    if run.gate_passed is False:
+        sys.exit(GATE_EXIT_CODE)
+
+
+@cli.command("passes")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@_guarded
+def list_passes(as_json: bool) -> None:
+    """List every registered pass: name, summary, distribution, config keys."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from onnxopt.plugins import load_registry
+
+    try:
+        version("onnxopt")
+    except PackageNotFoundError:
+        raise OnnxoptError("onnxopt's install metadata is missing, so no pass entry points can be found",
+                           "install it: pip install -e .") from None
+    registry = load_registry()
+    entries = []
+    for name, cls in sorted(registry.passes.items()):
+        origin = registry.origins[f"pass:{name}"]
+        entries.append({
+            "name": name, "summary": cls.summary(), "plugin": origin.plugin, "distribution": origin.distribution,
+            "lossless": cls.lossless, "final": cls.final, "requires": sorted(cls.requires),
+            "config": [{"key": f.name, "type": f.type_name, "default": f.default if not isinstance(f.default, tuple) else list(f.default),
+                        "doc": f.doc, "unit": f.unit} for f in config_fields(cls.Config)],
+        })
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, default=str))
+        return
+    for e in entries:
+        flags = [x for x in ("lossless" if e["lossless"] else "", "runs last" if e["final"] else "",
+                             f"needs {', '.join(e['requires'])}" if e["requires"] else "") if x]
+        click.echo(f"{e['name']}  {e['summary']}  [{e['distribution']}]" + (f"  ({'; '.join(flags)})" if flags else ""))
+        for f in e["config"]:
+            unit = f" [{f['unit']}]" if f["unit"] else ""
+            click.echo(f"    {e['name']}.{f['key']}: {f['type']} = {f['default']!r}{unit}  {f['doc']}")
+
+
+def main() -> None:
+    """Entry point of the `onnxopt` console script."""
+    cli(prog_name="onnxopt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Data for calibration and validation: .npz files, ONNX test-data folders, or synthetic inputs.
+
+A dataset is matched to a model's inputs when it is loaded, so a wrong name,
+shape or dtype is a one-line error before any work starts, not an ORT
+traceback halfway through.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+
+from onnxopt.errors import OnnxoptError
+
+__all__ = [
+    "InputSpec",
+    "Dataset",
+    "input_specs",
+    "load_dataset",
+    "synthetic_dataset",
+    "parse_shape",
+    "DEFAULT_BATCH",
+]
+
+#: Samples per ORT call when the model's batch dimension is free.
+DEFAULT_BATCH = 64
+LABELS_KEY = "labels"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and dims (an int, or a str/None for a free dim)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | str | None, ...] | None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model requires, when its first dim is a fixed number."""
+        if self.dims and isinstance(self.dims[0], int):
+            return int(self.dims[0])
+        return None
+
+    def describe(self) -> str:
+        dims = "?" if self.dims is None else "x".join(str(d) if d is not None else "?" for d in self.dims)
+        return f"{self.name}: {self.dtype} [{dims}]"
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a user feeds (initializers that double as inputs excluded)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.const_value is not None or value.name is None:
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        dims = None
+        if value.shape is not None:
+            dims = tuple(d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in value.shape.dims)
+        specs.append(InputSpec(value.name, np.dtype(dtype), dims))
+    return specs
+
+
+@dataclass
+class Dataset:
+    """Model inputs and optional labels.
+
+    ``arrays`` holds samples stacked along axis 0 and is fed in batches along
+    it; ``feeds`` holds ready-made feeds (ONNX test-data sets), fed as they are.
+    """
+
+    source: str
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    labels: np.ndarray | None = None
+    fidelity_only: bool = False
+    batch_size: int = DEFAULT_BATCH
+
+    def __len__(self) -> int:
+        if self.arrays:
+            return int(next(iter(self.arrays.values())).shape[0])
+        return sum(int(next(iter(f.values())).shape[0]) if f and next(iter(f.values())).ndim else 1 for f in self.feeds)
+
+    @property
+    def num_batches(self) -> int:
+        if self.arrays:
+            return math.ceil(len(self) / self.batch_size)
+        return len(self.feeds)
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds for ``session.run``, one batch at a time."""
+        if self.arrays:
+            for start in range(0, len(self), self.batch_size):
+                yield {k: v[start : start + self.batch_size] for k, v in self.arrays.items()}
+        else:
+            yield from self.feeds
+
+    def take(self, n: int) -> Dataset:
+        """The first ``n`` samples (or feeds) as a new dataset."""
+        if self.arrays:
+            return Dataset(self.source, {k: v[:n] for k, v in self.arrays.items()}, [],
+                           None if self.labels is None else self.labels[:n], self.fidelity_only, self.batch_size)
+        return Dataset(self.source, {}, self.feeds[:n], None if self.labels is None else self.labels[:n],
+                       self.fidelity_only, self.batch_size)
+
+
+def _check_array(spec: InputSpec, array: np.ndarray, source: str, stacked: bool) -> None:
+    if array.dtype != spec.dtype:
+        raise OnnxoptError(f"{source}: input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}",
+                           f"convert it, e.g. np.asarray(x, dtype=np.{spec.dtype.name})")
+    if spec.dims is None:
+        return
+    if array.ndim != len(spec.dims):
+        raise OnnxoptError(f"{source}: input {spec.name!r} has {array.ndim} dims {list(array.shape)}, the model expects "
+                           f"{len(spec.dims)} ({spec.describe()})",
+                           "stack samples along the first axis with the model's own rank")
+    dims = spec.dims[1:] if stacked else spec.dims
+    shape = array.shape[1:] if stacked else array.shape
+    for i, (want, have) in enumerate(zip(dims, shape)):
+        if isinstance(want, int) and want != have:
+            axis = i + 1 if stacked else i
+            raise OnnxoptError(f"{source}: input {spec.name!r} has size {have} on axis {axis}, the model expects {want} "
+                               f"({spec.describe()})", "resize or re-export the data to the model's input shape")
+
+
+def _batch_size_for(specs: Sequence[InputSpec], requested: int | None) -> int:
+    fixed = {s.fixed_batch for s in specs if s.fixed_batch is not None}
+    if fixed:
+        return fixed.pop()
+    return requested or DEFAULT_BATCH
+
+
+def _load_npz(path: Path, specs: Sequence[InputSpec], batch_size: int | None) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError) as err:
+        raise OnnxoptError(f"{path} is not a readable .npz file ({str(err).splitlines()[0]})",
+                           "save data with np.savez(path, <input name>=array, labels=...)") from None
+    labels = arrays.pop(LABELS_KEY, None)
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise OnnxoptError(f"{path}: no array for model input(s) {missing} (it has {sorted(arrays)})",
+                           f"name the arrays after the model's inputs: {names}")
+    extra = [k for k in arrays if k not in names]
+    if extra:
+        raise OnnxoptError(f"{path}: arrays {extra} match no model input (inputs: {names})",
+                           "rename them, or remove them from the file")
+    for spec in specs:
+        _check_array(spec, arrays[spec.name], str(path), stacked=True)
+    counts = {int(a.shape[0]) for a in arrays.values()}
+    if len(counts) > 1:
+        raise OnnxoptError(f"{path}: arrays have different sample counts {sorted(counts)}",
+                           "stack the same number of samples for every input")
+    n = counts.pop() if counts else 0
+    if n == 0:
+        raise OnnxoptError(f"{path} holds no samples", "save at least one sample")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim == 2:
+            labels = labels.argmax(axis=1)
+        if labels.shape[0] != n:
+            raise OnnxoptError(f"{path}: {labels.shape[0]} labels for {n} samples", "give one label per sample")
+    bs = _batch_size_for(specs, batch_size)
+    return Dataset(str(path), arrays, [], labels, False, bs)
+
+
+_INPUT_PB = re.compile(r"input_(\d+)\.pb$")
+
+
+def _load_pb_folder(path: Path, specs: Sequence[InputSpec]) -> Dataset:
+    sets = sorted(p for p in path.glob("test_data_set_*") if p.is_dir())
+    if not sets and any(path.glob("input_*.pb")):
+        sets = [path]
+    if not sets:
+        raise OnnxoptError(f"{path} holds no test_data_set_N folders or input_K.pb files",
+                           "pass a .npz file or an ONNX test-data folder")
+    feeds: list[dict[str, np.ndarray]] = []
+    for folder in sets:
+        files = sorted(folder.glob("input_*.pb"), key=lambda p: int(_INPUT_PB.search(p.name).group(1)))  # type: ignore[union-attr]
+        feed: dict[str, np.ndarray] = {}
+        for file in files:
+            tensor = onnx.TensorProto()
+            try:
+                tensor.ParseFromString(file.read_bytes())
+            except Exception:
+                raise OnnxoptError(f"{file} is not a TensorProto", "regenerate the test data") from None
+            index = int(_INPUT_PB.search(file.name).group(1))  # type: ignore[union-attr]
+            name = tensor.name if tensor.name in {s.name for s in specs} else (specs[index].name if index < len(specs) else None)
+            if name is None:
+                raise OnnxoptError(f"{file}: input index {index} but the model has {len(specs)} inputs",
+                                   "use the test data that belongs to this model")
+            feed[name] = numpy_helper.to_array(tensor)
+        for spec in specs:
+            if spec.name not in feed:
+                raise OnnxoptError(f"{folder}: no data for model input {spec.name!r}",
+                                   "each test_data_set needs one input_K.pb per model input")
+            _check_array(spec, feed[spec.name], str(folder), stacked=False)
+        feeds.append(feed)
+    return Dataset(str(path), {}, feeds, None, False, 1)
+
+
+def load_dataset(path: str | Path, specs: Sequence[InputSpec], *, batch_size: int | None = None) -> Dataset:
+    """Load ``.npz`` or an ONNX test-data folder and match it to the model's inputs."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxoptError(f"data {path}: no such file or folder", "check the path given to --data/--eval")
+    if path.is_dir():
+        return _load_pb_folder(path, specs)
+    if path.suffix == ".npz":
+        return _load_npz(path, specs, batch_size)
+    raise OnnxoptError(f"data {path}: unsupported format {path.suffix!r}",
+                       "use a .npz file keyed by input names or an ONNX test-data folder")
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``name=1x3x224x224`` into ``("name", (1, 3, 224, 224))``."""
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x")) if sep else ()
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise OnnxoptError(f"--shape {text!r} is not NAME=D1xD2x...", "for example --shape x=1x3x224x224")
+    return name, shape
+
+
+def synthetic_dataset(
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    samples: int = 8,
+    seed: int = 0,
+) -> Dataset:
+    """Random inputs from shapes (given, or the model's own when fully known): fidelity checks only."""
+    shapes = dict(shapes or {})
+    unknown = [k for k in shapes if k not in {s.name for s in specs}]
+    if unknown:
+        raise OnnxoptError(f"--shape names {unknown} are not model inputs", f"inputs: {[s.name for s in specs]}")
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if spec.name in shapes:
+            shape = shapes[spec.name]
+        elif spec.dims is not None and all(isinstance(d, int) for d in spec.dims):
+            shape = tuple(int(d) for d in spec.dims)  # type: ignore[arg-type]
+        elif spec.dims is not None and all(isinstance(d, int) for d in spec.dims[1:]):
+            shape = (1, *(int(d) for d in spec.dims[1:]))  # type: ignore[arg-type]
+        else:
+            raise OnnxoptError(f"input {spec.describe()} has free dimensions",
+                               f"give its shape, e.g. --shape {spec.name}=1x3x224x224, or pass data with --eval")
+        batch = spec.fixed_batch or 1
+        full = (samples * batch, *shape[1:]) if shape else (samples,)
+        if np.issubdtype(spec.dtype, np.floating):
+            array = rng.standard_normal(full).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            array = rng.integers(0, 2, full).astype(np.bool_)
+        else:
+            array = rng.integers(0, 2, full).astype(spec.dtype)
+        arrays[spec.name] = array
+    batch = _batch_size_for(specs, None)
+    given_batch = {s[0] for s in shapes.values() if s}
+    if given_batch:
+        batch = given_batch.pop()
+    return Dataset("synthetic", arrays, [], None, True, batch)

@@ -1,0 +1,241 @@
+"""The graph toolkit: every graph edit a pass needs, written once on the onnx-ir IR.
+
+Passes edit graphs as objects (values, nodes, initializers) and call
+:func:`cleanup` at the end, which removes what dangles and re-sorts: no pass
+maintains name maps of its own. Before writing a helper in a pass, look here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_passes
+
+__all__ = [
+    "DEFAULT_DOMAINS",
+    "Names",
+    "iter_graphs",
+    "iter_nodes",
+    "is_onnx_op",
+    "opset_version",
+    "constant_array",
+    "is_weight",
+    "consumers",
+    "only_consumer",
+    "attribute",
+    "static_shape",
+    "add_initializer",
+    "replace_input_weight",
+    "make_node",
+    "insert_before",
+    "reroute",
+    "remove_node",
+    "cleanup",
+    "expose_values",
+    "graph_input_values",
+]
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def iter_graphs(model: ir.Model | ir.Graph) -> Iterator[ir.Graph]:
+    """The main graph, then every subgraph (If/Loop/Scan bodies), recursively."""
+    graph = model.graph if isinstance(model, ir.Model) else model
+    yield graph
+    yield from graph.subgraphs()
+
+
+def iter_nodes(model: ir.Model | ir.Graph) -> Iterator[ir.Node]:
+    """Every node of the model, including those inside subgraphs."""
+    graph = model.graph if isinstance(model, ir.Model) else model
+    yield from ir.traversal.RecursiveGraphIterator(graph)
+
+
+def is_onnx_op(node: ir.Node, *op_types: str) -> bool:
+    """True for a node of the default ONNX domain whose type is one of ``op_types``."""
+    return node.domain in DEFAULT_DOMAINS and node.op_type in op_types
+
+
+def opset_version(model: ir.Model, domain: str = "") -> int:
+    """The model's opset for ``domain`` (the default ONNX domain unless said)."""
+    return int(model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 0)))
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant data as numpy, or None when it is not a constant.
+
+    Initializers that are also graph inputs can be overridden at run time and
+    so are not constants.
+    """
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def is_weight(value: ir.Value | None) -> bool:
+    """True for an initializer the runtime cannot override (not also a graph input)."""
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    """Distinct nodes that read ``value``, in graph order of first use."""
+    seen: dict[int, ir.Node] = {}
+    for node, _ in value.uses():
+        seen.setdefault(id(node), node)
+    return list(seen.values())
+
+
+def only_consumer(value: ir.Value) -> ir.Node | None:
+    """The single node reading ``value``, or None if it has zero or several readers or is a graph output."""
+    nodes = consumers(value)
+    if len(nodes) != 1 or value.is_graph_output():
+        return None
+    return nodes[0]
+
+
+def attribute(node: ir.Node, name: str, default: Any = None) -> Any:
+    """An attribute's Python value (int, float, list, tensor as numpy), or ``default``."""
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    if attr.type == ir.AttributeType.TENSOR:
+        return attr.as_tensor().numpy()
+    return attr.value
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The value's shape when every dimension is a known integer, else None."""
+    if value is None or value.shape is None:
+        return None
+    dims = value.shape.dims
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
+class Names:
+    """Hands out value and node names that collide with nothing already in the model."""
+
+    def __init__(self, model: ir.Model | ir.Graph) -> None:
+        self._taken: set[str] = set()
+        for graph in iter_graphs(model):
+            self._taken.update(v.name for v in graph.inputs if v.name)
+            self._taken.update(graph.initializers)
+            for node in graph:
+                if node.name:
+                    self._taken.add(node.name)
+                self._taken.update(v.name for v in node.outputs if v.name)
+
+    def fresh(self, hint: str) -> str:
+        """A name starting with ``hint`` not used yet; reserves it."""
+        name, i = hint, 1
+        while name in self._taken:
+            name = f"{hint}_{i}"
+            i += 1
+        self._taken.add(name)
+        return name
+
+
+def add_initializer(graph: ir.Graph, array: np.ndarray | ir.TensorProtocol, name: str) -> ir.Value:
+    """Register a new initializer holding ``array`` under ``name`` (which must be fresh)."""
+    tensor = array if not isinstance(array, np.ndarray) else ir.tensor(array, name=name)
+    tensor.name = name
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def replace_input_weight(node: ir.Node, index: int, array: np.ndarray, names: Names, hint: str | None = None) -> ir.Value:
+    """Give ``node`` a new constant at input ``index``; other readers of the old weight keep theirs.
+
+    The new tensor is a fresh initializer, so the input model's tensors are
+    never written to (clones share tensors with their source).
+    """
+    graph = node.graph
+    assert graph is not None, "node must belong to a graph"
+    old = node.inputs[index]
+    base = hint or (old.name if old is not None and old.name else f"{node.name or node.op_type}_in{index}")
+    value = add_initializer(graph, np.ascontiguousarray(array), names.fresh(base))
+    node.replace_input_with(index, value)
+    return value
+
+
+def make_node(
+    op_type: str,
+    inputs: Sequence[ir.Value | None],
+    attributes: Mapping[str, Any] | None = None,
+    *,
+    names: Names,
+    num_outputs: int = 1,
+    name_hint: str | None = None,
+    domain: str = "",
+) -> ir.Node:
+    """A new node with fresh node and output names (not yet in a graph)."""
+    base = names.fresh(name_hint or op_type)
+    outputs = [ir.Value(name=names.fresh(f"{base}_out{i}" if num_outputs > 1 else f"{base}_out")) for i in range(num_outputs)]
+    attrs = ir.convenience.convert_attributes(dict(attributes or {}))
+    return ir.Node(domain, op_type, list(inputs), attrs, outputs=outputs, name=base)
+
+
+def insert_before(anchor: ir.Node, nodes: Iterable[ir.Node]) -> None:
+    """Insert ``nodes`` (in order) into the anchor's graph right before it."""
+    graph = anchor.graph
+    assert graph is not None
+    graph.insert_before(anchor, list(nodes))
+
+
+def reroute(old: ir.Value, new: ir.Value) -> None:
+    """Make every reader of ``old`` read ``new``; a graph output keeps its public name."""
+    if old.is_graph_output():
+        name = old.name
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        old.name = None
+        new.name = name
+    else:
+        old.replace_all_uses_with(new)
+
+
+def remove_node(node: ir.Node) -> None:
+    """Detach and remove a node whose outputs no longer have readers."""
+    graph = node.graph
+    assert graph is not None
+    graph.remove(node, safe=True)
+
+
+def cleanup(model: ir.Model) -> None:
+    """Remove unused nodes and initializers and sort topologically (main graph and subgraphs)."""
+    ir_passes.RemoveUnusedNodesPass()(model)
+    ir_passes.TopologicalSortPass()(model)
+
+
+def graph_input_values(graph: ir.Graph) -> list[ir.Value]:
+    """Graph inputs a user must feed (initializers that double as inputs excluded)."""
+    return [v for v in graph.inputs if v.const_value is None]
+
+
+def expose_values(model: ir.Model, names: Iterable[str]) -> ir.Model:
+    """A clone of ``model`` whose graph outputs are the main-graph values called ``names``.
+
+    Used to read intermediate activations (calibration, statistics) with a
+    real ONNX Runtime session.
+    """
+    clone = model.clone()
+    wanted = list(dict.fromkeys(names))
+    by_name: dict[str, ir.Value] = {}
+    for value in clone.graph.inputs:
+        if value.name:
+            by_name[value.name] = value
+    for node in clone.graph:
+        for value in node.outputs:
+            if value.name:
+                by_name[value.name] = value
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise KeyError(f"values not found in the main graph: {missing[:5]}")
+    clone.graph.outputs.clear()
+    clone.graph.outputs.extend(by_name[n] for n in wanted)
+    cleanup(clone)
+    return clone

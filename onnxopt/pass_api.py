@@ -1,0 +1,181 @@
+"""The pass contract: what a compression pass is, what it gets, what it returns.
+
+A pass is a small class with a typed ``Config`` (a frozen dataclass whose
+fields all have defaults and docs) and a ``run`` that takes a model it owns
+(the manager hands it a clone, so the caller's model is never touched),
+the config and a :class:`PassContext`, and returns a :class:`PassResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.config import config_to_dict
+from onnxopt.data import Dataset
+from onnxopt.errors import OnnxoptError, PassSkipped
+from onnxopt.progress import Progress
+from onnxopt.sessions import SessionFactory
+
+__all__ = [
+    "Pass",
+    "PassContext",
+    "PassReport",
+    "PassResult",
+    "Skip",
+    "CALIBRATION_DATA",
+    "EVALUATION_DATA",
+]
+
+#: Values of ``Pass.requires``.
+CALIBRATION_DATA = "calibration_data"
+EVALUATION_DATA = "evaluation_data"
+
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Something a pass left alone (a layer, a tensor, a subgraph) and why."""
+
+    target: str
+    reason: str
+
+
+@dataclass
+class PassReport:
+    """What a pass did: a one-line summary, figures, per-item rows, what it skipped and why."""
+
+    pass_name: str
+    summary: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    modified: bool = False
+    figures: dict[str, Any] = field(default_factory=dict)
+    items: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def skip(self, target: str, reason: str) -> None:
+        self.skipped.append(Skip(target, reason))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_name,
+            "summary": self.summary,
+            "config": self.config,
+            "modified": self.modified,
+            "figures": self.figures,
+            "items": self.items,
+            "skipped": [{"target": s.target, "reason": s.reason} for s in self.skipped],
+            "notes": self.notes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class PassResult:
+    """The new model, whether anything changed, and the report."""
+
+    model: ir.Model
+    modified: bool
+    report: PassReport
+
+
+@dataclass
+class PassContext:
+    """What passes share in one run.
+
+    ``calibration`` comes from ``--data``, ``evaluation`` from ``--eval``;
+    ``rng`` is seeded per run; ``sessions`` makes ORT sessions; ``base_dir``
+    resolves relative paths in configs (for example distill's teacher);
+    ``max_drop`` is the run's accuracy budget, for passes that search within it.
+    """
+
+    sessions: SessionFactory = field(default_factory=SessionFactory)
+    progress: Progress = field(default_factory=lambda: Progress(enabled=False))
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    calibration: Dataset | None = None
+    evaluation: Dataset | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+    max_drop: float | None = None
+    seed: int = 0
+
+    def require_calibration(self, pass_name: str) -> Dataset:
+        """The calibration data, or a one-line error naming the flag that gives it."""
+        if self.calibration is None:
+            raise OnnxoptError(f"pass {pass_name} needs calibration data", "give it with --data calib.npz")
+        return self.calibration
+
+    def require_evaluation(self, pass_name: str) -> Dataset:
+        """The evaluation data, or a one-line error naming the flag that gives it."""
+        if self.evaluation is None:
+            raise OnnxoptError(f"pass {pass_name} needs evaluation data", "give it with --eval eval.npz")
+        return self.evaluation
+
+    def drop(self, reference: ir.Model, candidate: ir.Model, data: Dataset | None = None) -> float:
+        """Accuracy drop of ``candidate`` against ``reference`` on evaluation data (see :mod:`onnxopt.validate`)."""
+        from onnxopt.validate import measure_drop
+
+        dataset = data or self.evaluation or self.calibration
+        if dataset is None:
+            raise OnnxoptError("measuring an accuracy drop needs data", "give --eval eval.npz (or --data)")
+        return measure_drop(reference, candidate, dataset, self.sessions)
+
+
+class Pass(Generic[ConfigT]):
+    """Base class of every compression pass.
+
+    Subclasses set ``name`` (the CLI spelling), ``Config``, optionally
+    ``requires`` (:data:`CALIBRATION_DATA`, :data:`EVALUATION_DATA`),
+    ``lossless`` (outputs must stay numerically equal) and ``final`` (must be
+    the last pass of a chain, e.g. quantization), ``comparable = False`` when
+    the output model's inputs/outputs differ from the input's (validation
+    against the original is then skipped), and implement :meth:`run`.
+    The class docstring's first line is the pass's summary in `onnxopt passes`.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    requires: ClassVar[frozenset[str]] = frozenset()
+    lossless: ClassVar[bool] = False
+    final: ClassVar[bool] = False
+    comparable: ClassVar[bool] = True
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def run(self, model: ir.Model, config: ConfigT, ctx: PassContext) -> PassResult:
+        """Compress ``model`` (a copy this pass owns) and return the result with its report."""
+        raise NotImplementedError
+
+    def new_report(self, config: ConfigT) -> PassReport:
+        """An empty report for this pass and config."""
+        return PassReport(pass_name=self.name, config=config_to_dict(config))
+
+    def apply(self, model: ir.Model, config: ConfigT | None = None, ctx: PassContext | None = None) -> PassResult:
+        """Run the pass on a clone of ``model``; a :class:`PassSkipped` becomes an unmodified result."""
+        config = config if config is not None else self.Config()
+        ctx = ctx if ctx is not None else PassContext()
+        start = time.perf_counter()
+        try:
+            result = self.run(model.clone(), config, ctx)
+        except PassSkipped as skipped:
+            report = self.new_report(config)
+            report.summary = f"skipped: {skipped.reason}"
+            result = PassResult(model, False, report)
+        result.report.seconds = time.perf_counter() - start
+        result.report.modified = result.modified
+        return result
+
+
+#: A function a plugin calls to register a pass class.
+RegisterPass = Callable[[type[Pass[Any]]], None]

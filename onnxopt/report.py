@@ -1,0 +1,173 @@
+"""The run report: what each pass did, what validation measured, and whether the budget held.
+
+Printed as tables in the terminal and written as JSON with ``--report``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from onnxopt.pass_api import PassReport
+from onnxopt.validate import ValidationResult
+
+__all__ = ["RunReport", "environment", "write_json", "print_report", "format_bytes"]
+
+
+def environment() -> dict[str, str]:
+    """Versions that explain the figures: onnxopt, onnx, onnxruntime, numpy, Python, CPU."""
+    import numpy
+    import onnx
+    import onnxruntime
+
+    from onnxopt import __version__
+
+    return {
+        "onnxopt": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": str(os.cpu_count()),
+    }
+
+
+@dataclass
+class RunReport:
+    """Everything one ``onnxopt apply`` did."""
+
+    input: str
+    output: str | None = None
+    written: bool = False
+    load_notes: list[str] = field(default_factory=list)
+    passes: list[PassReport] = field(default_factory=list)
+    validation: ValidationResult | None = None
+    validation_note: str = ""
+    max_drop: float | None = None
+    gate_passed: bool | None = None
+    notes: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=environment)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "written": self.written,
+            "load_notes": self.load_notes,
+            "passes": [p.to_dict() for p in self.passes],
+            "validation": self.validation.to_dict() if self.validation else None,
+            "validation_note": self.validation_note,
+            "max_drop": self.max_drop,
+            "gate_passed": self.gate_passed,
+            "notes": self.notes,
+            "environment": self.env,
+        }
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(_json_safe(data), fh, indent=2, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_report(report: RunReport, console: Console | None = None) -> None:
+    """Tables: passes, per-output metrics, model figures; then the verdict."""
+    console = console or Console(soft_wrap=True)
+    for note in report.load_notes:
+        console.print(f"[dim]load: {escape(note)}[/dim]")
+    table = Table(title="passes", title_justify="left")
+    for col in ("pass", "result", "skipped", "seconds"):
+        table.add_column(col)
+    for p in report.passes:
+        table.add_row(p.pass_name, p.summary or ("changed" if p.modified else "no change"), str(len(p.skipped)), f"{p.seconds:.2f}")
+    console.print(table)
+    for p in report.passes:
+        for note in p.notes:
+            console.print(f"[dim]{p.pass_name}: {escape(note)}[/dim]")
+    v = report.validation
+    if v is None:
+        console.print(f"validation: {escape(report.validation_note or 'not run')}")
+    else:
+        metric_names = sorted({m for row in v.outputs.values() for m in row})
+        table = Table(title=f"validation on {escape(v.dataset)} ({v.samples} samples{', fidelity only' if v.fidelity_only else ''})",
+                      title_justify="left")
+        table.add_column("metric")
+        for name in v.outputs:
+            table.add_column(escape(name))
+        for m in metric_names:
+            table.add_row(m, *(_fmt(row.get(m)) for row in v.outputs.values()))
+        console.print(table)
+        figures = Table(title="model", title_justify="left")
+        for col in ("", "reference", "candidate", "ratio"):
+            figures.add_column(col)
+        rows = [("size", "size_bytes", format_bytes), ("parameters", "parameters", _fmt), ("MACs", "macs", _fmt),
+                (f"latency ms ({v.threads} thread{'s' if v.threads > 1 else ''})", "latency_ms", _fmt)]
+        for label, attr, fmt in rows:
+            ratio = v.ratio(attr)
+            figures.add_row(label, fmt(getattr(v.reference, attr)), fmt(getattr(v.candidate, attr)),
+                            "-" if ratio is None else f"{ratio:.3f}x")
+        console.print(figures)
+        drop = f"drop {v.drop * 100:.2f} pt ({v.drop_basis})"
+        if v.accuracy:
+            drop += f": {v.accuracy['reference'] * 100:.2f}% -> {v.accuracy['candidate'] * 100:.2f}%"
+        console.print(drop)
+    if report.max_drop is not None and report.gate_passed is not None:
+        verdict = "within" if report.gate_passed else "[bold red]over[/bold red]"
+        console.print(f"budget --max-drop {report.max_drop}: {verdict}")
+    for note in report.notes:
+        console.print(escape(note))
+    if report.output:
+        console.print(f"wrote {report.output}" if report.written else f"[bold]did not write {report.output}[/bold]")

@@ -1,0 +1,198 @@
+"""Validation: the reference and the candidate on ONNX Runtime, same inputs, side by side.
+
+The *drop* that ``--max-drop`` gates is measured on the first graph output:
+top-1 accuracy lost against labels when the data has labels; otherwise
+1 - top-1 agreement with the reference for score outputs; otherwise
+1 - cosine similarity. The report says which was used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxopt.data import Dataset, input_specs
+from onnxopt.errors import OnnxoptError
+from onnxopt.measure import count_macs, count_parameters, file_size, median_latency_ms
+from onnxopt.metrics import BUILTIN_METRICS, Metric, cosine, top1_accuracy, top1_agreement
+from onnxopt.progress import Progress
+from onnxopt.sessions import SessionFactory, run_batches
+
+__all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop", "drop_between"]
+
+
+@dataclass
+class ModelFigures:
+    """Size, parameters, MACs and latency of one model."""
+
+    size_bytes: int | None = None
+    parameters: int = 0
+    macs: int | None = None
+    latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ValidationResult:
+    """Reference against candidate: metrics per output, accuracy, drop, and both models' figures."""
+
+    dataset: str
+    samples: int
+    fidelity_only: bool
+    outputs: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    accuracy: dict[str, float] | None = None
+    drop: float = 0.0
+    drop_basis: str = ""
+    reference: ModelFigures = field(default_factory=ModelFigures)
+    candidate: ModelFigures = field(default_factory=ModelFigures)
+    providers: list[str] = field(default_factory=list)
+    threads: int = 1
+
+    def ratio(self, attr: str) -> float | None:
+        """candidate / reference for ``size_bytes``, ``parameters``, ``macs`` or ``latency_ms``."""
+        ref, cand = getattr(self.reference, attr), getattr(self.candidate, attr)
+        if ref in (None, 0) or cand is None:
+            return None
+        return float(cand) / float(ref)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "samples": self.samples,
+            "fidelity_only": self.fidelity_only,
+            "outputs": self.outputs,
+            "accuracy": self.accuracy,
+            "drop": self.drop,
+            "drop_basis": self.drop_basis,
+            "reference": self.reference.to_dict(),
+            "candidate": self.candidate.to_dict(),
+            "ratios": {k: self.ratio(k) for k in ("size_bytes", "parameters", "macs", "latency_ms")},
+            "providers": self.providers,
+            "threads": self.threads,
+        }
+
+
+def collect_outputs(
+    session: ort.InferenceSession,
+    dataset: Dataset,
+    names: Sequence[str],
+    *,
+    progress: Progress | None = None,
+    description: str = "running",
+) -> dict[str, np.ndarray]:
+    """Run the whole dataset and concatenate each output along the batch axis."""
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    task = progress.task(description, total=dataset.num_batches) if progress else None
+    for batch in run_batches(session, dataset.batches(), names):
+        for name in names:
+            parts[name].append(np.atleast_1d(batch[name]))
+        if task:
+            task.advance()
+    if task:
+        task.close()
+    return {n: np.concatenate(p, axis=0) if p else np.empty(0) for n, p in parts.items()}
+
+
+def drop_between(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> tuple[float, str, dict[str, float] | None]:
+    """The drop on one output, its basis, and accuracies when labels apply."""
+    if labels is not None:
+        ref_acc, cand_acc = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
+        if ref_acc is not None and cand_acc is not None:
+            return ref_acc - cand_acc, "top-1 accuracy (labels)", {"reference": ref_acc, "candidate": cand_acc}
+    agreement = top1_agreement(reference, candidate)
+    if agreement is not None:
+        return 1.0 - agreement, "1 - top-1 agreement with the reference", None
+    cos = cosine(reference, candidate)
+    if cos is not None:
+        return 1.0 - cos, "1 - cosine similarity with the reference", None
+    return 0.0 if np.array_equal(reference, candidate) else 1.0, "exact equality", None
+
+
+def _common_outputs(ref: ort.InferenceSession, cand: ort.InferenceSession) -> list[str]:
+    ref_names = [o.name for o in ref.get_outputs()]
+    cand_names = {o.name for o in cand.get_outputs()}
+    common = [n for n in ref_names if n in cand_names]
+    if not common:
+        raise OnnxoptError("the candidate has none of the reference's outputs", f"reference outputs: {ref_names}")
+    return common
+
+
+def _model_figures(model: ir.Model, path: str | os.PathLike[str] | None, shapes: Mapping[str, tuple[int, ...]] | None) -> ModelFigures:
+    macs = count_macs(model, shapes)
+    return ModelFigures(
+        size_bytes=file_size(path) if path is not None and Path(path).exists() else None,
+        parameters=count_parameters(model),
+        macs=macs.total if not macs.unknown else (macs.total or None),
+    )
+
+
+def measure_drop(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory) -> float:
+    """The drop of ``candidate`` against ``reference`` on ``dataset`` (outputs only: no latency)."""
+    ref_s, cand_s = sessions.create(reference), sessions.create(candidate)
+    names = _common_outputs(ref_s, cand_s)[:1]
+    ref = collect_outputs(ref_s, dataset, names)
+    cand = collect_outputs(cand_s, dataset, names)
+    return drop_between(ref[names[0]], cand[names[0]], dataset.labels)[0]
+
+
+def validate(
+    reference: ir.Model,
+    candidate: ir.Model,
+    dataset: Dataset,
+    *,
+    sessions: SessionFactory | None = None,
+    metrics: Sequence[Metric] = BUILTIN_METRICS,
+    progress: Progress | None = None,
+    latency: bool = True,
+    latency_runs: int = 30,
+    reference_path: str | os.PathLike[str] | None = None,
+    candidate_path: str | os.PathLike[str] | None = None,
+) -> ValidationResult:
+    """Compare ``candidate`` with ``reference`` on ``dataset``: metrics per output, drop, figures, latency."""
+    sessions = sessions or SessionFactory()
+    ref_s = sessions.create(reference)
+    cand_s = sessions.create(candidate)
+    names = _common_outputs(ref_s, cand_s)
+    ref = collect_outputs(ref_s, dataset, names, progress=progress, description="validating reference")
+    cand = collect_outputs(cand_s, dataset, names, progress=progress, description="validating candidate")
+    result = ValidationResult(dataset.source, len(dataset), dataset.fidelity_only,
+                              providers=list(sessions.providers), threads=sessions.threads)
+    for name in names:
+        row: dict[str, float | None] = {}
+        for metric in metrics:
+            if metric.kind == "compare":
+                row[metric.name] = metric.fn(ref[name], cand[name])
+            elif dataset.labels is not None:
+                row[f"{metric.name}_reference"] = metric.fn(ref[name], dataset.labels)
+                row[metric.name] = metric.fn(cand[name], dataset.labels)
+        result.outputs[name] = row
+    result.drop, result.drop_basis, result.accuracy = drop_between(ref[names[0]], cand[names[0]], dataset.labels)
+    first = next(dataset.batches())
+    fixed = any(spec.fixed_batch is not None for spec in input_specs(reference))
+    # MACs per run at batch 1 unless the model fixes its batch
+    shapes = {k: tuple(v.shape) if fixed or not v.ndim else (1, *v.shape[1:]) for k, v in first.items()}
+    result.reference = _model_figures(reference, reference_path, shapes)
+    result.candidate = _model_figures(candidate, candidate_path, shapes)
+    if latency:
+        one = first if fixed or not dataset.arrays else {k: v[:1] for k, v in first.items()}
+        task = progress.task("timing", total=2) if progress else None
+        # interleave reference and candidate so machine noise hits both alike
+        ref_times, cand_times = [], []
+        for _ in range(3):
+            ref_times.append(median_latency_ms(ref_s, one, runs=max(1, latency_runs // 3)))
+            cand_times.append(median_latency_ms(cand_s, one, runs=max(1, latency_runs // 3)))
+        result.reference.latency_ms = float(np.median(ref_times))
+        result.candidate.latency_ms = float(np.median(cand_times))
+        if task:
+            task.advance(2)
+            task.close()
+    return result

@@ -1,0 +1,1 @@
+"""cluster pass (in progress)."""

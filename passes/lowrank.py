@@ -1,0 +1,1 @@
+"""lowrank pass (in progress)."""

@@ -1,0 +1,1 @@
+"""prune pass (in progress)."""
