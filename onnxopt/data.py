@@ -64,7 +64,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         dims = None
         if value.shape is not None:
-            dims = tuple(d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in value.shape.dims)
+            # exporters write -1 or 0 for free dims too
+            dims = tuple((d if d > 0 else None) if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
+                         for d in value.shape.dims)
         specs.append(InputSpec(value.name, np.dtype(dtype), dims))
     return specs
 
