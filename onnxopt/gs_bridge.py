@@ -15,6 +15,9 @@ from onnxopt.io import PROTOBUF_LIMIT, serialize_model, tensor_bytes
 
 __all__ = ["bridgeable", "to_gs", "from_gs"]
 
+# graphsurgeon's warnings (missing colour module, failed partial folds) are not the user's business
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
 
 def bridgeable(model: ir.Model) -> bool:
     """True when the model is small enough to round-trip through protobuf."""

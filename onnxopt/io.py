@@ -144,6 +144,16 @@ def _constant_of_shape_to_initializers(graph: ir.Graph) -> int:
 
 def _normalize_weights(model: ir.Model) -> list[str]:
     notes: list[str] = []
+    overridable = [v.name for v in model.graph.inputs if v.const_value is not None]
+    if overridable:
+        # Old exporters list weights as graph inputs too; that makes them overridable, so
+        # neither ORT nor a pass may treat them as constants. Nobody feeds them in practice.
+        ir_passes.RemoveInitializersFromInputsPass()(model)
+        notes.append(f"{len(overridable)} initializer(s) removed from the graph inputs")
+    if model.ir_version < 4:
+        # IR 3 requires every initializer to be a graph input; IR 4 lifts that rule.
+        notes.append(f"IR version {model.ir_version} -> 4")
+        model.ir_version = 4
     before = sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "Constant")
     ir_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
     after = sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "Constant")

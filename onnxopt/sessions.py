@@ -18,6 +18,9 @@ from onnxopt.io import PROTOBUF_LIMIT, serialize_model, tensor_bytes
 
 __all__ = ["SessionFactory", "available_providers", "resolve_providers", "run_batches"]
 
+# ORT logs optimizer warnings to stderr by default; a user sees our report, not its internals.
+ort.set_default_logger_severity(4)
+
 #: Short CLI spellings of execution providers.
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
