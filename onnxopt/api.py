@@ -10,16 +10,18 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.activations import bounded_batches
 from onnxopt.data import Dataset, input_specs, load_dataset, synthetic_dataset
 from onnxopt.errors import OnnxoptError
-from onnxopt.io import LOAD_NOTES, PROTOBUF_LIMIT, has_external_data, load_model, same_file, save_model, serialize_model, tensor_bytes
+from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, external_data_files, has_external_data, load_model, refuse_overwriting,
+                        same_file, save_model, serialize_model, tensor_bytes)
 from onnxopt.manager import plan_passes, run_passes
 from onnxopt.pass_api import PassContext
 from onnxopt.plugins import Registry, load_registry
 from onnxopt.progress import Progress
 from onnxopt.report import RunReport, write_json
 from onnxopt.sessions import SessionFactory, resolve_providers
-from onnxopt.validate import ValidationResult, validate
+from onnxopt.validate import ValidationResult, one_session_at_a_time, validate
 
 __all__ = ["apply", "validate_models", "load_data", "GATE_EXIT_CODE"]
 
@@ -36,22 +38,32 @@ def load_data(
     batch_size: int | None = None,
     seed: int = 0,
 ) -> Dataset | None:
-    """Data from ``path`` matched to the model, or synthetic data from ``shapes`` (fidelity only)."""
+    """Data from ``path`` matched to the model, or synthetic data from ``shapes`` (fidelity only).
+
+    For a large model (external data, or weights over a quarter GB), batches
+    shrink unless ``batch_size`` is given, so that one batch's activations
+    stay within :data:`onnxopt.activations.ACTIVATION_BUDGET`.
+    """
     specs = input_specs(model)
+    dataset = None
     if path is not None:
-        return load_dataset(path, specs, batch_size=batch_size)
-    if shapes or synthetic_ok:
+        dataset = load_dataset(path, specs, batch_size=batch_size)
+    elif shapes or synthetic_ok:
         try:
-            return synthetic_dataset(specs, shapes, seed=seed)
+            dataset = synthetic_dataset(specs, shapes, seed=seed)
         except OnnxoptError:
             if shapes:
                 raise
-            return None
-    return None
+    if dataset is not None and batch_size is None and one_session_at_a_time(model):
+        dataset = bounded_batches(model, dataset)
+    return dataset
 
 
 def _candidate_size(model: ir.Model) -> int | None:
-    return len(serialize_model(model)) if tensor_bytes(model) < PROTOBUF_LIMIT else None
+    # serialising reads every weight into memory: for a model with external data, the written file is measured instead
+    if has_external_data(model) or tensor_bytes(model) >= PROTOBUF_LIMIT:
+        return None
+    return len(serialize_model(model))
 
 
 def apply(
@@ -81,14 +93,22 @@ def apply(
     ``max_drop`` (unless ``force``); the input file is never modified.
     """
     src = Path(model)
-    if output is not None and same_file(src, output):
-        raise OnnxoptError(f"output {output} is the input model", "write to another path; the input is never overwritten")
+    writes = [("output", output), ("report", report),
+              ("output data file", None if output is None else Path(output).with_name(Path(output).name + ".data"))]
+    refuse_overwriting([("the input model", src), ("the --data file", data), ("the --eval file", eval_data)], writes)
+    if output is not None and report is not None and same_file(output, report):
+        raise OnnxoptError(f"--report {report} is the output model's path", "write the report to a .json file of its own")
+    for flag, target in (("-o", output), ("--report", report)):
+        # fail before the work, not after it: a run can take minutes
+        if target is not None and not Path(target).resolve().parent.is_dir():
+            raise OnnxoptError(f"{flag} {target}: folder {Path(target).parent} does not exist", "create it first or choose another path")
     names = [p.strip() for p in passes.split(",")] if isinstance(passes, str) else list(passes)
     registry = registry or load_registry()
     plan = plan_passes(registry, names, settings)
     progress = progress or Progress(enabled=False)
     sessions = SessionFactory(providers=resolve_providers(providers), threads=threads)
     reference = load_model(src)
+    refuse_overwriting([("a data file of the input model", f) for f in external_data_files(reference)], writes)
     calibration = load_data(reference, data, seed=seed)
     evaluation = load_data(reference, eval_data, shapes, seed=seed)
     ctx = PassContext(sessions=sessions, progress=progress, rng=np.random.default_rng(seed), calibration=calibration,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -37,6 +38,12 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    # Python's default shows the warning's source line too; a user gets one line, like our errors.
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
 def _guarded(fn: F) -> F:
     """Turn errors into one line and an exit code; ``--debug`` shows the traceback instead."""
 
@@ -45,14 +52,17 @@ def _guarded(fn: F) -> F:
         debug = click.get_current_context().find_root().params.get("debug", False)
         signal.signal(signal.SIGTERM, _terminate)
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not debug:
+                    warnings.showwarning = _one_line_warning
+                return fn(*args, **kwargs)
         except OnnxoptError as err:
             if debug:
                 raise
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
+            click.echo("interrupted: no partial output was left (an output is written whole or not at all)", err=True)
             sys.exit(INTERRUPTED_EXIT)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
@@ -179,22 +189,40 @@ def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--max-drop", type=float, default=None, help="Exit 3 when the drop is over this budget.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write JSON here.")
+@click.option("--target", type=click.Choice(["host", "arm64"]), default="host", show_default=True,
+              help="arm64: also run both models on the aarch64 onnxruntime under emulation (scripts/setup_arm64.sh).")
 @click.option("-q", "--quiet", is_flag=True)
 @_guarded
 def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: tuple[str, ...], providers: str | None,
-             threads: int, max_drop: float | None, report_path: Path | None, quiet: bool) -> None:
+             threads: int, max_drop: float | None, report_path: Path | None, target: str, quiet: bool) -> None:
     """Compare CANDIDATE with REFERENCE on ONNX Runtime: metrics, drop, size, latency."""
     from onnxopt.api import GATE_EXIT_CODE, validate_models
+    from onnxopt.io import refuse_overwriting
     from onnxopt.report import RunReport
 
+    refuse_overwriting([("the reference model", reference), ("the candidate model", candidate), ("the --eval file", eval_data)],
+                       [("report", report_path)])
+    arm = None
+    if target == "arm64":  # --providers then name the aarch64 build's providers; x86 runs on CPU as the baseline
+        from onnxopt.arm import find_runtime, format_comparison, validate_on_arm64
+
+        find_runtime()
     with _progress(quiet) as progress:
         result = validate_models(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
-                                 providers=providers.split(",") if providers else None, threads=threads, progress=progress)
+                                 providers=providers.split(",") if providers and target == "host" else None,
+                                 threads=threads, progress=progress)
+    if target == "arm64":
+        arm = validate_on_arm64(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
+                                providers=providers.split(",") if providers else None, threads=threads)
     run = RunReport(input=str(reference), output=None, validation=result, max_drop=max_drop,
-                    gate_passed=None if max_drop is None else result.drop <= max_drop)
-    print_report(run, Console(soft_wrap=True))
+                    gate_passed=None if max_drop is None else result.drop <= max_drop and (arm is None or arm.drop <= max_drop))
+    console = Console(soft_wrap=True)
+    print_report(run, console)
+    if arm is not None:
+        for line in format_comparison(arm):
+            console.print(escape(line))
     if report_path is not None:
-        write_json(run.to_dict(), report_path)
+        write_json({**run.to_dict(), **({"target": arm.to_dict()} if arm is not None else {})}, report_path)
     if run.gate_passed is False:
         sys.exit(GATE_EXIT_CODE)
 
@@ -233,6 +261,101 @@ def list_passes(as_json: bool) -> None:
         for f in e["config"]:
             unit = f" [{f['unit']}]" if f["unit"] else ""
             click.echo(f"    {e['name']}.{f['key']}: {f['type']} = {f['default']!r}{unit}  {f['doc']}")
+
+
+@cli.command("search")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), required=True, help="Evaluation data the budget is measured on.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Calibration data for the passes that need it.")
+@click.option("--max-drop", type=float, default=0.01, show_default=True, help="Accuracy budget (0.01 = 1 pt).")
+@click.option("--passes", default="prune,lowrank,cluster,quant", show_default=True, help="Passes to search over.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the best model within budget here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="JSON of every candidate, written after each one; rerunning with it resumes.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Pareto plot (PNG; needs onnxopt[plot]).")
+@click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
+              help="Best = smallest file (then fastest), or fastest (then smallest).")
+@click.option("--workers", type=int, default=2, show_default=True, help="Candidates evaluated at once (1: in this process).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local process pool, or Ray (RAY_ADDRESS, else a local Ray instance; needs onnxopt[ray]).")
+@click.option("--max-candidates", type=int, default=40, show_default=True, help="Most candidates to evaluate.")
+@click.option("--space", type=click.Path(path_type=Path), default=None, help="TOML file replacing the settings tried per pass.")
+@click.option("--threads", type=int, default=1, show_default=True, help="ORT intra-op threads for latency.")
+@click.option("--latency-batch", type=int, default=1, show_default=True, help="Samples per run when timing latency.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--keep-models", is_flag=True, help="Keep every candidate's model in <report>.models/.")
+@click.option("--restart", is_flag=True, help="Ignore (and overwrite) an existing --report instead of resuming it.")
+@click.option("--pick", type=int, default=None, metavar="ID",
+              help="Write candidate ID of the --report JSON to -o (rebuilt from its recipe) instead of searching.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_guarded
+def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: float, passes: str, output: Path | None,
+                   report_path: Path | None, plot_path: Path | None, objective: str, workers: int, executor: str,
+                   max_candidates: int, space: Path | None, threads: int, latency_batch: int, seed: int,
+                   keep_models: bool, restart: bool, pick: int | None, quiet: bool) -> None:
+    """Find the smallest (or fastest) model within --max-drop: search pass settings, keep the Pareto fronts."""
+    from onnxopt.api import GATE_EXIT_CODE
+    from onnxopt.search.driver import search, write_candidate
+    from onnxopt.search.report import print_search
+
+    if pick is not None:
+        if report_path is None or output is None:
+            raise OnnxoptError("--pick needs the search's --report and an -o to write to", "e.g. --report s.json --pick 12 -o m.onnx")
+        chosen = write_candidate(report_path, pick, output)
+        click.echo(f"wrote {output}: #{pick} {chosen.get('label', '')} (drop {chosen['drop'] * 100:.2f} pt)")
+        return
+
+    try:
+        with _progress(quiet) as progress:
+            result = search(model, eval_data=eval_data, data=data, max_drop=max_drop, passes=passes, output=output,
+                            report=report_path, plot=plot_path, objective=objective, workers=workers, executor=executor,
+                            max_candidates=max_candidates, space=space, seed=seed, threads=threads,
+                            latency_batch=latency_batch, keep_models=keep_models, restart=restart, progress=progress)
+    except KeyboardInterrupt:
+        where = f"finished candidates are in {report_path}; rerun the same command to resume" if report_path else \
+            "nothing kept (give --report to make a search resumable)"
+        click.echo(f"interrupted: {where}", err=True)
+        sys.exit(INTERRUPTED_EXIT)
+    print_search(result, Console(soft_wrap=True, highlight=False))
+    if result.best is None:
+        sys.exit(GATE_EXIT_CODE)
+
+
+@cli.command()
+@click.argument("student", type=click.Path(path_type=Path))
+@click.option("--teacher", type=click.Path(path_type=Path), default=None, help="Teacher model (ONNX); without it, labels alone.")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Training data (.npz keyed by input names + labels).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the trained student.")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None, help="Evaluation data: accuracy before/after.")
+@click.option("--epochs", type=int, default=None, help="Passes over the data [10].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate of AdamW, cosine decay [0.01].")
+@click.option("--batch-size", type=int, default=None, help="Samples per step [64].")
+@click.option("--temperature", type=float, default=None, help="KD temperature T [4].")
+@click.option("--alpha", type=float, default=None, help="total = alpha*KD + (1-alpha)*CE [0.5].")
+@click.option("--augment", default=None, metavar="LIST", help="Augmentations, e.g. flips,shift=2,noise=0.05,mixup=0.2.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other finetune key, e.g. batchnorm=frozen.")
+@click.option("--seed", type=int, default=None, help="Seed of shuffling, augmentation and torch [0].")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_guarded
+def finetune(student: Path, teacher: Path | None, data: Path, output: Path, eval_data: Path | None, epochs: int | None,
+             lr: float | None, batch_size: int | None, temperature: float | None, alpha: float | None, augment: str | None,
+             settings: tuple[str, ...], seed: int | None, report_path: Path | None, quiet: bool) -> None:
+    """Train STUDENT's weights against --teacher on --data (recovers a compressed model's accuracy); write -o."""
+    from onnxopt.config import build_config
+    from onnxopt.finetune import FinetuneConfig, finetune as run_finetune
+
+    values: dict[str, Any] = dict(item.partition("=")[::2] for item in settings)
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "temperature": temperature, "alpha": alpha,
+             "augment": augment, "seed": seed}
+    values.update({k: v for k, v in given.items() if v is not None})
+    config = build_config(FinetuneConfig, values, pass_name="finetune")
+    with _progress(quiet) as progress:
+        result = run_finetune(student, output, data=data, teacher=teacher, eval_data=eval_data, config=config, progress=progress)
+    for line in result.lines():
+        click.echo(line)
+    if report_path is not None:
+        write_json(result.to_dict(), report_path)
 
 
 def main() -> None:

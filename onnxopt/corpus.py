@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -14,9 +17,11 @@ import onnx_ir as ir
 from onnxopt.data import Dataset, input_specs, load_dataset, synthetic_dataset
 from onnxopt.errors import OnnxoptError
 from onnxopt.io import load_model, serialize_model
+from onnxopt.pass_api import Pass
 from onnxopt.sessions import SessionFactory
 
-__all__ = ["CorpusModel", "corpus_root", "iter_corpus", "CORPUS_SUITES", "Runner", "runner_for", "outputs_match"]
+__all__ = ["CorpusModel", "corpus_root", "iter_corpus", "CORPUS_SUITES", "Runner", "runner_for", "outputs_match",
+           "Outcome", "check_pass", "corpus_settings", "corpus_runs", "CORPUS_VARIANTS", "candidate_feed", "UNRUNNABLE_DOMAINS"]
 
 CORPUS_SUITES = ("light", "pytorch-converted", "pytorch-operator", "simple", "real")
 
@@ -104,3 +109,177 @@ def outputs_match(expected: list, got: list, rtol: float = 1e-4, atol: float = 1
             err = float(np.max(np.abs(b.astype(np.float64) - a.astype(np.float64))))
             return f"output {i}: max abs error {err:.3g}"
     return None
+
+
+# Ops no engine here implements (training-only): their models can only be checked for validity.
+UNRUNNABLE_DOMAINS = frozenset({"ai.onnx.preview.training"})
+
+#: Settings a pass needs to run on an arbitrary model at all, by pass name: distill needs a
+#: teacher, and the model itself is the one teacher every model has.
+CORPUS_SETTINGS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "distill": lambda model_path: {"teacher": str(model_path)},
+}
+
+
+#: Extra runs per pass, past its defaults: the corpus's weights are small, so with defaults most
+#: passes find little to do there; these make more of their rewriting meet the corpus's graphs.
+CORPUS_VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "fp16": ({"min_elements": 1},),
+    "cluster": ({"min_size": 16, "k": 4},),
+    "lowrank": ({"ratio": 0.5, "margin": 1.0},),
+    "prune": ({"ratio": 0.75, "saliency": "activation"},),
+    "quant": ({"mode": "dynamic"}, {"weight_bits": 4, "block_size": 16},
+              {"method": "entropy", "activation_type": "int8", "per_channel": False}),
+}
+
+
+def corpus_runs(pass_name: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, settings)`` of every corpus run of a pass: its defaults, then its variants."""
+    variants = CORPUS_VARIANTS.get(pass_name, ())
+    return [(pass_name, {})] + [(f"{pass_name}[{','.join(f'{k}={v}' for k, v in v.items())}]", dict(v)) for v in variants]
+
+
+def corpus_settings(pass_name: str, model_path: Path) -> dict[str, Any]:
+    """The ``--set`` values used for ``pass_name`` on the model at ``model_path`` (empty for most passes)."""
+    make = CORPUS_SETTINGS.get(pass_name)
+    return make(model_path) if make else {}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One pass on one corpus model: ``ok``, ``skipped`` (with the reason) or ``failed`` (with what broke)."""
+
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+    #: for ``ok``: whether the pass changed the model (False: it ran and found nothing to do)
+    changed: bool = False
+
+
+def candidate_feed(feed: Mapping[str, np.ndarray], model: ir.Model, expected: list) -> dict[str, np.ndarray]:
+    """The original's feed for a pass's result: its own inputs, plus inputs the pass added.
+
+    distill adds a labels input; its metadata names it and the student's logits
+    output, so the labels are class 0 at every position of those logits.
+    """
+    specs = input_specs(model)
+    out = {s.name: np.asarray(feed[s.name]) for s in specs if s.name in feed}
+    missing = [s for s in specs if s.name not in out]
+    if not missing:
+        return out
+    labels = json.loads(model.metadata_props.get("onnxopt.distill.inputs", "{}")).get("labels")
+    student = json.loads(model.metadata_props.get("onnxopt.distill.outputs", "{}")).get("student")
+    logits = dict(zip([v.name for v in model.graph.outputs], expected)).get(student)
+    for spec in missing:
+        if spec.name == labels and logits is not None:
+            out[spec.name] = np.zeros(np.shape(logits)[:-1], np.int64)
+    rest = [s for s in missing if s.name not in out]
+    if rest:
+        out.update(next(iter(synthetic_dataset(rest, samples=1).batches())))
+    return out
+
+
+def check_pass(
+    case: CorpusModel,
+    pass_cls: type[Pass[Any]],
+    workdir: Path,
+    settings: Mapping[str, Any] | None = None,
+) -> Outcome:
+    """Load ``case``, run ``pass_cls`` on it, save, reload, and run the result next to the original.
+
+    A lossless pass must give the same outputs; any other pass must give a
+    valid model that the original's engine still runs, with the same outputs
+    (count and shapes) unless the pass changes the interface on purpose. A
+    pass that declines (``PassSkipped``) or refuses with a one-line
+    ``OnnxoptError`` is ``skipped``; anything else that goes wrong is ``failed``.
+    """
+    from onnxopt.config import build_config
+    from onnxopt.io import save_model
+    from onnxopt.pass_api import CALIBRATION_DATA, EVALUATION_DATA, PassContext
+
+    start = time.perf_counter()
+
+    changed = False
+
+    def done(status: str, detail: str = "") -> Outcome:
+        return Outcome(status, " ".join(detail.split())[:300], time.perf_counter() - start, changed)
+
+    original_bytes = case.path.read_bytes()
+    model = load_model(case.path)
+    try:
+        dataset: Dataset | None = case.dataset()
+    except OnnxoptError:
+        dataset = None
+    needs = pass_cls.requires & {CALIBRATION_DATA, EVALUATION_DATA}
+    if needs and dataset is None:
+        return done("skipped", "needs data and the model has free input dims and no test data")
+    try:
+        config = build_config(pass_cls.Config, {**corpus_settings(pass_cls.name, case.path), **(settings or {})},
+                              pass_name=pass_cls.name)
+        ctx = PassContext(calibration=dataset, evaluation=dataset, base_dir=case.path.parent)
+        result = pass_cls().apply(model, config, ctx)
+    except OnnxoptError as err:
+        return done("skipped", f"refused: {err}")
+    except Exception as err:  # a crash: exactly what the corpus run is here to find
+        return done("failed", f"crash in {pass_cls.name}: {type(err).__name__}: {err}")
+    if result.report.summary.startswith("skipped:"):
+        return done("skipped", result.report.summary[len("skipped:"):].strip())
+    changed = result.modified
+    out = workdir / f"{pass_cls.name}.onnx"
+    try:
+        save_model(result.model, out)
+        reloaded = load_model(out)
+    except OnnxoptError as err:
+        return done("failed", f"invalid output: {err}")
+    if case.path.read_bytes() != original_bytes:
+        return done("failed", "the input model file changed")
+    if any(n.domain in UNRUNNABLE_DOMAINS for n in ir.traversal.RecursiveGraphIterator(model.graph)):
+        return done("ok", "valid (training ops: no engine runs it)")
+    try:
+        engine, run_original = runner_for(model)
+    except Exception:  # neither engine runs the original: validity is all there is to check
+        return done("ok", "valid (no engine runs the original)")
+    try:
+        # a result of an ORT-runnable model must run on ORT; one of a model only the reference evaluator
+        # runs may run on either (a pass that upgrades the opset can make it ORT-runnable)
+        _, run_result = runner_for(reloaded, "ort" if engine == "ort" else None)
+        pairs = []
+        for feed in dataset.batches() if dataset is not None else []:
+            expected = run_original(feed)
+            pairs.append((expected, run_result(candidate_feed(feed, reloaded, expected))))
+    except Exception as err:
+        return done("failed", f"{engine} cannot run the output: {type(err).__name__}: {err}")
+    nodes = sum(1 for _ in ir.traversal.RecursiveGraphIterator(reloaded.graph))
+    if not pass_cls.comparable:
+        return done("ok", f"runs on {engine}" if pairs else "valid (no data to run it on)")
+    for expected, got in pairs:
+        if pass_cls.lossless:
+            problem = outputs_match(expected, got)
+        else:
+            problem = _same_interface(expected, got)
+        if problem:
+            return done("failed", f"{engine}: {problem}")
+    drift = max((_max_error(e, g) for e, g in pairs), default=0.0)
+    return done("ok", f"{engine}, {nodes} nodes" + ("" if pass_cls.lossless else f", max abs error {drift:.3g}"))
+
+
+def _same_interface(expected: list, got: list) -> str | None:
+    """None when a lossy result has the original's outputs (count, shapes, dtypes), else what differs."""
+    if len(expected) != len(got):
+        return f"{len(got)} outputs instead of {len(expected)}"
+    for i, (a, b) in enumerate(zip(expected, got)):
+        if isinstance(a, list) or isinstance(b, list):
+            if not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)):
+                return f"output {i}: sequence differs"
+            continue
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"output {i}: {b.dtype}{list(b.shape)} instead of {a.dtype}{list(a.shape)}"
+    return None
+
+
+def _max_error(expected: list, got: list) -> float:
+    errors = [float(np.max(np.abs(np.asarray(b, np.float64) - np.asarray(a, np.float64))))
+              for a, b in zip(expected, got)
+              if not isinstance(a, list) and np.asarray(a).dtype.kind in "fiu" and np.asarray(a).size]
+    return max(errors, default=0.0)

@@ -32,6 +32,8 @@ __all__ = [
 
 #: Samples per ORT call when the model's batch dimension is free.
 DEFAULT_BATCH = 64
+#: Synthetic inputs larger than this are refused: the shapes come from an untrusted model or a typo.
+SYNTHETIC_LIMIT = 2**30
 LABELS_KEY = "labels"
 
 
@@ -262,6 +264,11 @@ def synthetic_dataset(
                                f"give its shape, e.g. --shape {spec.name}=1x3x224x224, or pass data with --eval")
         batch = spec.fixed_batch or 1
         full = (samples * batch, *shape[1:]) if shape else (samples,)
+        nbytes = math.prod(full) * np.dtype(spec.dtype).itemsize
+        if nbytes > SYNTHETIC_LIMIT:  # a corrupt or absurd shape must be refused, not allocated
+            raise OnnxoptError(f"synthetic inputs for {spec.describe()} would take {nbytes:,} bytes "
+                               f"(shape {list(full)}), over the {SYNTHETIC_LIMIT >> 30} GiB limit",
+                               "give a smaller --shape, or real data with --eval")
         if np.issubdtype(spec.dtype, np.floating):
             array = rng.standard_normal(full).astype(spec.dtype)
         elif spec.dtype == np.bool_:
@@ -273,4 +280,11 @@ def synthetic_dataset(
     given_batch = {s[0] for s in shapes.values() if s}
     if given_batch:
         batch = given_batch.pop()
+    scalars = {s.name for s in specs if s.dims == () and s.name not in shapes}
+    if scalars:
+        # a scalar input (an If condition, a Loop trip count) has no batch axis: ready-made feeds, one value each
+        stacked = {k: v for k, v in arrays.items() if k not in scalars}
+        feeds = list(Dataset("synthetic", stacked, [], None, True, batch).batches()) if stacked else [{} for _ in range(samples)]
+        feeds = [{**feed, **{k: np.asarray(arrays[k][i]) for k in scalars}} for i, feed in enumerate(feeds)]
+        return Dataset("synthetic", {}, feeds, None, True, batch)
     return Dataset("synthetic", arrays, [], None, True, batch)

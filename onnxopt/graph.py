@@ -129,6 +129,10 @@ class Names:
                     self._taken.add(node.name)
                 self._taken.update(v.name for v in node.outputs if v.name)
 
+    def reserve(self, other: ir.Model | ir.Graph) -> None:
+        """Mark every name of another model as taken too (before merging it into this one)."""
+        self._taken |= Names(other)._taken
+
     def fresh(self, hint: str) -> str:
         """A name starting with ``hint`` not used yet; reserves it."""
         name, i = hint, 1
@@ -158,7 +162,8 @@ def replace_input_weight(node: ir.Node, index: int, array: np.ndarray, names: Na
     assert graph is not None, "node must belong to a graph"
     old = node.inputs[index]
     base = hint or (old.name if old is not None and old.name else f"{node.name or node.op_type}_in{index}")
-    value = add_initializer(graph, np.ascontiguousarray(array), names.fresh(base))
+    # np.ascontiguousarray would turn a scalar into shape [1], which stops ORT fusing Add/Mul
+    value = add_initializer(graph, np.require(array, requirements="C"), names.fresh(base))
     node.replace_input_with(index, value)
     return value
 
@@ -208,6 +213,11 @@ def remove_node(node: ir.Node) -> None:
 def cleanup(model: ir.Model) -> None:
     """Remove unused nodes and initializers and sort topologically (main graph and subgraphs)."""
     ir_passes.RemoveUnusedNodesPass()(model)
+    # onnx-ir drops unused initializers of the main graph only; subgraphs keep replaced weights otherwise
+    for graph in model.graph.subgraphs():
+        for value in list(graph.initializers.values()):
+            if not value.uses() and value not in graph.outputs and value not in graph.inputs and value.name:
+                del graph.initializers[value.name]
     ir_passes.TopologicalSortPass()(model)
 
 

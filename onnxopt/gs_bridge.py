@@ -1,8 +1,15 @@
 """The one bridge between the IR (onnx-ir) and onnx-graphsurgeon.
 
 onnx-graphsurgeon stays for what it does best: ORT-backed constant folding
-and joining graphs. The bridge round-trips through protobuf, so it is for
-models under 2 GB; callers check :func:`bridgeable` first.
+and joining graphs. The bridge round-trips through protobuf, so what crosses
+it must stay under 2 GB; callers check :func:`bridgeable` first.
+
+Weights that no constant fold can read (every node using them also reads a
+run-time value, like the weight of ``MatMul(x, W)``) do not cross: they go
+over as graph inputs, which graphsurgeon leaves alone, and :func:`from_gs`
+puts the IR's own tensors back. A model's big weights are almost all of that
+kind, so a model of any size crosses as a few megabytes, and its weights are
+never read (for external data: never leave the disk).
 """
 
 from __future__ import annotations
@@ -11,28 +18,69 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnx_ir as ir
 
-from onnxopt.io import PROTOBUF_LIMIT, serialize_model, tensor_bytes
+from onnxopt.graph import is_weight
+from onnxopt.io import PROTOBUF_LIMIT, WEIGHT_OUT_BYTES, restore_weights, serialize_model, weights_as_inputs
 
-__all__ = ["bridgeable", "to_gs", "from_gs"]
+__all__ = ["bridgeable", "to_gs", "from_gs", "unfoldable_weights"]
 
 # graphsurgeon's warnings (missing colour module, failed partial folds) are not the user's business
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
+#: Ops whose output is known from shapes alone, which graphsurgeon folds even on run-time inputs.
+_SHAPE_OPS = ("Shape", "Size")
+
+
+def unfoldable_weights(model: ir.Model) -> list[ir.Value]:
+    """Main-graph weights of at least WEIGHT_OUT_BYTES that no constant fold can read.
+
+    A node is foldable when all its inputs are constants or outputs of
+    foldable nodes (Shape and Size count as foldable: graphsurgeon folds them
+    from static shapes). A weight whose every reader is a main-graph node
+    that is not foldable can never take part in a fold. Hiding more than
+    that would only fold less, never fold wrong: a hidden weight is a graph
+    input to graphsurgeon, which it does not fold through.
+    """
+    graph = model.graph
+    constant: set[int] = {id(v) for v in graph.initializers.values() if is_weight(v)}
+    changed = True
+    while changed:  # to a fixed point, so node order does not matter
+        changed = False
+        for node in graph:
+            if not node.outputs or id(node.outputs[0]) in constant:
+                continue
+            inputs = [v for v in node.inputs if v is not None]
+            if (node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx")) or all(id(v) in constant for v in inputs):
+                constant.update(id(v) for v in node.outputs)
+                changed = True
+    hidden = []
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < WEIGHT_OUT_BYTES or not is_weight(value) or value.is_graph_output():
+            continue
+        readers = [node for node, _ in value.uses()]
+        if readers and all(node.graph is graph and any(v is not None and id(v) not in constant for v in node.inputs)
+                           for node in readers):
+            hidden.append(value)
+    return hidden
+
 
 def bridgeable(model: ir.Model) -> bool:
-    """True when the model is small enough to round-trip through protobuf."""
-    return tensor_bytes(model) < PROTOBUF_LIMIT
+    """True when what crosses the bridge (weights a fold could read, and the graph) is under the protobuf limit."""
+    hidden = {id(v) for v in unfoldable_weights(model)}
+    crossing = sum(v.const_value.nbytes for g in (model.graph, *model.graph.subgraphs())
+                   for v in g.initializers.values() if v.const_value is not None and id(v) not in hidden)
+    return crossing < PROTOBUF_LIMIT
 
 
 def to_gs(model: ir.Model) -> gs.Graph:
-    """An onnx-graphsurgeon graph of ``model`` (weights read into memory)."""
+    """An onnx-graphsurgeon graph of ``model``; weights no fold can read go over as graph inputs, unread."""
     proto = onnx.ModelProto()
-    proto.ParseFromString(serialize_model(model))
+    proto.ParseFromString(serialize_model(weights_as_inputs(model, [str(v.name) for v in unfoldable_weights(model)])))
     return gs.import_onnx(proto)
 
 
 def from_gs(graph: gs.Graph, like: ir.Model) -> ir.Model:
-    """Back to the IR, keeping ``like``'s opsets, IR version and metadata."""
+    """Back to the IR, keeping ``like``'s opsets, IR version and metadata, and its weights kept out by :func:`to_gs`."""
     proto = gs.export_onnx(graph, do_type_check=False)
     proto.ir_version = like.ir_version
     del proto.opset_import[:]
@@ -43,4 +91,5 @@ def from_gs(graph: gs.Graph, like: ir.Model) -> ir.Model:
     model = ir.serde.deserialize_model(proto)
     for key, value in like.metadata_props.items():
         model.metadata_props[key] = value
+    restore_weights(model, like)
     return model

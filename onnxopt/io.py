@@ -10,16 +10,22 @@ interrupt never leaves a half-written output.
 
 from __future__ import annotations
 
+import logging
+import math
+import mmap
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from onnx_ir.passes import common as ir_passes
 
 from onnxopt.errors import OnnxoptError
@@ -32,7 +38,15 @@ __all__ = [
     "tensor_bytes",
     "has_external_data",
     "same_file",
+    "refuse_overwriting",
+    "external_data_files",
     "iter_tensor_protos",
+    "MappedTensor",
+    "map_external_tensors",
+    "release_pages",
+    "weights_as_inputs",
+    "restore_weights",
+    "WEIGHT_OUT_BYTES",
 ]
 
 #: Protobuf cannot serialise a message of 2 GiB or more; we stay clear of it.
@@ -89,8 +103,175 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> int:
         if length is not None and offset + int(length) > size:
             raise OnnxoptError(f"{where}: needs bytes {offset}..{offset + int(length)} but {target.name} has {size}",
                                "the data file is truncated or belongs to another model")
-        total += int(length) if length is not None else size - offset
+        available = int(length) if length is not None else size - offset
+        declared = _declared_bytes(tensor)
+        if declared is None or declared > available:
+            # the IR would map `available` bytes as a tensor of the declared shape and fail (or read past them)
+            raise OnnxoptError(f"{where}: shape {list(tensor.dims)} of data type {tensor.data_type} needs "
+                               f"{'an unknown number of' if declared is None else declared} bytes but the data holds {available}",
+                               "the model or its data file is corrupt; re-export it")
+        total += available
     return total
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+_COMPLEX = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+
+
+def _check_tensor_sizes(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse tensors holding more data than their shape declares (the checker only catches too little)."""
+    for tensor in iter_tensor_protos(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        where = f"{path}: tensor {tensor.name!r} of shape {list(tensor.dims)}"
+        if tensor.HasField("raw_data"):
+            declared = _declared_bytes(tensor)
+            if declared is not None and len(tensor.raw_data) != declared:
+                raise OnnxoptError(f"{where} holds {len(tensor.raw_data)} bytes of data, its shape and type need {declared}",
+                                   "the model is corrupt; re-export it")
+            continue
+        try:
+            bits = ir.DataType(tensor.data_type).bitwidth
+        except (ValueError, TypeError):
+            bits = 8  # strings: one entry per element
+        if bits < 8 or any(d < 0 for d in tensor.dims):
+            continue  # packed sub-byte types: the checker's lower bound is all we check
+        entries = math.prod(int(d) for d in tensor.dims) * (2 if tensor.data_type in _COMPLEX else 1)
+        stored = max(len(getattr(tensor, name)) for name in _TYPED_FIELDS)
+        if stored > entries:
+            raise OnnxoptError(f"{where} holds {stored} values, its shape needs {entries}",
+                               "the model is corrupt; re-export it")
+
+
+def _declared_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's shape and data type call for (Python ints: no overflow), None for an unknown type."""
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError):
+        return None
+    if any(d < 0 for d in tensor.dims):
+        return None
+    return (math.prod(int(d) for d in tensor.dims) * bits + 7) // 8
+
+
+class MappedTensor(ir.ExternalTensor):
+    """An external tensor that maps its bytes on each read and unmaps them when the last array is dropped.
+
+    onnx-ir's ExternalTensor maps the whole data file on first read and keeps
+    the mapping (and every page it touched, which counts as resident memory)
+    until ``release()``; a pass that reads every weight once would end up
+    holding the whole model. Here ``numpy()`` maps only this tensor's byte
+    range, the array keeps that mapping alive, and dropping the array unmaps
+    it: memory holds the weights a pass is working on, not the model. The
+    arrays are read-only, so nothing can write into the input model's data.
+    Writing (``tofile``, used by saves) copies file to file in the kernel.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def like(cls, tensor: ir.ExternalTensor) -> MappedTensor:
+        """The same external bytes as ``tensor``, read the mapped way."""
+        return cls(tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                   name=tensor.name, doc_string=tensor.doc_string, base_dir=tensor.base_dir)
+
+    def numpy(self) -> np.ndarray:
+        if not self.valid():
+            raise ValueError(f"external tensor {self.name!r} was invalidated (its data file was overwritten)")
+        if self.dtype == ir.DataType.STRING or self.size == 0 or self.dtype.bitwidth < 8:
+            # packed sub-byte types need unpacking into a new array anyway: copy, then let go of the mapping
+            array = np.array(super().numpy(), copy=True)
+            self.release()
+            return array
+        offset = self.offset or 0
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), offset - start + self.nbytes, offset=start, access=mmap.ACCESS_READ)
+        # the array holds the only reference to the mapping: dropping it unmaps the pages
+        dtype = np.dtype(self.dtype.numpy()).newbyteorder("<")
+        return np.frombuffer(mapped, dtype=dtype, count=self.size, offset=offset - start).reshape(self.shape.numpy())
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        if not self.valid():
+            raise ValueError(f"external tensor {self.name!r} was invalidated (its data file was overwritten)")
+        with open(self.path, "rb") as f:
+            f.seek(self.offset or 0)
+            return f.read(self.length if self.length is not None else self.nbytes)
+
+
+def release_pages(array: np.ndarray) -> bool:
+    """Give back the resident pages of an array read from a :class:`MappedTensor`; True if it was one.
+
+    The array stays valid: the pages are clean copies of the file, and
+    touching them again reads them back. A pass that must keep many weights
+    at hand (to compare them across layers) calls this once it is done
+    reading each, so what stays resident is what it computed, not the model.
+    """
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    mapped = base.obj if isinstance(base, memoryview) else base
+    if not isinstance(mapped, mmap.mmap) or mapped.closed or not hasattr(mapped, "madvise"):
+        return False
+    mapped.madvise(mmap.MADV_DONTNEED)
+    return True
+
+
+def map_external_tensors(model: ir.Model) -> int:
+    """Make every external initializer (subgraphs too) a :class:`MappedTensor`; return how many."""
+    count = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and not isinstance(tensor, MappedTensor):
+                value.const_value = MappedTensor.like(tensor)
+                count += 1
+    return count
+
+
+#: Weights from this size on are kept out of protobuf round trips (version converter, graphsurgeon) by default.
+WEIGHT_OUT_BYTES = 2**16
+
+
+def weights_as_inputs(model: ir.Model, names: Iterable[str] | None = None) -> ir.Model:
+    """A clone of ``model`` whose main-graph weights ``names`` are graph inputs (type and shape, no data).
+
+    For tools that work on protobuf (the version converter, graphsurgeon):
+    the clone serialises to a few megabytes whatever the model's size, and no
+    weight is read. ``names=None`` keeps out every weight of at least
+    WEIGHT_OUT_BYTES. :func:`restore_weights` puts the tensors back afterwards.
+    """
+    clone = model.clone()  # shares the tensors: cheap, and the caller's model is not touched
+    graph = clone.graph
+    if names is None:
+        names = [str(v.name) for v in graph.initializers.values()
+                 if v.const_value is not None and v.const_value.nbytes >= WEIGHT_OUT_BYTES and not v.is_graph_input()]
+    for name in list(names):
+        value = graph.initializers[name]
+        del graph.initializers[name]
+        value.const_value = None
+        graph.inputs.append(value)
+    return clone
+
+
+def restore_weights(model: ir.Model, like: ir.Model) -> int:
+    """Make graph inputs of ``model`` that are weights of ``like`` initializers again, holding ``like``'s tensors.
+
+    The inverse of :func:`weights_as_inputs` once a tool has given the model
+    back; returns how many were restored.
+    """
+    own_inputs = {v.name for v in like.graph.inputs}
+    restored = 0
+    for value in [v for v in model.graph.inputs if v.name not in own_inputs and v.name in like.graph.initializers]:
+        model.graph.inputs.remove(value)
+        value.const_value = like.graph.initializers[str(value.name)].const_value
+        model.graph.register_initializer(value)
+        restored += 1
+    return restored
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:
@@ -107,7 +288,34 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if not proto.HasField("graph") or (proto.ir_version == 0 and not proto.opset_import):
         raise OnnxoptError(f"{path} is not an ONNX model (no graph or IR version)",
                            "pass a model exported to ONNX (.onnx)")
+    if not proto.graph.output:
+        raise OnnxoptError(f"{path} has no graph outputs, so there is nothing to compute or compare",
+                           "re-export the model with its outputs declared")
+    bad_text = _non_utf8_field(proto)
+    if bad_text:
+        raise OnnxoptError(f"{path} is corrupt: a {bad_text} is not valid UTF-8 text",
+                           "the file is damaged or was not written by an ONNX exporter; re-export it")
     return proto
+
+
+def _non_utf8_field(message: Message) -> str | None:
+    """The name of the first text field holding bytes that are not UTF-8, if any.
+
+    Protobuf hands such a field over as ``bytes`` instead of failing; everything
+    downstream (the IR, ORT, our messages) would then break on it in its own way.
+    """
+    for field, value in message.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        values = value if repeated else (value,)
+        if field.type == field.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in values):
+                return f"{message.DESCRIPTOR.name}.{field.name}"
+        elif field.type == field.TYPE_MESSAGE:
+            for item in values:
+                found = _non_utf8_field(item)
+                if found:
+                    return found
+    return None
 
 
 def _constant_of_shape_to_initializers(graph: ir.Graph) -> int:
@@ -131,6 +339,11 @@ def _constant_of_shape_to_initializers(graph: ir.Graph) -> int:
             dtype, value = np.dtype(np.float32), 0.0
         if any(d < 0 for d in shape):
             continue
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > _memory_bytes():
+            # a declared shape is not a promise of memory: refuse before numpy tries to allocate it
+            raise OnnxoptError(f"ConstantOfShape node {node.name!r} makes a tensor of shape {shape} ({nbytes:,} bytes), "
+                               "more than this machine's memory", "the model is corrupt or cannot run here; check its shapes")
         array = np.full(shape, value, dtype=dtype)
         init = ir.Value(name=out.name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.from_numpy(dtype)),
                         const_value=ir.tensor(array, name=out.name))
@@ -140,6 +353,14 @@ def _constant_of_shape_to_initializers(graph: ir.Graph) -> int:
         graph.remove(node, safe=True)
         count += 1
     return count
+
+
+def _memory_bytes() -> int:
+    """Physical memory of this machine (64 GiB when the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**36
 
 
 def _normalize_weights(model: ir.Model) -> list[str]:
@@ -169,7 +390,8 @@ def _normalize_weights(model: ir.Model) -> list[str]:
 def load_model(path: str | os.PathLike[str], *, check: bool = True, normalize: bool = True) -> ir.Model:
     """Load an ONNX model into the IR, refusing unsafe or broken files with a one-line error.
 
-    External data stays memory-mapped (read on first use). With ``normalize``,
+    External data is never read here: each weight becomes a :class:`MappedTensor`,
+    mapped when a pass reads it and unmapped when the pass drops the array. With ``normalize``,
     Constant/ConstantOfShape weight producers become initializers, and shapes
     are inferred where ONNX can; notes on what changed are kept in
     ``model.meta["onnxopt.load_notes"]``.
@@ -180,31 +402,57 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True, normalize: b
     if check:
         try:
             onnx.checker.check_model(str(path))
-        except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as err:  # type: ignore[attr-defined]
-            first = str(err).strip().splitlines()[0] if str(err).strip() else "checker failed"
-            raise OnnxoptError(f"{path} is not a valid ONNX model: {first}",
+        except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError,  # type: ignore[attr-defined]
+                UnicodeDecodeError) as err:  # the checker's message quotes a name that is not UTF-8
+            raise OnnxoptError(f"{path} is not a valid ONNX model: {_one_line(err)}",
                                "re-export the model; onnx.checker.check_model shows the full report") from None
+    _check_tensor_sizes(proto, path)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as err:  # the IR refuses some malformed graphs the checker lets through
-        raise OnnxoptError(f"{path} could not be read into the graph IR: {str(err).splitlines()[0]}",
+        while err.__cause__ is not None:  # the IR wraps the real reason in "Error calling ..." layers
+            err = err.__cause__
+        raise OnnxoptError(f"{path} could not be read into the graph IR: {_one_line(err)}",
                            "re-export the model or check it with onnx.checker") from None
     ir.external_data.set_base_dir(model.graph, path.parent)
     notes: list[str] = []
     if normalize:
         notes += _normalize_weights(model)
         notes += infer_shapes(model)
+    map_external_tensors(model)  # weights are read one at a time and let go, never held all at once
     model.meta[LOAD_NOTES] = notes
     return model
 
 
-def infer_shapes(model: ir.Model) -> list[str]:
+def infer_shapes(model: ir.Model, *, data_prop: bool = False) -> list[str]:
     """Run ONNX shape inference on the model in place; return a note if it failed (not fatal)."""
+    # onnx-ir catches the failure itself and logs it with a traceback: collect that record instead of
+    # letting a traceback reach the user's terminal.
+    failures: list[logging.LogRecord] = []
+    logger = logging.getLogger(ir_passes.shape_inference.__name__)
+    collect = logging.Handler(logging.WARNING)
+    collect.emit = failures.append  # type: ignore[method-assign]
+    logger.addHandler(collect)
+    propagate, logger.propagate = logger.propagate, False
     try:
-        ir_passes.ShapeInferencePass(strict_mode=False)(model)
+        ir_passes.ShapeInferencePass(strict_mode=False, data_prop=data_prop)(model)
     except Exception as err:  # ONNX shape inference rejects some models ORT runs fine
-        return [f"shape inference failed, shapes left as exported ({str(err).splitlines()[0][:120]})"]
+        return [f"shape inference failed, shapes left as exported ({_one_line(err, 120)})"]
+    finally:
+        logger.removeHandler(collect)
+        logger.propagate = propagate
+    for record in failures:
+        err = record.exc_info[1] if record.exc_info else None
+        return [f"shape inference failed, shapes left as exported ({_one_line(err, 120) if err else record.getMessage()})"]
     return []
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (checker and IR messages span several), at most ``limit`` characters."""
+    while err.__cause__ is not None and not str(err).strip():
+        err = err.__cause__
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def tensor_bytes(model: ir.Model) -> int:
@@ -242,6 +490,27 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     return pa.resolve() == pb.resolve()
 
 
+def external_data_files(model: ir.Model) -> set[Path]:
+    """The data files the model's external tensors are read from."""
+    return {Path(v.const_value.path) for g in (model.graph, *model.graph.subgraphs())
+            for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+
+
+def refuse_overwriting(
+    reads: Iterable[tuple[str, str | os.PathLike[str] | None]],
+    writes: Iterable[tuple[str, str | os.PathLike[str] | None]],
+) -> None:
+    """Refuse a run that would write over one of its own inputs (also through a symlink or a hard link)."""
+    reads = [(what, Path(p)) for what, p in reads if p is not None]
+    for write_what, target in writes:
+        if target is None:
+            continue
+        for read_what, source in reads:
+            if source.exists() and same_file(source, target):
+                raise OnnxoptError(f"{write_what} {target} is {read_what} ({source})",
+                                   "write to another path; onnxopt never overwrites what it reads")
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike[str],
@@ -264,7 +533,10 @@ def save_model(
     if external_data is None:
         external_data = has_external_data(model) or tensor_bytes(model) >= PROTOBUF_LIMIT
     data_name = path.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    except OSError as err:
+        raise OnnxoptError(f"cannot write into {parent}: {err.strerror or err}", "choose a folder you can write to") from None
     try:
         tmp_model = tmpdir / path.name
         if external_data:
@@ -278,9 +550,35 @@ def save_model(
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise OnnxoptError(f"refusing to save an invalid model: {first}",
                                    "this is a bug in the pass that produced it; run with --debug and report it") from None
-        if external_data and (tmpdir / data_name).exists():
-            os.replace(tmpdir / data_name, parent / data_name)
-        os.replace(tmp_model, path)
+        moves = [(tmpdir / data_name, parent / data_name)] if external_data and (tmpdir / data_name).exists() else []
+        _commit([*moves, (tmp_model, path)])
+    except OSError as err:  # a full disk, a read-only mount: nothing was put in place
+        raise OnnxoptError(f"could not write {path}: {err.strerror or err}", "check the free space and permissions there") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def _commit(moves: list[tuple[Path, Path]]) -> None:
+    """Rename finished files into place with SIGINT/SIGTERM deferred until all are moved.
+
+    A model and its data file are two renames; an interrupt between them would
+    leave a new data file beside no model (or beside the old one). A signal
+    that arrives meanwhile is raised again right after, once the output is
+    complete. (Python runs signal handlers in the main thread, whichever
+    thread the OS hands the signal to, so swapping the handlers is enough.)
+    """
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not None:  # None: set outside Python, cannot be put back
+                previous[signum] = signal.signal(signum, lambda number, frame: pending.append(number))
+    try:
+        for source, target in moves:
+            os.replace(source, target)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in pending:
+            signal.raise_signal(signum)

@@ -15,10 +15,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from onnx_ir.passes import common as ir_passes
 
 from onnxopt.data import input_specs
-from onnxopt.io import iter_tensor_protos
+from onnxopt.io import infer_shapes, iter_tensor_protos
 from onnxopt.graph import attribute, is_onnx_op, iter_graphs, iter_nodes, static_shape
 
 __all__ = [
@@ -127,6 +126,8 @@ class MacsResult:
 
     total: int = 0
     by_op: dict[str, int] = field(default_factory=dict)
+    #: MACs per layer, keyed like ``unknown`` (node name, else ``op:output``); not in ``to_dict``
+    by_node: dict[str, int] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     assumed: bool = False
@@ -172,10 +173,7 @@ def count_macs(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None = N
         for node in graph:
             for out in node.outputs:
                 out.shape = None
-    try:
-        ir_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(clone)
-    except Exception:
-        pass  # whatever shapes were found stay; the rest are reported unknown
+    infer_shapes(clone, data_prop=True)  # on failure, whatever shapes were found stay; the rest are reported unknown
     result = MacsResult(input_shapes={k: list(v) for k, v in concrete.items()}, assumed=assumed)
     for node in iter_nodes(clone):
         if not is_onnx_op(node, "Conv", "ConvTranspose", "Gemm", "MatMul"):
@@ -187,6 +185,7 @@ def count_macs(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None = N
             continue
         result.total += macs
         result.by_op[node.op_type] = result.by_op.get(node.op_type, 0) + macs
+        result.by_node[label] = macs
     return result
 
 

@@ -68,10 +68,11 @@ def cosine(reference: np.ndarray, candidate: np.ndarray) -> float | None:
     r, c = _as_float(reference), _as_float(candidate)
     if r is None or c is None or r.shape != c.shape:
         return None
-    denom = float(np.linalg.norm(r) * np.linalg.norm(c))
-    if denom == 0.0:
-        return 1.0 if np.array_equal(r, c) else 0.0
-    return float(np.dot(r, c) / denom)
+    with np.errstate(all="ignore"):  # NaN/Inf outputs give a NaN figure, not a warning
+        denom = float(np.linalg.norm(r) * np.linalg.norm(c))
+        if denom == 0.0:
+            return 1.0 if np.array_equal(r, c) else 0.0
+        return float(np.dot(r, c) / denom)
 
 
 def snr_db(reference: np.ndarray, candidate: np.ndarray) -> float | None:
@@ -79,8 +80,9 @@ def snr_db(reference: np.ndarray, candidate: np.ndarray) -> float | None:
     r, c = _as_float(reference), _as_float(candidate)
     if r is None or c is None or r.shape != c.shape:
         return None
-    noise = float(np.sum((r - c) ** 2))
-    signal = float(np.sum(r**2))
+    with np.errstate(all="ignore"):  # NaN/Inf outputs give a NaN figure, not a warning
+        noise = float(np.sum((r - c) ** 2))
+        signal = float(np.sum(r**2))
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
@@ -93,7 +95,8 @@ def max_abs_error(reference: np.ndarray, candidate: np.ndarray) -> float | None:
     r, c = _as_float(reference), _as_float(candidate)
     if r is None or c is None or r.shape != c.shape:
         return None
-    return float(np.max(np.abs(r - c))) if r.size else 0.0
+    with np.errstate(all="ignore"):
+        return float(np.max(np.abs(r - c))) if r.size else 0.0
 
 
 BUILTIN_METRICS = (

@@ -8,7 +8,7 @@ from onnx import version_converter
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import opset_version
-from onnxopt.io import PROTOBUF_LIMIT, serialize_model, tensor_bytes
+from onnxopt.io import PROTOBUF_LIMIT, restore_weights, serialize_model, tensor_bytes, weights_as_inputs
 
 __all__ = ["ensure_opset"]
 
@@ -21,11 +21,13 @@ def ensure_opset(model: ir.Model, version: int, *, why: str = "") -> tuple[ir.Mo
     current = opset_version(model)
     if current >= version:
         return model, None
-    if tensor_bytes(model) >= PROTOBUF_LIMIT:
-        raise OnnxoptError(f"model is at opset {current} and over 2 GB; cannot upgrade it to {version}",
+    # the converter works on protobuf: big weights cross as graph inputs (never read) and are put back after
+    light = weights_as_inputs(model)
+    if tensor_bytes(light) >= PROTOBUF_LIMIT:
+        raise OnnxoptError(f"model is at opset {current} and holds over 2 GB of small tensors; cannot upgrade it to {version}",
                            "re-export the model at a newer opset")
     proto = onnx.ModelProto()
-    proto.ParseFromString(serialize_model(model))
+    proto.ParseFromString(serialize_model(light))
     try:
         upgraded = version_converter.convert_version(proto, version)
     except Exception as err:
@@ -35,7 +37,35 @@ def ensure_opset(model: ir.Model, version: int, *, why: str = "") -> tuple[ir.Mo
     if upgraded.ir_version < 7:
         upgraded.ir_version = 7
     new = ir.serde.deserialize_model(upgraded)
+    restore_weights(new, model)
     from onnxopt.io import infer_shapes
 
     infer_shapes(new)
+    if current < 7 <= version:
+        _prelu_slopes_per_channel(new)
     return new, f"opset upgraded {current} -> {version}" + (f" ({why})" if why else "")
+
+
+def _prelu_slopes_per_channel(model: ir.Model) -> None:
+    """Reshape 1-D PRelu slopes of C values to [C, 1, ...]: opset 7 changed what they mean.
+
+    Up to opset 6 such a slope holds one value per channel (axis 1); from 7
+    PRelu broadcasts numpy-style, so the same 1-D slope lines up with the last
+    axis (wrong values, or ONNX Runtime refuses to run). onnx.version_converter
+    keeps the slope as it was.
+    """
+    from onnxopt.graph import Names, constant_array, is_onnx_op, iter_nodes, replace_input_weight
+
+    names = Names(model)
+    for node in list(iter_nodes(model)):
+        if not is_onnx_op(node, "PRelu") or len(node.inputs) < 2:
+            continue
+        slope = constant_array(node.inputs[1])
+        if slope is None or slope.ndim != 1 or slope.size == 1:
+            continue
+        shape = node.inputs[0].shape if node.inputs[0] is not None else None
+        if shape is None:
+            raise OnnxoptError(f"PRelu {node.name or node.outputs[0].name!r}: its per-channel slope cannot be carried past "
+                               "opset 7 without the input's rank", "re-export the model at opset 7 or newer")
+        if len(shape) > 2:
+            replace_input_weight(node, 1, slope.reshape(slope.size, *[1] * (len(shape) - 2)), names)

@@ -37,9 +37,22 @@ def get_plugin_manager(*, entry_points: bool = True, disabled: list[str] | None 
         try:
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)
         except Exception as err:  # an import error inside someone's plugin
-            raise OnnxoptError(f"a plugin failed to load: {type(err).__name__}: {err}",
-                               f"fix or uninstall it, or block it with {DISABLE_ENV}=<name>") from None
+            name, distribution = _first_unloaded(pm)
+            raise OnnxoptError(f"plugin {name} ({distribution}) failed to load: {type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:300]}",
+                               f"fix or uninstall it, or block it with {DISABLE_ENV}={name}") from None
     return pm
+
+
+def _first_unloaded(pm: pluggy.PluginManager) -> tuple[str, str]:
+    """The entry point pluggy stopped at: it loads them in this order and stops at the first that fails."""
+    import importlib.metadata
+
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == hookspecs.PROJECT and not pm.has_plugin(ep.name) and not pm.is_blocked(ep.name):
+                return ep.name, f"{dist.metadata['Name']} {dist.version}"
+    return "<unknown>", "(unknown distribution)"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from onnxopt.errors import OnnxoptError
 from onnxopt.pass_api import PassReport
 from onnxopt.validate import ValidationResult
 
@@ -90,7 +91,11 @@ def _json_safe(obj: Any) -> Any:
 def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    except OSError as err:
+        raise OnnxoptError(f"cannot write the report {path}: {err.strerror or err}",
+                           "give --report a path in a folder that exists and that you can write to") from None
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(_json_safe(data), fh, indent=2, allow_nan=False)

@@ -14,9 +14,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.io import PROTOBUF_LIMIT, serialize_model, tensor_bytes
+from onnxopt.io import PROTOBUF_LIMIT, has_external_data, serialize_model, tensor_bytes
 
-__all__ = ["SessionFactory", "available_providers", "resolve_providers", "run_batches"]
+__all__ = ["SessionFactory", "available_providers", "resolve_providers", "run_batches", "LARGE_MODEL_BYTES"]
 
 # ORT logs optimizer warnings to stderr by default; a user sees our report, not its internals.
 ort.set_default_logger_severity(4)
@@ -72,9 +72,16 @@ class SessionFactory:
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = self.optimization
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4
         if optimized_model_path is not None:
             opts.optimized_model_filepath = str(optimized_model_path)
+            # an optimized model over 2 GB cannot be one protobuf: its weights go to a data file beside it
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          Path(optimized_model_path).name + ".data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            # such a session is made to read its optimized graph, which prepacking (a copy of every MatMul weight
+            # in the kernels' layout, made after the graph is saved) does not change
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         return opts
 
     def create(
@@ -85,23 +92,45 @@ class SessionFactory:
     ) -> ort.InferenceSession:
         """A session for an in-memory model, a file, or serialised bytes.
 
-        Models over the protobuf limit are written to a temporary folder with
-        external data first, since ORT cannot take them as bytes.
+        A model with external data, or with LARGE_MODEL_BYTES of weights or
+        more, costs no second copy of its weights: ORT reads the unchanged
+        ones from the input's data file and the rest from the IR's own arrays
+        (see :func:`_weights_by_reference`); smaller models go over as bytes.
         """
         opts = self.options(optimized_model_path)
         if isinstance(model, ir.Model):
-            if tensor_bytes(model) >= PROTOBUF_LIMIT:
-                tmp = Path(tempfile.mkdtemp(prefix="onnxopt-session-"))
-                try:
-                    path = tmp / "model.onnx"
-                    ir.save(model, path, external_data="model.onnx.data")
-                    return self._session(str(path), opts)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+            if has_external_data(model) or tensor_bytes(model) >= LARGE_MODEL_BYTES:
+                return self._large_session(model, opts)
             return self._session(serialize_model(model), opts)
         if isinstance(model, (bytes, bytearray)):
             return self._session(bytes(model), opts)
         return self._session(str(model), opts)
+
+    def _large_session(self, model: ir.Model, opts: ort.SessionOptions) -> ort.InferenceSession:
+        """A session that reads no weight into a second copy: see :func:`_weights_by_reference`."""
+        source = _weights_by_reference(model)
+        if source is not None:
+            by_reference = self.options(opts.optimized_model_filepath or None)
+            if source.folder is not None:
+                by_reference.add_session_config_entry("session.model_external_initializers_file_folder_path", source.folder)
+            if source.names:
+                by_reference.add_external_initializers(source.names, source.values)
+            try:
+                session = self._session(source.proto, by_reference)
+            except OnnxoptError:
+                pass  # an onnxruntime without these options, or a model it refuses either way: the folder says which
+            else:
+                # ORT reads injected initializers straight from these arrays: they must live as long as the session
+                session._onnxopt_initializers = source.values  # type: ignore[attr-defined]
+                return session
+        # write the model to a folder (external tensors are copied file to file in the kernel: memory stays flat)
+        tmp = Path(tempfile.mkdtemp(prefix="onnxopt-session-"))
+        try:
+            path = tmp / "model.onnx"
+            ir.save(model, path, external_data="model.onnx.data")
+            return self._session(str(path), opts)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _session(self, source: str | bytes, opts: ort.SessionOptions) -> ort.InferenceSession:
         try:
@@ -110,6 +139,89 @@ class SessionFactory:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise OnnxoptError(f"ONNX Runtime cannot load the model: {first[:300]}",
                                "check the model with `onnxopt inspect`; unsupported ops need a newer onnxruntime") from None
+
+
+#: Models with external data, or with at least this many bytes of weights, get sessions that copy no weight.
+LARGE_MODEL_BYTES = 2**28
+#: In-memory initializers from this size on are handed to ORT as OrtValues over their own buffer.
+_INJECT_MIN_BYTES = 2**16
+#: Where a placeholder initializer says its data is; never read (ORT replaces it with the injected value first,
+#: and a name that exists nowhere makes any read fail loudly instead of using wrong bytes).
+_INJECTED_LOCATION = "onnxopt-injected-initializer"
+
+
+@dataclass
+class _ByReference:
+    proto: bytes
+    folder: str | None
+    names: list[str]
+    values: list[ort.OrtValue]
+
+
+def _injectable(tensor: ir.TensorProtocol) -> bool:
+    try:
+        dtype = np.dtype(tensor.dtype.numpy())
+    except (TypeError, ValueError):
+        return False
+    # ORT takes numpy's own dtypes only (not ml_dtypes' bfloat16/float8/int4) and no strings
+    return tensor.dtype.bitwidth >= 8 and dtype.kind in "biuf" and dtype.type.__module__ == "numpy"
+
+
+def _weights_by_reference(model: ir.Model) -> _ByReference | None:
+    """The model as protobuf bytes whose weights ORT reads in place, or None when that cannot be done.
+
+    Unchanged external weights stay in the input's data file (ORT maps it
+    from the folder given in the session options); weights a pass made in
+    memory, and external ones from other folders, are handed over as
+    OrtValues over their own (possibly memory-mapped) buffers, behind
+    placeholder initializers. Small tensors are inlined. Nothing is copied
+    or written to disk, so a session on a model of any size costs no second
+    copy of its weights. None when the tensors that must be inlined (types
+    ORT cannot take from numpy) reach the protobuf limit.
+    """
+    externals = [v.const_value for g in (model.graph, *model.graph.subgraphs()) for v in g.initializers.values()
+                 if isinstance(v.const_value, ir.ExternalTensor)]
+    by_folder: dict[str, int] = {}
+    for tensor in externals:
+        folder = os.path.realpath(tensor.base_dir or ".")
+        by_folder[folder] = by_folder.get(folder, 0) + tensor.nbytes
+    folder = max(by_folder, key=by_folder.__getitem__) if by_folder else None
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    names: list[str] = []
+    values: list[ort.OrtValue] = []
+    inline = 0
+    try:
+        for graph in (model.graph, *model.graph.subgraphs()):
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None:
+                    continue
+                external = isinstance(tensor, ir.ExternalTensor)
+                if external and os.path.realpath(tensor.base_dir or ".") == folder:
+                    swapped.append((value, tensor))
+                    value.const_value = ir.ExternalTensor(  # a location relative to the folder ORT is told
+                        os.path.relpath(os.path.realpath(tensor.path), folder), tensor.offset, tensor.length,
+                        tensor.dtype, shape=tensor.shape, name=tensor.name)
+                    continue
+                if graph is model.graph and tensor.nbytes >= _INJECT_MIN_BYTES and _injectable(tensor):
+                    array = np.ascontiguousarray(tensor.numpy())
+                    swapped.append((value, tensor))
+                    value.const_value = ir.ExternalTensor(_INJECTED_LOCATION, 0, array.nbytes, tensor.dtype,
+                                                          shape=tensor.shape, name=tensor.name)
+                    names.append(str(value.name))
+                    values.append(ort.OrtValue.ortvalue_from_numpy(array))
+                    continue
+                if external:  # another folder, a type ORT cannot take from numpy: inline it
+                    swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+                inline += tensor.nbytes
+                if inline >= PROTOBUF_LIMIT:
+                    return None
+        proto = ir.serde.serialize_model(model).SerializeToString()
+    finally:
+        for value, tensor in reversed(swapped):
+            value.const_value = tensor
+    return _ByReference(proto, folder, names, values)
 
 
 def run_batches(

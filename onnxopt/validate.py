@@ -23,9 +23,11 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.measure import count_macs, count_parameters, file_size, median_latency_ms
 from onnxopt.metrics import BUILTIN_METRICS, Metric, cosine, top1_accuracy, top1_agreement
 from onnxopt.progress import Progress
-from onnxopt.sessions import SessionFactory, run_batches
+from onnxopt.io import has_external_data, tensor_bytes
+from onnxopt.sessions import LARGE_MODEL_BYTES, SessionFactory, run_batches
 
-__all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop", "drop_between"]
+__all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop", "drop_between",
+           "one_session_at_a_time", "latency_feed"]
 
 
 @dataclass
@@ -137,6 +139,9 @@ def _model_figures(model: ir.Model, path: str | os.PathLike[str] | None, shapes:
 
 def measure_drop(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory) -> float:
     """The drop of ``candidate`` against ``reference`` on ``dataset`` (outputs only: no latency)."""
+    if one_session_at_a_time(reference, candidate):
+        names, (ref, cand), _ = _run_one_at_a_time(reference, candidate, dataset, sessions, first_only=True)
+        return drop_between(ref[names[0]], cand[names[0]], dataset.labels)[0]
     ref_s, cand_s = sessions.create(reference), sessions.create(candidate)
     names = _common_outputs(ref_s, cand_s)[:1]
     ref = collect_outputs(ref_s, dataset, names)
@@ -159,11 +164,45 @@ def validate(
 ) -> ValidationResult:
     """Compare ``candidate`` with ``reference`` on ``dataset``: metrics per output, drop, figures, latency."""
     sessions = sessions or SessionFactory()
+    if one_session_at_a_time(reference, candidate):
+        return _validate_one_at_a_time(reference, candidate, dataset, sessions=sessions, metrics=metrics, progress=progress,
+                                       latency=latency, latency_runs=latency_runs, reference_path=reference_path,
+                                       candidate_path=candidate_path)
     ref_s = sessions.create(reference)
     cand_s = sessions.create(candidate)
     names = _common_outputs(ref_s, cand_s)
     ref = collect_outputs(ref_s, dataset, names, progress=progress, description="validating reference")
     cand = collect_outputs(cand_s, dataset, names, progress=progress, description="validating candidate")
+    result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path)
+    if latency:
+        one = latency_feed(dataset, reference)
+        task = progress.task("timing", total=2) if progress else None
+        # interleave reference and candidate so machine noise hits both alike
+        ref_times, cand_times = [], []
+        for _ in range(3):
+            ref_times.append(median_latency_ms(ref_s, one, runs=max(1, latency_runs // 3)))
+            cand_times.append(median_latency_ms(cand_s, one, runs=max(1, latency_runs // 3)))
+        result.reference.latency_ms = float(np.median(ref_times))
+        result.candidate.latency_ms = float(np.median(cand_times))
+        if task:
+            task.advance(2)
+            task.close()
+    return result
+
+
+def _compare(
+    reference: ir.Model,
+    candidate: ir.Model,
+    dataset: Dataset,
+    names: Sequence[str],
+    ref: Mapping[str, np.ndarray],
+    cand: Mapping[str, np.ndarray],
+    sessions: SessionFactory,
+    metrics: Sequence[Metric],
+    reference_path: str | os.PathLike[str] | None,
+    candidate_path: str | os.PathLike[str] | None,
+) -> ValidationResult:
+    """Metrics per output, the drop, and both models' figures (latency is the caller's) from their outputs."""
     result = ValidationResult(dataset.source, len(dataset), dataset.fidelity_only,
                               providers=list(sessions.providers), threads=sessions.threads)
     for name in names:
@@ -182,17 +221,75 @@ def validate(
     shapes = {k: tuple(v.shape) if fixed or not v.ndim else (1, *v.shape[1:]) for k, v in first.items()}
     result.reference = _model_figures(reference, reference_path, shapes)
     result.candidate = _model_figures(candidate, candidate_path, shapes)
-    if latency:
-        one = first if fixed or not dataset.arrays else {k: v[:1] for k, v in first.items()}
-        task = progress.task("timing", total=2) if progress else None
-        # interleave reference and candidate so machine noise hits both alike
-        ref_times, cand_times = [], []
-        for _ in range(3):
-            ref_times.append(median_latency_ms(ref_s, one, runs=max(1, latency_runs // 3)))
-            cand_times.append(median_latency_ms(cand_s, one, runs=max(1, latency_runs // 3)))
-        result.reference.latency_ms = float(np.median(ref_times))
-        result.candidate.latency_ms = float(np.median(cand_times))
-        if task:
-            task.advance(2)
-            task.close()
+    return result
+
+
+def latency_feed(dataset: Dataset, model: ir.Model) -> dict[str, np.ndarray]:
+    """The feed latency is timed on: the first batch cut to one sample, unless the model fixes its batch."""
+    first = next(dataset.batches())
+    fixed = any(spec.fixed_batch is not None for spec in input_specs(model))
+    return first if fixed or not dataset.arrays else {k: v[:1] for k, v in first.items()}
+
+
+def one_session_at_a_time(*models: ir.Model) -> bool:
+    """True when the models are large enough that their ORT sessions should not be alive together.
+
+    An ORT session holds about a model's size (weights prepacked for its
+    kernels); for models with external data or large weights, validation
+    keeps one session at a time so peak memory is one model, not two.
+    """
+    return any(has_external_data(m) for m in models) or sum(tensor_bytes(m) for m in models) >= LARGE_MODEL_BYTES
+
+
+def _run_one_at_a_time(
+    reference: ir.Model,
+    candidate: ir.Model,
+    dataset: Dataset,
+    sessions: SessionFactory,
+    *,
+    first_only: bool = False,
+    progress: Progress | None = None,
+    timing_feed: Mapping[str, np.ndarray] | None = None,
+    latency_runs: int = 30,
+) -> tuple[list[str], list[dict[str, np.ndarray]], list[float]]:
+    """Common output names, both models' outputs, and their latencies, with one ORT session alive at a time."""
+    wanted = {v.name for v in candidate.graph.outputs}
+    names: list[str] = []
+    outputs: list[dict[str, np.ndarray]] = []
+    times: list[float] = []
+    for model, label in ((reference, "reference"), (candidate, "candidate")):
+        session = sessions.create(model)
+        if not names:
+            names = [o.name for o in session.get_outputs() if o.name in wanted]
+            if not names:
+                raise OnnxoptError("the candidate has none of the reference's outputs",
+                                   f"reference outputs: {[o.name for o in session.get_outputs()]}")
+            names = names[:1] if first_only else names
+        outputs.append(collect_outputs(session, dataset, names, progress=progress, description=f"validating {label}"))
+        if timing_feed is not None:
+            times.append(median_latency_ms(session, timing_feed, runs=max(1, latency_runs)))
+        del session  # frees what ORT holds for this model before the next model's session is made
+    return names, outputs, times
+
+
+def _validate_one_at_a_time(
+    reference: ir.Model,
+    candidate: ir.Model,
+    dataset: Dataset,
+    *,
+    sessions: SessionFactory,
+    metrics: Sequence[Metric],
+    progress: Progress | None,
+    latency: bool,
+    latency_runs: int,
+    reference_path: str | os.PathLike[str] | None,
+    candidate_path: str | os.PathLike[str] | None,
+) -> ValidationResult:
+    """:func:`validate` with one session alive at a time (latency then cannot interleave the two models)."""
+    feed = latency_feed(dataset, reference) if latency else None
+    names, (ref, cand), times = _run_one_at_a_time(reference, candidate, dataset, sessions, progress=progress,
+                                                   timing_feed=feed, latency_runs=latency_runs)
+    result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path)
+    if times:
+        result.reference.latency_ms, result.candidate.latency_ms = times
     return result

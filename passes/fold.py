@@ -153,6 +153,23 @@ def _fold_constants(model: ir.Model, limit: int) -> tuple[ir.Model, str | None]:
         return model, f"constant folding skipped: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
 
 
+class _IdentityElimination(ir_passes.IdentityEliminationPass):
+    """onnx-ir's Identity elimination, minus the cases where it renames a value it does not own.
+
+    Eliminating ``y = Identity(x)`` with ``y`` a graph output renames ``x`` to ``y``: when ``x`` is a
+    graph output too, an output disappears (the model's interface changes; in a Scan body the same
+    value listed twice makes ONNX Runtime compute wrong results), and when ``x`` comes from an outer
+    graph, the outer graph's value is renamed. Those Identity nodes stay.
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1 and len(node.outputs) == 1:
+            x, y = node.inputs[0], node.outputs[0]
+            if x is not None and y.is_graph_output() and (x.is_graph_output() or x.graph is not node.graph):
+                return False
+        return super()._try_eliminate_identity_node(node)
+
+
 class FoldPass(Pass[FoldConfig]):
     """Lossless clean-up: constant folding, BatchNorm folded into Conv/Gemm, dead nodes removed."""
 
@@ -169,7 +186,7 @@ class FoldPass(Pass[FoldConfig]):
                 report.notes.append(note)
         folded = fold_batchnorms(model) if config.batchnorm else 0
         if config.identities:
-            ir_passes.IdentityEliminationPass()(model)
+            _IdentityElimination()(model)
         cleanup(model)
         after = sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
         report.figures = {"nodes_before": before, "nodes_after": after, "batchnorms_folded": folded}

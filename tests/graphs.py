@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["make_model", "conv_bn_relu", "gemm_chain", "init"]
+__all__ = ["make_model", "conv_bn_relu", "gemm_chain", "init", "if_model", "loop_model", "scan_model", "SUBGRAPH_MODELS"]
 
 OPSET = 18
 
@@ -60,3 +60,77 @@ def gemm_chain(sizes: tuple[int, ...] = (16, 32, 8), seed: int = 0, trans_b: int
         prev = out
     return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", sizes[0]])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", sizes[-1]])], inits)
+
+
+def _vi(name: str, shape: list | None, elem: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def if_model(width: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """x[N,width] -> Gemm -> h; If(cond): then MatMul(h, W_then)+b -> Relu, else Gemm(h, W_else) -> y[N,width].
+
+    The branch weights live inside the branches; ``h`` and the then-bias come from the outer scope.
+    """
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)  # noqa: E731
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w_then"], ["t0"], name="then_matmul"),
+         helper.make_node("Add", ["t0", "b_then"], ["t1"], name="then_add"),
+         helper.make_node("Relu", ["t1"], ["t_out"], name="then_relu")],
+        "then", [], [_vi("t_out", ["N", width])], [init("w_then", w(width, width))])
+    else_branch = helper.make_graph(
+        [helper.make_node("Gemm", ["h", "w_else", "b_else"], ["e_out"], transB=1, name="else_gemm")],
+        "else", [], [_vi("e_out", ["N", width])],
+        [init("w_else", w(width, width)), init("b_else", rng.standard_normal(width).astype(np.float32) * 0.1)])
+    nodes = [
+        helper.make_node("Gemm", ["x", "w_in", "b_in"], ["h"], transB=1, name="gemm_in"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch, name="branch"),
+    ]
+    return make_model(nodes, [_vi("x", ["N", width]), _vi("cond", [], TensorProto.BOOL)], [_vi("y", ["N", width])],
+                      [init("w_in", w(width, width)), init("b_in", np.zeros(width, np.float32)),
+                       init("b_then", rng.standard_normal(width).astype(np.float32) * 0.1)])
+
+
+def loop_model(width: int = 64, trips: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """x[N,width] -> Loop `trips` times s = Relu(Gemm(s, W_body)) -> Gemm(W_out) -> y[N,width]; W_body inside the body."""
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)  # noqa: E731
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+         helper.make_node("Gemm", ["s_in", "w_body", "b_body"], ["g"], transB=1, name="body_gemm"),
+         helper.make_node("Relu", ["g"], ["s_out"], name="body_relu")],
+        "body", [_vi("iter", [], TensorProto.INT64), _vi("cond_in", [], TensorProto.BOOL), _vi("s_in", ["N", width])],
+        [_vi("cond_out", [], TensorProto.BOOL), _vi("s_out", ["N", width])],
+        [init("w_body", w(width, width)), init("b_body", rng.standard_normal(width).astype(np.float32) * 0.1)])
+    nodes = [
+        helper.make_node("Loop", ["trips", "keep_going", "x"], ["s"], body=body, name="loop"),
+        helper.make_node("Gemm", ["s", "w_out", "b_out"], ["y"], transB=1, name="gemm_out"),
+    ]
+    return make_model(nodes, [_vi("x", ["N", width])], [_vi("y", ["N", width])],
+                      [init("trips", np.array(trips, np.int64)), init("keep_going", np.array(True)),
+                       init("w_out", w(width, width)), init("b_out", np.zeros(width, np.float32))])
+
+
+def scan_model(width: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """A recurrent cell by Scan over x[T,width]: h = Tanh(x_t @ W_x + h @ W_h) -> ys[T,width] -> MatMul(W_out) -> y."""
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)  # noqa: E731
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "w_x"], ["a"], name="cell_x"),
+         helper.make_node("MatMul", ["h_in", "w_h"], ["b"], name="cell_h"),
+         helper.make_node("Add", ["a", "b"], ["c"], name="cell_add"),
+         helper.make_node("Tanh", ["c"], ["h_out"], name="cell_tanh"),
+         helper.make_node("Identity", ["h_out"], ["y_t"], name="cell_out")],
+        "cell", [_vi("h_in", [width]), _vi("x_t", [width])], [_vi("h_out", [width]), _vi("y_t", [width])],
+        [init("w_x", w(width, width))])
+    nodes = [
+        helper.make_node("Scan", ["h0", "x"], ["h_last", "ys"], body=body, num_scan_inputs=1, name="scan"),
+        helper.make_node("MatMul", ["ys", "w_out"], ["y"], name="matmul_out"),
+    ]
+    return make_model(nodes, [_vi("x", ["T", width])], [_vi("y", ["T", width])],
+                      [init("h0", np.zeros(width, np.float32)), init("w_h", w(width, width) * 0.5),
+                       init("w_out", w(width, width))])
+
+
+#: Builders of the models with subgraphs, by name.
+SUBGRAPH_MODELS = {"if": if_model, "loop": loop_model, "scan": scan_model}

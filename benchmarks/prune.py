@@ -1,0 +1,346 @@
+"""Benchmark of the prune pass: the digits CNN and the two PP-OCR models at 30/50/70% of channels removed.
+
+For every model and ratio: parameters, MACs, ORT latency against the dense
+model at 1 and 2 threads (batch 1, and a batch of 8 or 2; medians of runs
+interleaved one by one, ratios from the same run), and quality four ways:
+
+- ``l1``: magnitude pruning alone (filter L1 norm, BatchNorm gain folded in);
+- ``l1+refit``: the same channels, then the least-squares refit of the layers
+  that read them (what reconstruction buys over magnitude alone);
+- ``reconstruct``: channels chosen greedily by the least-squares error their
+  removal leaves in the next layers on calibration data, then the refit;
+- ``reconstruct+sensitivity``: the same with per-group ratios from a
+  sensitivity scan, at the MACs of the uniform plan.
+
+Quality is top-1 accuracy for the digits CNN (held-out eval set) and fidelity
+against the dense model for the OCR models on rendered text (cls: top-1
+agreement and cosine of the class scores; det: cosine of the probability map
+and F1 of its text pixels at the DB threshold 0.3). No training anywhere.
+
+Run by hand: ``python benchmarks/prune.py`` (``--models cnn`` for a quick run);
+writes benchmarks/results/prune.{md,json}. Real models come from
+/tmp/real-models (or $ONNXOPT_REAL_MODELS; fetch with ../shared/models/fetch.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxopt import PassContext
+from onnxopt.data import Dataset
+from onnxopt.io import load_model, save_model
+from onnxopt.measure import count_macs, count_parameters
+from onnxopt.sessions import SessionFactory
+from onnxopt_passes.prune import PruneConfig, PrunePass
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits"
+RESULTS = ROOT / "benchmarks" / "results"
+#: Where the timed pruned models are kept between a full run and ``--latency-only``.
+CACHE = Path(os.environ.get("ONNXOPT_PRUNE_BENCH_CACHE", "/tmp/onnxopt-prune-bench"))
+REAL = Path(os.environ.get("ONNXOPT_REAL_MODELS", "/tmp/real-models"))
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+WORDS = ("invoice total amount date receipt 2024 ONNX runtime pruning model text detection shipping address "
+         "number 42 price tax order customer name street city code paid balance due item qty hello world "
+         "optical character recognition paddle engine 3.14 sample page report").split()
+RATIOS = (0.3, 0.5, 0.7)
+METHODS: dict[str, dict[str, Any]] = {
+    "l1": {"saliency": "l1"},
+    "l1+refit": {"saliency": "l1", "reconstruct": True},
+    "reconstruct": {"saliency": "reconstruct"},
+    "reconstruct+sensitivity": {"saliency": "reconstruct", "distribution": "sensitivity"},
+}
+#: The methods whose pruned models are timed: uniform ratios (all uniform methods share the shapes) and sensitivity.
+TIMED = {"l1": "uniform", "reconstruct+sensitivity": "sensitivity"}
+
+ort.set_default_logger_severity(4)
+
+
+# -- rendered text (the OCR models' inputs) ----------------------------------------------------------------------
+
+
+def _fonts() -> list[Path]:
+    fonts = sorted(FONT_DIR.glob("*.ttf"))
+    if not fonts:
+        raise SystemExit(f"no TrueType fonts under {FONT_DIR}: install fonts-dejavu-core")
+    return fonts
+
+
+def _words(rng: np.random.Generator, n: int) -> str:
+    return " ".join(rng.choice(WORDS, size=n))
+
+
+def _line(rng: np.random.Generator) -> np.ndarray:
+    """A 48x192 text-line crop as the PP-OCR angle classifier sees it; half of them upside down."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts = _fonts()
+    font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(20, 34)))
+    text = _words(rng, int(rng.integers(1, 4)))
+    bg, fg = tuple(int(v) for v in rng.integers(170, 256, 3)), tuple(int(v) for v in rng.integers(0, 90, 3))
+    left, top, right, bottom = font.getbbox(text)
+    img = Image.new("RGB", (right - left + 8, bottom - top + 8), bg)
+    ImageDraw.Draw(img).text((4 - left, 4 - top), text, fill=fg, font=font)
+    if rng.random() < 0.5:
+        img = img.rotate(180)
+    w = min(192, max(8, int(round(img.width * 48 / img.height))))
+    arr = np.zeros((48, 192, 3), np.float32)
+    arr[:, :w] = (np.asarray(img.resize((w, 48)), dtype=np.float32) / 255.0 - 0.5) / 0.5
+    return arr.transpose(2, 0, 1)
+
+
+def _page(rng: np.random.Generator, size: int = 320) -> np.ndarray:
+    """A size x size crop of a document: text lines in varied fonts, colours and sizes, ImageNet-normalized."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts = _fonts()
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(170, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    y = int(rng.integers(2, 20))
+    while y < size - 12:
+        font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(12, 34)))
+        draw.text((int(rng.integers(0, size // 3)), y), _words(rng, int(rng.integers(2, 6))),
+                  fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
+        y += int(rng.integers(22, 60))
+    arr = np.asarray(img, dtype=np.float32) / 255.0 + rng.normal(0, 0.02, (size, size, 3)).astype(np.float32)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    return ((arr - mean) / std).transpose(2, 0, 1)
+
+
+def _rendered(kind: str, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([_page(rng) if kind == "det" else _line(rng) for _ in range(n)]).astype(np.float32)
+
+
+# -- models, data and quality ------------------------------------------------------------------------------------
+
+
+def _specs(names: list[str]) -> list[dict[str, Any]]:
+    specs = []
+    for name in names:
+        if name == "cnn":
+            calib, ev = np.load(DIGITS / "calib.npz"), np.load(DIGITS / "eval.npz")
+            specs.append({"name": "digits cnn", "path": DIGITS / "cnn.onnx", "calib": {"x": calib["x"]},
+                          "eval": ev["x"], "labels": ev["labels"], "batch": 8})
+            continue
+        file = {"det": "ch_PP-OCRv4_det_infer.onnx", "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx"}[name]
+        path = REAL / file
+        if not path.exists():
+            print(f"skipping {name}: {path} missing (bash ../shared/models/fetch.sh {REAL})")
+            continue
+        n_calib, n_eval = (32, 24) if name == "det" else (128, 256)
+        specs.append({"name": f"PP-OCR {name}", "path": path, "calib": {"x": _rendered(name, n_calib, 1)},
+                      "eval": _rendered(name, n_eval, 2), "labels": None, "kind": name, "batch": 8 if name == "cls" else 2})
+    return specs
+
+
+def _outputs(model: ir.Model, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    session = SessionFactory(threads=2).create(model)
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def _quality(spec: dict[str, Any], dense: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    if spec["labels"] is not None:
+        return {"accuracy": float((out.argmax(1) == spec["labels"]).mean()),
+                "agreement": float((out.argmax(1) == dense.argmax(1)).mean())}
+    a, b = dense.reshape(len(dense), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
+    cosine = float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
+    if spec.get("kind") == "cls":
+        return {"agreement": float((out.argmax(1) == dense.argmax(1)).mean()), "cosine": cosine}
+    ta, tb = a > 0.3, b > 0.3
+    f1 = float(2 * (ta & tb).sum() / max(ta.sum() + tb.sum(), 1))
+    return {"cosine": cosine, "text_f1": f1}
+
+
+# -- latency -----------------------------------------------------------------------------------------------------
+
+
+def _latency(dense: ir.Model, pruned: dict[str, ir.Model], x: np.ndarray, threads: int, rounds: int) -> tuple[float, dict[str, float]]:
+    """Dense latency (ms) and pruned/dense ratios.
+
+    Runs are interleaved one by one (dense, then each pruned model, the
+    order rotating), so a change in machine load hits every model alike; each
+    model's latency is the median of its runs, and the ratios come from the
+    same run of the benchmark.
+    """
+    factory = SessionFactory(threads=threads)
+    sessions = {"dense": factory.create(dense), **{r: factory.create(m) for r, m in pruned.items()}}
+    name = sessions["dense"].get_inputs()[0].name
+    feed = {name: x}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, feed)
+    start = time.perf_counter()
+    sessions["dense"].run(None, feed)
+    first = (time.perf_counter() - start) * 1e3
+    runs = max(25, min(2000, int(rounds * 40 / max(first, 0.02))))  # about rounds x 40 ms of dense time
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    keys = list(sessions)
+    for i in range(runs):
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+            start = time.perf_counter()
+            sessions[k].run(None, feed)
+            times[k].append(time.perf_counter() - start)
+    dense_ms = statistics.median(times["dense"]) * 1e3
+    return dense_ms, {r: statistics.median(times[r]) * 1e3 / dense_ms for r in pruned}
+
+
+# -- runs --------------------------------------------------------------------------------------------------------
+
+
+def _prune(model: ir.Model, ratio: float, settings: dict[str, Any], calib: Dataset) -> tuple[ir.Model, dict[str, Any], float]:
+    start = time.perf_counter()
+    result = PrunePass().apply(model, PruneConfig(ratio=ratio, **settings), PassContext(calibration=calib))
+    return result.model, result.report.figures, time.perf_counter() - start
+
+
+def run_model(spec: dict[str, Any], ratios: tuple[float, ...], rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
+    model = load_model(spec["path"])
+    calib = Dataset("calib", spec["calib"], batch_size=16)
+    one = {"x": (1, *spec["eval"].shape[1:])}
+    dense_out = _outputs(model, spec["eval"])
+    dense_params, dense_macs = count_parameters(model), count_macs(model, one).total
+    row: dict[str, Any] = {"model": spec["name"], "dense": {"params": dense_params, "macs": dense_macs,
+                                                           **_quality(spec, dense_out, dense_out)}, "ratios": {}}
+    timed: dict[str, ir.Model] = {}
+    for ratio in ratios:
+        entry: dict[str, Any] = {}
+        for method, settings in METHODS.items():
+            pruned, figs, seconds = _prune(model, ratio, settings, calib)
+            quality = _quality(spec, dense_out, _outputs(pruned, spec["eval"]))
+            entry[method] = {**quality, "seconds": round(seconds, 2)}
+            if method in TIMED:
+                timed[f"{TIMED[method]} {ratio}"] = pruned
+                save_model(pruned, _cached(spec["name"], f"{TIMED[method]} {ratio}"), check=False)
+                entry[TIMED[method]] = {"params": count_parameters(pruned), "macs": count_macs(pruned, one).total,
+                                        "channels_removed": f"{figs['channels_removed']}/{figs['channels_before']}"}
+            log(f"  {spec['name']} {ratio:.0%} {method}: {quality} ({seconds:.1f}s)")
+        row["ratios"][ratio] = entry
+    row["latency"] = measure_latency(spec, model, timed, rounds, log)
+    return row
+
+
+def _cached(model_name: str, plan: str) -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE / f"{model_name.replace(' ', '_')}_{plan.replace(' ', '_')}.onnx"
+
+
+def measure_latency(spec: dict[str, Any], model: ir.Model, timed: dict[str, ir.Model], rounds: int,
+                    log: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for batch in sorted({1, spec["batch"]}):
+        x = spec["eval"][:batch]
+        for threads in (1, 2):
+            dense_ms, ratios_ms = _latency(model, timed, x, threads, rounds)
+            out[f"b{batch}_t{threads}"] = {"dense_ms": dense_ms, **ratios_ms}
+            log(f"  {spec['name']} latency batch {batch} threads {threads}: dense {dense_ms:.3f} ms, "
+                + ", ".join(f"{k} {v:.3f}x" for k, v in ratios_ms.items()))
+    return out
+
+
+def _fmt_quality(q: dict[str, float]) -> str:
+    return " / ".join(f"{v:.4f}" if k == "cosine" else f"{v:.2%}" for k, v in q.items() if k != "seconds")
+
+
+def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = ["# prune: structured channel pruning on ONNX graphs", "",
+             f"Machine: {meta['machine']}; onnxruntime {meta['onnxruntime']}; no training anywhere. "
+             "Latency: ORT CPU, medians of runs interleaved one by one with the dense model, pruned/dense ratio "
+             "from the same run (b = batch, t = threads).", "",
+             "Quality: digits = top-1 accuracy on the held-out eval set / agreement with the dense model; "
+             "cls = top-1 agreement / cosine of class scores; det = cosine of the probability map / F1 of text "
+             "pixels (p > 0.3), both against the dense model on rendered text. "
+             "`l1+refit` keeps the channels `l1` keeps: the difference is what the least-squares reconstruction buys.", ""]
+    for row in rows:
+        d = row["dense"]
+        dense_q = _fmt_quality({k: v for k, v in d.items() if k not in ("params", "macs")})
+        lines += [f"## {row['model']}", "", f"Dense: {d['params']:,} parameters, {d['macs']:,} MACs, quality {dense_q}.", ""]
+        head = ["removed", *METHODS]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for ratio, e in row["ratios"].items():
+            lines.append("| " + " | ".join([f"{float(ratio):.0%}", *[_fmt_quality(e[m]) for m in METHODS]]) + " |")
+        lat_keys = list(row.get("latency", {}))
+        head = ["plan", "channels removed", "params", "MACs", *[k.replace("_", " ") for k in lat_keys]]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for ratio, e in row["ratios"].items():
+            for plan in TIMED.values():
+                f = e[plan]
+                lat = [f"{row['latency'][k][f'{plan} {ratio}']:.2f}x" for k in lat_keys]
+                lines.append("| " + " | ".join([f"{plan} {float(ratio):.0%}", f["channels_removed"],
+                                                f"{f['params'] / d['params']:.2f}x", f"{f['macs'] / d['macs']:.2f}x", *lat]) + " |")
+        dense_lat = ", ".join(f"{k.replace('_', ' ')} {v['dense_ms']:.3f} ms" for k, v in row.get("latency", {}).items())
+        lines += ["", f"Dense latency: {dense_lat}.", ""]
+    lines += _targets(rows)
+    return "\n".join(lines) + "\n"
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets at 50%: latency <= 0.55x (digits CNN, cls), digits drop <= 1.0 pt with reconstruction."""
+    out = ["## Against the targets (50% of channels)", ""]
+    for row in rows:
+        e = row["ratios"].get(0.5)
+        if e is None:
+            continue
+        for plan in TIMED.values():
+            lat = ", ".join(f"{k.replace('_', ' ')} {v[f'{plan} 0.5']:.2f}x" for k, v in row.get("latency", {}).items())
+            out.append(f"- {row['model']}, {plan} plan ({e[plan]['channels_removed']} channels): latency {lat}")
+        if "accuracy" in row["dense"]:
+            drops = ", ".join(f"{m} {100 * (row['dense']['accuracy'] - e[m]['accuracy']):.2f} pt" for m in METHODS)
+            out.append(f"- {row['model']} accuracy drop: {drops}")
+    return out + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="cnn,cls,det")
+    parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
+    parser.add_argument("--rounds", type=int, default=9, help="latency effort: about rounds x 40 ms of dense runs per setting")
+    parser.add_argument("--render", action="store_true", help="only rewrite prune.md from prune.json")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="re-time the pruned models the last full run cached, update prune.json/md")
+    args = parser.parse_args()
+    if args.render or args.latency_only:
+        saved = json.loads((RESULTS / "prune.json").read_text())
+        for row in saved["models"]:
+            row["ratios"] = {float(k): v for k, v in row["ratios"].items()}
+        if args.latency_only:  # time the pruned models the last full run saved, on a quieter machine
+            specs = {s["name"]: s for s in _specs(args.models.split(","))}
+            for row in saved["models"]:
+                spec = specs.get(row["model"])
+                if spec is None:
+                    continue
+                timed = {f"{plan} {r}": load_model(_cached(row["model"], f"{plan} {r}"))
+                         for r in row["ratios"] for plan in TIMED.values()}
+                print(f"{row['model']}:")
+                row["latency"] = measure_latency(spec, load_model(spec["path"]), timed, args.rounds, print)
+            (RESULTS / "prune.json").write_text(json.dumps(saved, indent=2, default=str))
+        (RESULTS / "prune.md").write_text(_markdown(saved["models"], saved["meta"]))
+        return
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "onnxruntime": ort.__version__, "ratios": ratios}
+    rows = []
+    for spec in _specs(args.models.split(",")):
+        print(f"{spec['name']}:")
+        rows.append(run_model(spec, ratios, args.rounds, print))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "prune.json").write_text(json.dumps({"meta": meta, "models": rows}, indent=2, default=str))
+    (RESULTS / "prune.md").write_text(_markdown(rows, meta))
+    print(f"wrote {RESULTS / 'prune.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Evaluating one candidate: rebuild its chain (reusing cached prefixes), measure drop, size and latency on ORT.
+
+An :class:`Evaluator` lives in each worker process (or Ray actor) and keeps
+the reference model, the data and the reference outputs loaded, so a
+candidate costs only its own passes and one pass over the evaluation data.
+Chains share prefixes (prune(0.5) is the start of prune(0.5) > quant): every
+built chain is kept in memory (a few) and in the cache folder, and a chain
+starts from its longest cached prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.data import Dataset, input_specs
+from onnxopt.errors import OnnxoptError
+from onnxopt.io import (
+    PROTOBUF_LIMIT,
+    load_model,
+    save_model,
+    serialize_model,
+    tensor_bytes,
+)
+from onnxopt.measure import count_macs, count_parameters, median_latency_ms
+from onnxopt.plugins import load_registry
+from onnxopt.search.recipe import (
+    Recipe,
+    Step,
+    recipe_from_json,
+    recipe_key,
+    recipe_to_json,
+    run_step,
+)
+from onnxopt.sessions import SessionFactory
+from onnxopt.validate import collect_outputs, drop_between
+
+__all__ = ["WorkerSetup", "Evaluator", "init_worker", "evaluate_in_worker", "latency_feed", "interleaved_latency"]
+
+#: Chains kept in memory per worker, at most this many bytes of weights in all.
+MEMORY_CACHE_BYTES = 2**29
+#: Below this many evaluation samples the early test on a quarter of them proves little: it is skipped.
+EARLY_TEST_MIN_SAMPLES = 200
+#: Standard errors by which the quarter's drop must exceed the budget to reject a candidate without the rest.
+EARLY_TEST_Z = 3.0
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker needs to evaluate candidates: paths (readable where the worker runs) and figures."""
+
+    model: str
+    eval_data: str
+    data: str | None
+    max_drop: float
+    budget_passes: tuple[str, ...] = ()
+    seed: int = 0
+    threads: int = 1
+    cache_dir: str | None = None
+    early_test: bool = True
+    latency_runs: int = 30
+    latency_batch: int = 1
+
+
+def latency_feed(dataset: Dataset, model: ir.Model, batch: int = 1) -> dict[str, np.ndarray]:
+    """The feed latency is timed on: ``batch`` samples (the first feed as it is when the model fixes its batch)."""
+    fixed = any(spec.fixed_batch is not None for spec in input_specs(model))
+    if fixed or not dataset.arrays:
+        return next(dataset.batches())
+    return {k: v[:batch] for k, v in dataset.arrays.items()}
+
+
+def interleaved_latency(sessions: Sequence[Any], feed: dict[str, np.ndarray], runs: int = 30, rounds: int = 3) -> list[float]:
+    """Median batch latency (ms) of each session, timed in turns so machine noise hits them alike."""
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, session in enumerate(sessions):
+            times[i].append(median_latency_ms(session, feed, warmup=3, runs=max(1, runs // rounds)))
+    return [float(np.median(t)) for t in times]
+
+
+def _cache_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+@dataclass
+class _Built:
+    model: ir.Model
+    recipe: Recipe  # with each step's budget resolved
+    summaries: list[str]
+    drop: float | None = None
+
+
+class Evaluator:
+    """Builds and measures candidates against one reference model on one evaluation set."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.setup = setup
+        self.registry = load_registry()
+        self.sessions = SessionFactory(threads=setup.threads)
+        self.reference = load_model(setup.model)
+        from onnxopt.api import (
+            load_data,  # the API module imports this package's callers; import late
+        )
+
+        evaluation = load_data(self.reference, setup.eval_data)
+        if evaluation is None:  # pragma: no cover - the driver checks first
+            raise OnnxoptError("the search needs evaluation data", "give --eval eval.npz")
+        self.evaluation: Dataset = evaluation
+        self.calibration = load_data(self.reference, setup.data) if setup.data else None
+        self.ref_session = self.sessions.create(self.reference)
+        self.output = self.ref_session.get_outputs()[0].name
+        self.ref_outputs = collect_outputs(self.ref_session, self.evaluation, [self.output])[self.output]
+        self.feed = latency_feed(self.evaluation, self.reference, setup.latency_batch)
+        self._memory: OrderedDict[str, _Built] = OrderedDict()
+        self.cache_dir = Path(setup.cache_dir) if setup.cache_dir else None
+
+    # -- the accuracy drop ---------------------------------------------------------------------------------------
+    def measure(self, model: ir.Model, data: Dataset | None = None) -> tuple[float, str, dict[str, float] | None, Any]:
+        """Drop, its basis and accuracies of ``model`` on the evaluation data (or a prefix of it); and its session."""
+        data = data or self.evaluation
+        session = self.sessions.create(model)
+        if self.output not in {o.name for o in session.get_outputs()}:
+            raise OnnxoptError(f"the candidate lost the output {self.output}", "a pass changed the model's interface")
+        out = collect_outputs(session, data, [self.output])[self.output]
+        n = len(data)
+        drop, basis, acc = drop_between(self.ref_outputs[:n], out, data.labels)
+        return drop, basis, acc, session
+
+    def _early_reject(self, model: ir.Model) -> float | None:
+        """The drop on the first quarter of the data when it is over budget beyond doubt, else None."""
+        n = len(self.evaluation)
+        if not self.setup.early_test or n < EARLY_TEST_MIN_SAMPLES or not self.evaluation.arrays:
+            return None
+        quarter = self.evaluation.take(max(100, n // 4))
+        drop, _, acc, _ = self.measure(model, quarter)
+        m = len(quarter)
+        if acc is not None:
+            var = acc["reference"] * (1 - acc["reference"]) / m + acc["candidate"] * (1 - acc["candidate"]) / m
+        else:
+            var = max(drop, 1.0 / m) * (1 - min(drop, 1.0)) / m
+        return drop if drop - EARLY_TEST_Z * math.sqrt(var) > self.setup.max_drop else None
+
+    # -- building chains -----------------------------------------------------------------------------------------
+    def _remember(self, key: str, built: _Built) -> None:
+        self._memory[key] = built
+        self._memory.move_to_end(key)
+        while len(self._memory) > 1 and sum(tensor_bytes(b.model) for b in self._memory.values()) > MEMORY_CACHE_BYTES:
+            self._memory.popitem(last=False)
+        if self.cache_dir is not None and tensor_bytes(built.model) < PROTOBUF_LIMIT:
+            name = _cache_name(key)
+            path = self.cache_dir / f"{name}.onnx"
+            if not path.exists():
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                save_model(built.model, path, external_data=False, check=False)
+                meta = {"key": key, "recipe": recipe_to_json(built.recipe), "summaries": built.summaries, "drop": built.drop}
+                tmp = self.cache_dir / f".{name}.{os.getpid()}.json.tmp"
+                tmp.write_text(json.dumps(meta))
+                os.replace(tmp, self.cache_dir / f"{name}.json")
+
+    def cached(self, key: str) -> _Built | None:
+        """A chain built before, by this worker (memory) or any worker (the cache folder)."""
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        if self.cache_dir is None:
+            return None
+        name = _cache_name(key)
+        meta_path, model_path = self.cache_dir / f"{name}.json", self.cache_dir / f"{name}.onnx"
+        if not (meta_path.exists() and model_path.exists()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") != key:
+                return None
+            # as saved: normalising (shape inference) would add value_info and make the rebuilt chain differ in bytes
+            model = load_model(model_path, check=False, normalize=False)
+            built = _Built(model, recipe_from_json(meta["recipe"]), list(meta["summaries"]), meta.get("drop"))
+        except (OnnxoptError, OSError, ValueError, KeyError):
+            return None  # a damaged cache entry: rebuild
+        self._memory[key] = built
+        return built
+
+    def _prefix_drop(self, built: _Built) -> float:
+        if built.drop is None:
+            built.drop = self.measure(built.model)[0]
+        return built.drop
+
+    def build(self, recipe: Sequence[Step]) -> _Built:
+        """The chain's model, from its longest cached prefix; budgets of budget-reading steps resolved on the way."""
+        start, current = 0, None
+        for i in range(len(recipe), 0, -1):
+            current = self.cached(recipe_key(recipe[:i]))
+            if current is not None:
+                start = i
+                break
+        if current is None:
+            current = _Built(self.reference, (), [])
+        for i in range(start, len(recipe)):
+            step = recipe[i]
+            if step.pass_name in self.setup.budget_passes and step.max_drop is None:
+                # what the steps before left of the budget; a prefix that scored above the reference (noise on a
+                # small set, usually) does not widen it
+                left = self.setup.max_drop - max(0.0, self._prefix_drop(current) if current.recipe else 0.0)
+                step = Step(step.pass_name, step.settings, max(0.0, left))
+            model, report = run_step(current.model, step, registry=self.registry, sessions=self.sessions,
+                                     calibration=self.calibration, evaluation=self.evaluation, seed=self.setup.seed)
+            current = _Built(model, (*current.recipe, step), [*current.summaries, f"{report.pass_name}: {report.summary}"])
+            self._remember(recipe_key(current.recipe), current)
+        return current
+
+    # -- one candidate -------------------------------------------------------------------------------------------
+    def evaluate(self, recipe: Sequence[Step]) -> dict[str, Any]:
+        """Build and measure one candidate; a failing pass is a failed candidate, not a failed search."""
+        start = time.perf_counter()
+        out: dict[str, Any] = {"key": recipe_key(recipe), "recipe": recipe_to_json(recipe), "worker": os.getpid()}
+        try:
+            built = self.build(recipe)
+            out["recipe"] = recipe_to_json(built.recipe)
+            out["summaries"] = built.summaries
+            early = self._early_reject(built.model)
+            if early is not None:
+                out.update(status="rejected", drop=early,
+                           note=f"drop {early * 100:.2f} pt on the first quarter of the data, over budget beyond doubt")
+            else:
+                drop, basis, acc, session = self.measure(built.model)
+                built.drop = drop
+                out.update(status="ok", drop=drop, drop_basis=basis, accuracy=None if acc is None else acc["candidate"])
+                if tensor_bytes(built.model) < PROTOBUF_LIMIT:
+                    blob = serialize_model(built.model)
+                    # equal digests: equal models (ladder rungs that round to the same channel counts)
+                    size, out["digest"] = len(blob), hashlib.sha256(blob).hexdigest()[:16]
+                else:
+                    size = tensor_bytes(built.model)
+                shapes = {k: tuple(v.shape) for k, v in self.feed.items()}
+                macs = count_macs(built.model, shapes)
+                ref_ms, ms = interleaved_latency([self.ref_session, session], self.feed, runs=self.setup.latency_runs)
+                out.update(size_bytes=size, parameters=count_parameters(built.model),
+                           macs=macs.total if not macs.unknown else None,
+                           latency_ms=ms, reference_latency_ms=ref_ms, latency_ratio=ms / ref_ms if ref_ms > 0 else None)
+        except OnnxoptError as err:
+            out.update(status="failed", error=str(err))
+        except Exception as err:  # a pass's bug must not end the search: the candidate is marked failed
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            out.update(status="failed", error=f"{type(err).__name__}: {first[:300]}")
+        out["seconds"] = time.perf_counter() - start
+        return out
+
+
+_EVALUATOR: Evaluator | None = None
+
+
+def init_worker(setup: WorkerSetup) -> None:
+    """Process-pool initializer: Ctrl-C is the driver's to handle; load the evaluator once per worker."""
+    global _EVALUATOR
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _EVALUATOR = Evaluator(setup)
+
+
+def evaluate_in_worker(recipe: list[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluate a recipe (JSON form) in a worker set up by :func:`init_worker`."""
+    assert _EVALUATOR is not None, "init_worker was not called"
+    return _EVALUATOR.evaluate(recipe_from_json(recipe))

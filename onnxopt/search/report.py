@@ -1,0 +1,46 @@
+"""The search's summary in the terminal: the fronts, the pick, and where the JSON and plot are."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+
+from onnxopt.report import format_bytes
+from onnxopt.search.driver import SearchResult
+
+__all__ = ["print_search"]
+
+
+def print_search(result: SearchResult, console: Console | None = None) -> None:
+    """A table of the front members (either front), then the pick against the reference."""
+    console = console or Console(soft_wrap=True, highlight=False)
+    state = result.state
+    ref = state.reference
+    max_drop = state.settings.get("max_drop", 0.0)
+    statuses = [c.get("status") for c in state.candidates]
+    console.print(f"search: {len(state.candidates)} candidates ({result.evaluated} evaluated now, {result.reused} from "
+                  f"the JSON; {statuses.count('rejected')} rejected early, {statuses.count('failed')} failed)")
+    console.print("Pareto fronts (L: accuracy drop against latency, S: against size); * = the pick, dim = over budget")
+    front = [c for c in state.candidates if c.get("front", {}).get("latency") or c.get("front", {}).get("size")]
+    for c in sorted(front, key=lambda c: (c["drop"], c["size_bytes"])):
+        marks = ("L" if c["front"]["latency"] else " ") + ("S" if c["front"]["size"] else " ")
+        line = (f"{'*' if c['id'] == state.best else ' '}#{c['id']:<3} {marks}  drop {c['drop'] * 100:5.2f} pt  "
+                f"{format_bytes(c['size_bytes']):>9} ({c.get('size_ratio') or 0:4.1f}x)  "
+                f"{c['latency_ms']:.4f} ms ({c.get('speedup') or 0:4.2f}x)  {escape(c.get('label', ''))}")
+        console.print(line, style="bold" if c["id"] == state.best else ("dim" if not c.get("within_budget") else None),
+                      highlight=False)
+    for note in state.notes:
+        console.print(escape(note))
+    best = result.best
+    if best is None:
+        console.print(f"[bold red]no candidate within --max-drop {max_drop}[/bold red]; nothing written")
+        return
+    acc = ""
+    if ref.get("accuracy") is not None and best.get("accuracy") is not None:
+        acc = f": {ref['accuracy'] * 100:.2f}% -> {best['accuracy'] * 100:.2f}%"
+    console.print(f"best ({state.settings.get('objective')}): #{best['id']} {escape(best.get('label', ''))}")
+    console.print(f"  {format_bytes(ref['size_bytes'])} -> {format_bytes(best['size_bytes'])} ({best.get('size_ratio') or 0:.1f}x smaller), "
+                  f"{ref.get('latency_ms') or 0:.4f} -> {best['latency_ms']:.4f} ms ({best.get('speedup') or 0:.2f}x faster, "
+                  f"{state.settings.get('threads', 1)} thread(s), batch {state.settings.get('latency_batch', 1)}), drop {best['drop'] * 100:.2f} pt{acc}")
+    if state.output:
+        console.print(f"wrote {escape(state.output)}")

@@ -1,0 +1,227 @@
+"""cluster: k-means weight sharing, stored as a codebook and packed indices that the graph decodes.
+
+Each weight (the weight input of Conv, ConvTranspose, Gemm, MatMul, Gather)
+is replaced by at most k shared values, per tensor or per output channel
+(Deep Compression's weight sharing; TF-MOT's clustering, for any ONNX
+model). ``dense`` writes the clustered floats in place (same graph; a zip
+of the file shrinks); ``packed`` writes a codebook and 1/2/4/8-bit indices
+and decodes them in the graph with standard ops, which ONNX Runtime folds
+into plain weights at session start: the file shrinks, inference speed does
+not change.
+
+Modules: :mod:`.targets` finds the weights and their channel axes,
+:mod:`.kmeans` clusters (kmeans++, linear, density inits and Lloyd),
+:mod:`.optimal` solves 1-D k-means exactly, :mod:`.storage` packs and
+writes the decode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import Pass, PassContext, PassResult, PassSkipped, hookimpl, option
+from onnxopt.graph import Names, cleanup, opset_version, reroute
+from onnxopt.opset import ensure_opset
+from onnxopt.pass_api import PassReport
+
+from onnxopt_passes.cluster.kmeans import Clustering, Init, cluster_rows
+from onnxopt_passes.cluster.storage import DECODE_OPSET, Decoder, as_rows, from_rows, index_bits
+from onnxopt_passes.cluster.targets import WEIGHT_SLOTS, Target, find_targets
+
+__all__ = ["ClusterConfig", "ClusterPass", "MIN_VALUES_PER_CENTROID", "FLOAT16_TOLERANCE", "onnxopt_register_passes"]
+
+#: Per-channel codebooks are used only where each channel holds at least this many weights per centroid;
+#: below, a [C, k] codebook costs more than it helps and the tensor gets one codebook.
+MIN_VALUES_PER_CENTROID = 4
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Keys of the cluster pass."""
+
+    k: int = option(16, "shared values per tensor (or per channel), 2 to 256; indices take 1, 2, 4 or 8 bits",
+                    unit="values")
+    mode: Literal["packed", "dense"] = option(
+        "packed", "packed: codebook + bit-packed indices decoded in the graph (smaller file); "
+        "dense: clustered float values in place (same graph, compresses well with zip)")
+    granularity: Literal["tensor", "channel"] = option(
+        "tensor", "one codebook per weight tensor, or one per output channel (used where each channel has at least "
+        f"{MIN_VALUES_PER_CENTROID}·k weights)")
+    init: Init = option("kmeans++", "kmeans++ (D² seeding), linear (evenly spaced), density (quantiles), or optimal "
+                        "(exact 1-D k-means by dynamic programming where affordable, never worse than kmeans++)")
+    min_size: int = option(256, "leave weights with fewer elements alone (biases and norm scales are never clustered)",
+                           unit="elements")
+    codebook_dtype: Literal["auto", "float32", "float16"] = option(
+        "auto", "storage of the shared values; auto: float16 where rounding to it adds under 1% to the tensor's "
+        "clustering error (halves per-channel codebooks), else float32; the weights keep their type")
+    iterations: int = option(300, "most Lloyd iterations per tensor (they stop once no weight changes cluster)")
+    ops: tuple[str, ...] = option(tuple(WEIGHT_SLOTS), "op types whose weight input is clustered")
+    exclude: tuple[str, ...] = option((), "weight or node name globs left alone")
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.k <= 256:
+            raise ValueError(f"k {self.k} is not in 2..256 (indices are stored in at most 8 bits)")
+        if self.min_size < 0 or self.iterations < 1:
+            raise ValueError("min_size must be >= 0 and iterations >= 1")
+        unknown = [op for op in self.ops if op not in WEIGHT_SLOTS]
+        if unknown:
+            raise ValueError(f"ops {', '.join(unknown)} not supported (supported: {', '.join(WEIGHT_SLOTS)})")
+
+
+def _snr_db(relative_error: float) -> float | None:
+    """Signal-to-noise ratio in dB of a relative squared error; None when exact."""
+    return None if relative_error <= 0 else round(float(-10.0 * np.log10(relative_error)), 2)
+
+
+def _layout(target: Target, shape: tuple[int, ...], config: ClusterConfig) -> tuple[int | None, str | None]:
+    """The channel axis to cluster along (None: per tensor), and why a per-channel request fell back."""
+    if config.granularity == "tensor":
+        return None, None
+    if target.axis is None:
+        return None, "per tensor: no single output-channel axis"
+    per_row = int(np.prod(shape)) // shape[target.axis]
+    if per_row < MIN_VALUES_PER_CENTROID * config.k:
+        return None, f"per tensor: {per_row} weights per channel < {MIN_VALUES_PER_CENTROID}·k"
+    return target.axis, None
+
+
+#: ``codebook_dtype=auto`` takes float16 when it adds at most this share to the tensor's squared error.
+FLOAT16_TOLERANCE = 0.01
+
+
+def _store(clustering: Clustering, reference: np.ndarray, dtype: np.dtype, choice: str, shape: tuple[int, ...],
+           axis: int | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """The codebook in its storage type, the decoded weight (in the weight's type) and its squared error.
+
+    ``auto`` takes float16 when it adds at most :data:`FLOAT16_TOLERANCE` to
+    the error; float16 is never used where it overflows. A float16 weight
+    always gets a float16 codebook (a wider one would be rounded anyway).
+    """
+    labels = clustering.labels.astype(np.intp)
+
+    def build(name: str) -> tuple[np.ndarray, np.ndarray, float]:
+        with np.errstate(over="ignore"):
+            codebook = clustering.centroids.astype(name)
+        decoded = from_rows(np.take_along_axis(codebook.astype(dtype), labels, axis=1), shape, axis)
+        error = float(np.square(reference - decoded).sum()) if np.isfinite(codebook).all() else float("inf")
+        return codebook, decoded, error
+
+    if dtype.itemsize <= 2:
+        return build(dtype.name)
+    if choice == "float32":
+        return build("float32")
+    half = build("float16")
+    if choice == "float16" and np.isfinite(half[2]):
+        return half
+    full = build("float32")
+    return half if half[2] <= full[2] * (1 + FLOAT16_TOLERANCE) else full
+
+
+class ClusterPass(Pass[ClusterConfig]):
+    """k-means weight sharing: a codebook and packed indices decoded in the graph (or clustered floats in place)."""
+
+    name = "cluster"
+    Config = ClusterConfig
+
+    def run(self, model: ir.Model, config: ClusterConfig, ctx: PassContext) -> PassResult:
+        report = self.new_report(config)
+        targets, skipped = find_targets(model, config.ops, config.min_size, config.exclude)
+        for target_name, reason in skipped:
+            report.skip(target_name, reason)
+        if not targets:
+            raise PassSkipped(f"no float weight of {config.min_size}+ elements read by {', '.join(config.ops)}")
+        if config.mode == "packed" and opset_version(model) < DECODE_OPSET:
+            model, note = ensure_opset(model, DECODE_OPSET, why="the in-graph decode uses BitShift and GatherElements")
+            if note:
+                report.notes.append(note)
+            targets, _ = find_targets(model, config.ops, config.min_size, config.exclude)
+        names = Names(model)
+        decoders: dict[int, Decoder] = {}
+        totals = np.zeros(3)  # seconds clustering, squared error, squared weights
+        with ctx.progress.task(f"cluster: k-means (k={config.k})", total=len(targets)) as task:
+            for target in targets:
+                totals += self._cluster(target, config, ctx, names, decoders, report)
+                task.advance()
+        if not report.items:
+            raise PassSkipped("every candidate weight was left alone")
+        cleanup(model)
+        seconds, error, energy = totals
+        self._describe(report, config, float(seconds), float(error / energy) if energy > 0 else 0.0)
+        return PassResult(model, True, report)
+
+    def _cluster(self, target: Target, config: ClusterConfig, ctx: PassContext, names: Names,
+                 decoders: dict[int, Decoder], report: PassReport) -> tuple[float, float, float]:
+        """Cluster one weight and write it back; returns seconds spent clustering, squared error, squared weights."""
+        tensor = target.value.const_value
+        assert tensor is not None
+        weight = tensor.numpy()
+        if not np.isfinite(weight).all():
+            report.skip(target.name, "holds NaN or infinite values")
+            return 0.0, 0.0, 0.0
+        shape = tuple(int(d) for d in weight.shape)
+        axis, note = _layout(target, shape, config)
+        start = time.perf_counter()
+        clustering = cluster_rows(as_rows(weight, axis), config.k, config.init, config.iterations, ctx.rng)
+        seconds = time.perf_counter() - start
+        reference = weight.astype(np.float64)
+        codebook, decoded, error = _store(clustering, reference, weight.dtype, config.codebook_dtype, shape, axis)
+        energy = float(np.square(reference).sum())
+        relative = error / energy if energy > 0 else (0.0 if error == 0 else 1.0)
+        k = codebook.shape[1]
+        bits = index_bits(k)
+        if config.mode == "dense":
+            target.value.const_value = ir.tensor(decoded, name=target.value.name)
+            after = decoded.nbytes
+        else:
+            decoder = decoders.setdefault(id(target.graph), Decoder(target.graph, names))
+            nodes, out = decoder.decode(target.name, codebook, clustering.labels, bits, shape, axis, weight.dtype)
+            target.graph.insert_before(target.graph.node(0), nodes)
+            reroute(target.value, out)
+            # the decoded weight takes the initializer's name, so readers still read "conv1.weight"
+            name = target.value.name
+            del target.graph.initializers[name]
+            out.name = name
+            after = codebook.nbytes + -(-clustering.labels.size * bits // 8)
+        row: dict[str, Any] = {
+            "tensor": target.name, "shape": list(shape), "granularity": "channel" if axis is not None else "tensor",
+            "k": k, "init": clustering.method, "codebook": str(codebook.dtype),
+            "rel_mse": float(f"{relative:.4g}"), "snr_db": _snr_db(relative),
+            "bytes": [int(weight.nbytes), int(after)], "seconds": round(seconds, 4),
+        }
+        if config.mode == "packed":
+            row["bits"] = bits
+        if note:
+            row["note"] = note
+        report.items.append(row)
+        return seconds, error, energy
+
+    def _describe(self, report: PassReport, config: ClusterConfig, seconds: float, relative_error: float) -> None:
+        before = sum(item["bytes"][0] for item in report.items)
+        after = sum(item["bytes"][1] for item in report.items)
+        weights = sum(int(np.prod(item["shape"])) for item in report.items)
+        snrs = [(item["snr_db"], item["tensor"]) for item in report.items if item["snr_db"] is not None]
+        overall = _snr_db(relative_error)
+        worst = min(snrs) if snrs else None
+        per_channel = sum(item["granularity"] == "channel" for item in report.items)
+        report.figures.update({
+            "tensors": len(report.items), "per_channel_tensors": per_channel, "weights": weights,
+            "bytes_before": before, "bytes_after": after, "bytes_ratio": round(after / before, 4) if before else None,
+            "snr_db": overall, "worst_snr_db": worst[0] if worst else None, "worst_tensor": worst[1] if worst else None,
+            "clustering_seconds": round(seconds, 3),
+        })
+        stored = (f"packed: weights {before / 1024:.0f} KiB -> {after / 1024:.0f} KiB" if config.mode == "packed"
+                  else "dense (zip the file to see the gain)")
+        snr = "exact" if overall is None else f"SNR {overall:.1f} dB" + (f", worst {worst[0]:.1f} dB ({worst[1]})" if worst else "")
+        report.summary = (f"clustered {len(report.items)} tensors ({weights:,} weights) to k <= {config.k}, "
+                          f"{per_channel} per channel; {stored}; {snr}")
+
+
+@hookimpl
+def onnxopt_register_passes(register: Callable[[type[Pass[Any]]], None]) -> None:
+    register(ClusterPass)

@@ -1,0 +1,94 @@
+"""Which weights are clustered: the weight input of each supported op, and the axis of its output channels."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.graph import attribute, is_onnx_op, is_weight, iter_graphs
+
+__all__ = ["WeightSlot", "WEIGHT_SLOTS", "Target", "find_targets", "FLOAT_TYPES"]
+
+#: Weight dtypes the pass clusters (numpy computes in float64 and writes the weight's own dtype back).
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """The input holding an op's weight, and which of the weight's axes indexes output channels (None: none)."""
+
+    input: int
+    channel_axis: Callable[[ir.Node, int], int | None]
+
+
+def _conv_transpose_axis(node: ir.Node, ndim: int) -> int | None:
+    # W is [Cin, Cout/group, k...]: axis 1 is the output channel when there is one group; with several
+    # groups no single axis is, and the input channels (axis 0) still make a sound grouping of codebooks
+    return 1 if int(attribute(node, "group", 1)) == 1 else 0
+
+
+WEIGHT_SLOTS: dict[str, WeightSlot] = {
+    "Conv": WeightSlot(1, lambda node, ndim: 0),
+    "ConvTranspose": WeightSlot(1, _conv_transpose_axis),
+    "Gemm": WeightSlot(1, lambda node, ndim: (0 if int(attribute(node, "transB", 0)) else 1) if ndim == 2 else None),
+    "MatMul": WeightSlot(1, lambda node, ndim: ndim - 1 if ndim >= 2 else None),
+    # an embedding table: one codebook per gathered slice (per token row)
+    "Gather": WeightSlot(0, lambda node, ndim: int(attribute(node, "axis", 0)) % ndim if ndim else None),
+}
+
+
+@dataclass
+class Target:
+    """A weight to cluster, the graph that owns it, and the channel axis its readers agree on (None: none)."""
+
+    graph: ir.Graph
+    value: ir.Value
+    axis: int | None
+    readers: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.value.name or "?"
+
+
+def _matches(globs: Sequence[str], *names: str | None) -> bool:
+    return any(name and fnmatch.fnmatchcase(name, g) for g in globs for name in names)
+
+
+def find_targets(model: ir.Model, ops: Sequence[str], min_size: int,
+                 exclude: Sequence[str]) -> tuple[list[Target], list[tuple[str, str]]]:
+    """The weights read as the weight input of ``ops``, and (name, reason) for those left alone."""
+    targets: list[Target] = []
+    skipped: list[tuple[str, str]] = []
+    for graph in iter_graphs(model):
+        for value in list(graph.initializers.values()):
+            slots = [(node, WEIGHT_SLOTS[node.op_type]) for node, index in value.uses()
+                     if is_onnx_op(node, *ops) and node.op_type in WEIGHT_SLOTS and WEIGHT_SLOTS[node.op_type].input == index]
+            if not slots or not is_weight(value):
+                continue
+            name = value.name or "?"
+            tensor = value.const_value
+            assert tensor is not None
+            size = int(np.prod(tensor.shape.numpy())) if tensor.shape.dims else 1
+            readers = [node.name or node.op_type for node, _ in slots]
+            reason = None
+            if tensor.dtype not in FLOAT_TYPES:
+                if size < min_size:  # index and shape tables read by Gather: not weights, not worth a line
+                    continue
+                reason = f"{tensor.dtype.name.lower()} weight: only float weights are clustered"
+            elif size < max(min_size, 2):
+                reason = f"{size} elements, under min_size {min_size}"
+            elif _matches(exclude, name, *readers):
+                reason = "excluded by name"
+            elif value.is_graph_output():
+                reason = "also a graph output"
+            if reason is not None:
+                skipped.append((name, reason))
+                continue
+            axes = {slot.channel_axis(node, len(tensor.shape)) for node, slot in slots}
+            targets.append(Target(graph, value, axes.pop() if len(axes) == 1 else None, readers))
+    return targets, skipped

@@ -1,1 +1,0 @@
-"""lowrank pass (in progress)."""

@@ -1,0 +1,47 @@
+"""Every pass but fold over the onnx wheel's backend test models: load -> pass -> save -> reload -> run.
+
+Lossless passes must keep the outputs equal; lossy passes must give a valid
+model that the original's engine (ONNX Runtime, or ONNX's reference evaluator
+for what ORT no longer loads) still runs with the same outputs (count, shapes,
+dtypes); a pass may decline with a reason. Zero crashes, zero invalid outputs.
+CI runs the small suites and two light models with each pass's defaults,
+and the small suites with the settings that push each pass further
+(``onnxopt.corpus.CORPUS_VARIANTS``); benchmarks/corpus.py runs the whole
+matrix and writes the table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from onnxopt.corpus import check_pass, corpus_runs, iter_corpus
+from onnxopt.plugins import load_registry
+
+REGISTRY = load_registry()
+# fold has its own corpus test; each other pass runs with its defaults and with settings that push it further
+RUNS = [(name, label, settings) for name in sorted(REGISTRY.passes) if name != "fold" for label, settings in corpus_runs(name)]
+#: Light models cheap enough for CI (the others hold 7-144 M weights: benchmarks/corpus.py runs them).
+CI_LIGHT = {"light_squeezenet", "light_shufflenet"}
+CI_CORPUS = [c for c in iter_corpus(("pytorch-converted", "pytorch-operator", "simple"))] + [
+    c for c in iter_corpus(("light",)) if c.name in CI_LIGHT]
+
+
+def test_ci_corpus_is_present() -> None:
+    assert len(CI_CORPUS) > 100 and len({c.suite for c in CI_CORPUS}) == 4
+
+
+@pytest.mark.parametrize("pass_name,label,settings", RUNS, ids=[label for _, label, _ in RUNS])
+def test_pass_over_corpus(pass_name: str, label: str, settings: dict, tmp_path: Path) -> None:
+    cls = REGISTRY.passes[pass_name]
+    failed = []
+    for case in CI_CORPUS if not settings else [c for c in CI_CORPUS if c.suite != "light"]:  # variants: small suites
+        work = tmp_path / f"{case.suite}-{case.name}"
+        work.mkdir()
+        outcome = check_pass(case, cls, work, settings)
+        if outcome.status == "failed":
+            failed.append(f"{case.suite}/{case.name}: {outcome.detail}")
+        elif outcome.status == "skipped":
+            assert outcome.detail.strip(), f"{case.name}: skipped without a reason"
+    assert not failed, f"{label} failed on {len(failed)} corpus model(s):\n" + "\n".join(failed)

@@ -1,0 +1,254 @@
+"""`onnxopt search`: Pareto fronts against brute force, the strategy's pruning, an end-to-end search through the
+CLI on the digits MLP, resuming after an interrupt, reproducing a candidate from the JSON, and Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxopt.api import load_data
+from onnxopt.io import load_model, serialize_model
+from onnxopt.plugins import load_registry
+from onnxopt.search import apply_recipe, pareto_front, recipe_from_json, search
+from onnxopt.search.pareto import dominates
+from onnxopt.search.space import PassSpace, Space
+from onnxopt.search.strategy import Strategy
+from onnxopt.sessions import SessionFactory
+from tests.helpers import run_cli, run_model
+
+# prune and quant are the passes every digits model takes; one setting each keeps the search to 4 candidates
+SPACE_TOML = """
+[prune]
+kind = "ladder"
+fixed = { saliency = "reconstruct" }
+settings = [{ ratio = 0.5 }]
+
+[quant]
+kind = "alternatives"
+settings = [{ method = "minmax" }]
+"""
+
+
+def _brute_front(points: list[tuple[float, ...]]) -> list[int]:
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pareto_front_matches_brute_force(dims: int) -> None:
+    rng = np.random.default_rng(dims)
+    for trial in range(200):
+        n = int(rng.integers(1, 40))
+        # few distinct values: ties and exact duplicates are common, the cases a sweep gets wrong
+        points = [tuple(float(v) for v in row) for row in rng.integers(0, 6, size=(n, dims))]
+        assert pareto_front(points) == _brute_front(points), points
+
+
+def test_pareto_front_edge_cases() -> None:
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 1.0)]) == [0]
+    assert pareto_front([(1.0, 2.0), (1.0, 2.0), (0.0, 3.0), (2.0, 2.0)]) == [0, 1, 2]
+
+
+def _space() -> Space:
+    return Space(("prune", "quant"), {
+        "prune": PassSpace("ladder", ({"ratio": 0.25}, {"ratio": 0.5}, {"ratio": 0.75})),
+        "quant": PassSpace("alternatives", ({"method": "minmax"}, {"method": "entropy"})),
+    })
+
+
+def _result(strategy: Strategy, choice: dict[str, int], drop: float, size: float, latency: float) -> tuple[str, dict]:
+    from onnxopt.search.recipe import recipe_key, recipe_to_json
+
+    recipe = strategy.chain(choice)
+    return recipe_key(recipe), {"status": "ok", "recipe": recipe_to_json(recipe), "drop": drop, "size_bytes": size,
+                                "latency_ratio": latency}
+
+
+def test_strategy_stops_ladders_and_prunes_the_lattice() -> None:
+    strategy = Strategy(_space(), 0.01, "size", "fold")
+    proposals, _ = strategy.propose({}, set())
+    # the base, the first rung of the prune ladder and every quant alternative, nothing more aggressive yet
+    assert [p.stage for p in proposals] == ["base", "sensitivity", "sensitivity", "sensitivity"]
+    results = dict([_result(strategy, {}, 0.0, 100, 1.0), _result(strategy, {"prune": 0}, 0.002, 60, 0.8),
+                    _result(strategy, {"quant": 0}, 0.001, 30, 0.9), _result(strategy, {"quant": 1}, 0.004, 30, 0.9)])
+    proposals, _ = strategy.propose(results, set())
+    assert [p.recipe[-1].settings for p in proposals] == [{"ratio": 0.5}]  # the ladder goes on one rung at a time
+    results.update([_result(strategy, {"prune": 1}, 0.03, 30, 0.5)])  # over budget: the ladder ends here
+    proposals, _ = strategy.propose(results, set())
+    # combinations from the settings within budget only; quant's alternatives are represented by the best alone
+    assert [strategy.choice_of(json.loads(json.dumps([s.to_json() for s in p.recipe]))) for p in proposals] == [{"prune": 0, "quant": 0}]
+    assert proposals[0].stage == "combine"
+    results.update([_result(strategy, {"prune": 0, "quant": 0}, 0.005, 18, 0.7)])
+    proposals, _ = strategy.propose(results, set())
+    # refinement: the other quant alternative; prune one rung up is at least as aggressive as prune(0.5), over budget
+    assert [strategy.choice_of([s.to_json() for s in p.recipe]) for p in proposals] == [{"prune": 0, "quant": 1}]
+    results.update([_result(strategy, {"prune": 0, "quant": 1}, 0.02, 18, 0.7)])
+    assert strategy.propose(results, set()) == ([], True)
+
+
+def test_strategy_learns_that_passes_interact() -> None:
+    space = Space(("prune", "cluster", "quant"), {
+        "prune": PassSpace("ladder", ({"ratio": 0.5},)),
+        "cluster": PassSpace("ladder", ({"k": 16},)),
+        "quant": PassSpace("alternatives", ({"method": "minmax"},)),
+    })
+    strategy = Strategy(space, 0.01, "size", "fold")
+    results = dict([_result(strategy, {}, 0.0, 100, 1.0), _result(strategy, {"prune": 0}, 0.001, 50, 0.6),
+                    _result(strategy, {"cluster": 0}, 0.001, 20, 1.0), _result(strategy, {"quant": 0}, 0.001, 30, 0.8)])
+
+    def order() -> list[set[str]]:
+        return [set(strategy.choice_of([s.to_json() for s in p.recipe]) or {}) for p in strategy.propose(results, set())[0]]
+
+    # sizes multiply until measured otherwise: all three passes first
+    assert order()[0] == {"prune", "cluster", "quant"}
+    # int8 weights after clustering measured no smaller than int8 alone: chains holding both fall back
+    results.update([_result(strategy, {"cluster": 0, "quant": 0}, 0.002, 30, 0.8)])
+    assert order()[:2] == [{"prune", "cluster"}, {"prune", "cluster", "quant"}]
+
+
+@pytest.fixture(scope="module")
+def cli_search(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One search on the digits MLP through the CLI with two worker processes: 4 candidates."""
+    folder = tmp_path_factory.mktemp("search")
+    (folder / "space.toml").write_text(SPACE_TOML)
+    plot = ["--plot", folder / "pareto.png"] if importlib.util.find_spec("matplotlib") else []  # an optional extra
+    proc = run_cli("search", digits / "mlp.onnx", "--eval", digits / "eval.npz", "--data", digits / "calib.npz",
+                   "--passes", "prune,quant", "--space", folder / "space.toml", "--max-drop", "0.01",
+                   "-o", folder / "best.onnx", "--report", folder / "search.json", *plot, "--workers", "2", "-q", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    assert "best (size)" in proc.stdout and "wrote" in proc.stdout
+    return folder
+
+
+def test_cli_search_end_to_end(cli_search: Path, digits: Path) -> None:
+    doc = json.loads((cli_search / "search.json").read_text())
+    cands = doc["candidates"]
+    assert doc["complete"] and len(cands) == 4 and all(c["status"] == "ok" for c in cands)
+    assert {c["stage"] for c in cands} == {"base", "sensitivity", "combine"}
+    assert not (cli_search / "search.json.models").exists()  # the model cache goes when the search completes
+    # the fronts in the JSON are the fronts of its own figures
+    for axis, attr in (("latency", "latency_ms"), ("size", "size_bytes")):
+        front = pareto_front([(c["drop"], c[attr]) for c in cands])
+        assert [i for i, c in enumerate(cands) if c["front"][axis]] == front
+    best = next(c for c in cands if c["id"] == doc["best"])
+    within = [c for c in cands if c["drop"] <= 0.01]
+    assert best["size_bytes"] <= min(c["size_bytes"] for c in within) * 1.01
+    assert best["size_bytes"] < doc["reference"]["size_bytes"] / 4  # prune(0.5) + int8 on a Gemm stack
+    # the written model is the best candidate: same accuracy on real ORT, same size on disk
+    ev = np.load(digits / "eval.npz")
+    logits = run_model(cli_search / "best.onnx", {"x": ev["x"]})[0]
+    accuracy = float((logits.argmax(1) == ev["labels"]).mean())
+    assert accuracy == pytest.approx(best["accuracy"], abs=1e-9)
+    assert doc["reference"]["accuracy"] - accuracy <= 0.01
+    assert (cli_search / "best.onnx").stat().st_size == best["file_size_bytes"]
+    pytest.importorskip("matplotlib")
+    assert (cli_search / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_recipe_reproduces_a_candidate(cli_search: Path, digits: Path) -> None:
+    doc = json.loads((cli_search / "search.json").read_text())
+    cand = next(c for c in doc["candidates"] if c["id"] == doc["best"])
+    recipe = recipe_from_json(cand["recipe"])
+    assert [s.pass_name for s in recipe] == ["fold", "prune", "quant"] and recipe[-1].max_drop is not None
+    reference = load_model(digits / "mlp.onnx")
+    model, _ = apply_recipe(reference, recipe, registry=load_registry(), sessions=SessionFactory(),
+                            calibration=load_data(reference, digits / "calib.npz"),
+                            evaluation=load_data(reference, digits / "eval.npz"), seed=doc["settings"]["seed"])
+    ev = np.load(digits / "eval.npz")
+    accuracy = float((run_model(model, {"x": ev["x"]})[0].argmax(1) == ev["labels"]).mean())
+    assert accuracy == pytest.approx(cand["accuracy"], abs=1.5 / len(ev["labels"]))
+    assert len(serialize_model(model)) == pytest.approx(cand["size_bytes"], rel=0.01)
+
+
+def test_pick_writes_a_front_candidate(cli_search: Path, digits: Path) -> None:
+    doc = json.loads((cli_search / "search.json").read_text())
+    front = [c for c in doc["candidates"] if c["front"]["latency"] or c["front"]["size"]]
+    chosen = next((c for c in front if c["id"] != doc["best"]), front[0])  # a point other than the pick, if any
+    proc = run_cli("search", digits / "mlp.onnx", "--eval", digits / "eval.npz", "--report", cli_search / "search.json",
+                   "--pick", str(chosen["id"]), "-o", cli_search / "picked.onnx")
+    assert proc.returncode == 0, proc.stderr
+    ev = np.load(digits / "eval.npz")
+    logits = run_model(cli_search / "picked.onnx", {"x": ev["x"]})[0]
+    assert float((logits.argmax(1) == ev["labels"]).mean()) == pytest.approx(chosen["accuracy"], abs=1e-9)
+    assert (cli_search / "picked.onnx").stat().st_size == pytest.approx(chosen["size_bytes"], rel=0.01)
+
+
+def test_resume_evaluates_only_the_missing_candidates(cli_search: Path, digits: Path, tmp_path: Path) -> None:
+    full = json.loads((cli_search / "search.json").read_text())
+    # an interrupted search: only the first two candidates were recorded
+    partial = {**full, "candidates": full["candidates"][:2], "complete": False, "best": None}
+    report = tmp_path / "search.json"
+    report.write_text(json.dumps(partial))
+    (tmp_path / "space.toml").write_text(SPACE_TOML)
+    result = search(digits / "mlp.onnx", eval_data=digits / "eval.npz", data=digits / "calib.npz", max_drop=0.01,
+                    passes="prune,quant", space=tmp_path / "space.toml", report=report, workers=1)
+    assert (result.evaluated, result.reused) == (2, 2)
+    doc = json.loads(report.read_text())
+    assert [c["key"] for c in doc["candidates"][:2]] == [c["key"] for c in full["candidates"][:2]]
+    assert {c["key"] for c in doc["candidates"]} == {c["key"] for c in full["candidates"]}
+    assert [c["session"] for c in doc["candidates"]] == [1, 1, 2, 2]
+    # same data, same recipes: the same accuracy and size as the uninterrupted run
+    by_key = {c["key"]: c for c in full["candidates"]}
+    for c in doc["candidates"][2:]:
+        assert c["drop"] == pytest.approx(by_key[c["key"]]["drop"], abs=1e-9)
+        assert c["size_bytes"] == pytest.approx(by_key[c["key"]]["size_bytes"], rel=0.01)
+
+
+def test_search_resumes_after_sigint(digits: Path, tmp_path: Path) -> None:
+    (tmp_path / "space.toml").write_text(SPACE_TOML)
+    args = [sys.executable, "-m", "onnxopt", "search", str(digits / "mlp.onnx"), "--eval", str(digits / "eval.npz"),
+            "--data", str(digits / "calib.npz"), "--passes", "prune,quant", "--space", str(tmp_path / "space.toml"),
+            "--report", str(tmp_path / "s.json"), "--workers", "1", "-q"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = len(json.loads((tmp_path / "s.json").read_text())["candidates"])
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the search finished before the interrupt landed")
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert 1 <= len(saved["candidates"]) < 4 and not saved["complete"]
+    rerun = run_cli(*args[3:], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["complete"] and len(doc["candidates"]) == 4
+    assert doc["sessions"][-1]["evaluated"] == 4 - len(saved["candidates"])
+
+
+def test_a_report_from_another_search_is_refused(cli_search: Path, digits: Path, tmp_path: Path) -> None:
+    shutil.copy(cli_search / "search.json", tmp_path / "search.json")
+    proc = run_cli("search", digits / "cnn.onnx", "--eval", digits / "eval.npz", "--data", digits / "calib.npz",
+                   "--passes", "quant", "--report", tmp_path / "search.json", "-q")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "is from another search (model differ)" in proc.stderr
+
+
+def test_search_on_ray(digits: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    space = {"quant": PassSpace("alternatives", ({"method": "minmax"}, {"method": "percentile"}))}
+    result = search(digits / "mlp.onnx", eval_data=digits / "eval.npz", data=digits / "calib.npz", max_drop=0.01,
+                    passes="quant", space=space, report=tmp_path / "s.json", executor="ray", workers=2)
+    workers = {c["worker"] for c in result.candidates}
+    assert len(result.candidates) == 3 and all(c["status"] == "ok" for c in result.candidates)
+    assert os.getpid() not in workers  # evaluated by Ray actors, not in this process
+    assert result.best is not None and result.best["size_bytes"] < result.state.reference["size_bytes"] / 3
