@@ -329,6 +329,14 @@ def main() -> None:
     dest = RESULTS if args.preset == "large" else args.workdir
     dest.mkdir(parents=True, exist_ok=True)
     stem = "large_model" if args.preset == "large" else f"large_model_{args.preset}"
+    previous = dest / f"{stem}.json"
+    if only and previous.exists():  # a partial run replaces its passes' rows and keeps the others
+        kept = json.loads(previous.read_text())
+        fresh = {row["pass"]: row for row in result["rows"]}
+        order = [case.label for case in PASSES]
+        rows = {row["pass"]: row for row in kept.get("rows", [])} | fresh
+        result["rows"] = sorted(rows.values(), key=lambda row: order.index(row["pass"]) if row["pass"] in order else 99)
+        result["rerun"] = sorted(set(kept.get("rerun", [])) | set(fresh))
     (dest / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     write_markdown(result, dest / f"{stem}.md")
     print(f"wrote {dest / stem}.md and .json")

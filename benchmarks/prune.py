@@ -233,6 +233,30 @@ def run_model(spec: dict[str, Any], ratios: tuple[float, ...], rounds: int, log:
     return row
 
 
+def run_zoo(log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """onnx's shipped light model zoo at 50% (all weights equal, so structure only): size, MACs, what was left alone."""
+    import onnx
+
+    light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+    rows = []
+    for path in sorted(light.glob("light_*.onnx")):
+        model = load_model(path)
+        start = time.perf_counter()
+        result = PrunePass().apply(model, PruneConfig(ratio=0.5), PassContext())
+        seconds = time.perf_counter() - start
+        value = next(v for v in model.graph.inputs if v.const_value is None)
+        x = np.zeros([d if isinstance(d, int) else 1 for d in value.shape.dims], np.float32)  # type: ignore[union-attr]
+        out = SessionFactory().create(result.model).run(None, {value.name: x})[0]
+        f = result.report.figures
+        reasons = sorted({s.reason.split(":")[-1].strip() if ":" in s.reason else s.reason for s in result.report.skipped})
+        rows.append({"model": path.stem.removeprefix("light_"), "params": f["params_after"] / f["params_before"],
+                     "macs": f["macs_after"] / f["macs_before"], "groups_pruned": f["groups_pruned"],
+                     "left_alone": f["groups_left_alone"], "reasons": reasons, "seconds": round(seconds, 2),
+                     "output": list(out.shape)})
+        log(f"  {rows[-1]}")
+    return rows
+
+
 def _cached(model_name: str, plan: str) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     return CACHE / f"{model_name.replace(' ', '_')}_{plan.replace(' ', '_')}.onnx"
@@ -284,6 +308,14 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         dense_lat = ", ".join(f"{k.replace('_', ' ')} {v['dense_ms']:.3f} ms" for k, v in row.get("latency", {}).items())
         lines += ["", f"Dense latency: {dense_lat}.", ""]
     lines += _targets(rows)
+    if meta.get("zoo"):
+        lines += ["## onnx light model zoo at 50% (weights all equal: structure only)", "",
+                  "Every model comes out valid and runs on ONNX Runtime with the dense output shape.", "",
+                  "| model | params | MACs | groups pruned | left alone | why | seconds |", "|---|---|---|---|---|---|---|"]
+        for z in meta["zoo"]:
+            lines.append(f"| {z['model']} | {z['params']:.2f}x | {z['macs']:.2f}x | {z['groups_pruned']} | {z['left_alone']} "
+                         f"| {'; '.join(z['reasons'])} | {z['seconds']} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +337,7 @@ def _targets(rows: list[dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="cnn,cls,det")
+    parser.add_argument("--models", default="cnn,cls,det,zoo")
     parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
     parser.add_argument("--rounds", type=int, default=9, help="latency effort: about rounds x 40 ms of dense runs per setting")
     parser.add_argument("--render", action="store_true", help="only rewrite prune.md from prune.json")
@@ -333,7 +365,20 @@ def main() -> None:
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "onnxruntime": ort.__version__, "ratios": ratios}
     rows = []
-    for spec in _specs(args.models.split(",")):
+    names = args.models.split(",")
+    if names == ["zoo"] and (RESULTS / "prune.json").exists():  # add the zoo table to the last full run
+        saved = json.loads((RESULTS / "prune.json").read_text())
+        print("light model zoo:")
+        saved["meta"]["zoo"] = run_zoo(print)
+        (RESULTS / "prune.json").write_text(json.dumps(saved, indent=2, default=str))
+        for row in saved["models"]:
+            row["ratios"] = {float(k): v for k, v in row["ratios"].items()}
+        (RESULTS / "prune.md").write_text(_markdown(saved["models"], saved["meta"]))
+        return
+    if "zoo" in names:
+        print("light model zoo:")
+        meta["zoo"] = run_zoo(print)
+    for spec in _specs([n for n in names if n != "zoo"]):
         print(f"{spec['name']}:")
         rows.append(run_model(spec, ratios, args.rounds, print))
     RESULTS.mkdir(parents=True, exist_ok=True)

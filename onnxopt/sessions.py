@@ -145,6 +145,9 @@ class SessionFactory:
 LARGE_MODEL_BYTES = 2**28
 #: In-memory initializers from this size on are handed to ORT as OrtValues over their own buffer.
 _INJECT_MIN_BYTES = 2**16
+#: Past this many bytes of tensors ORT cannot take as OrtValues (int4, bfloat16, ...), writing the model to a folder
+#: (streamed, tensor by tensor) costs less than inlining them: protobuf would hold three or four copies of them.
+_INLINE_LIMIT = 2**26
 #: Where a placeholder initializer says its data is; never read (ORT replaces it with the injected value first,
 #: and a name that exists nowhere makes any read fail loudly instead of using wrong bytes).
 _INJECTED_LOCATION = "onnxopt-injected-initializer"
@@ -177,7 +180,7 @@ def _weights_by_reference(model: ir.Model) -> _ByReference | None:
     placeholder initializers. Small tensors are inlined. Nothing is copied
     or written to disk, so a session on a model of any size costs no second
     copy of its weights. None when the tensors that must be inlined (types
-    ORT cannot take from numpy) reach the protobuf limit.
+    ORT cannot take from numpy) reach _INLINE_LIMIT.
     """
     externals = [v.const_value for g in (model.graph, *model.graph.subgraphs()) for v in g.initializers.values()
                  if isinstance(v.const_value, ir.ExternalTensor)]
@@ -215,7 +218,7 @@ def _weights_by_reference(model: ir.Model) -> _ByReference | None:
                     swapped.append((value, tensor))
                     value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
                 inline += tensor.nbytes
-                if inline >= PROTOBUF_LIMIT:
+                if inline >= _INLINE_LIMIT:
                     return None
         proto = ir.serde.serialize_model(model).SerializeToString()
     finally:

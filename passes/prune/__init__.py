@@ -1,11 +1,14 @@
 """prune: dependency-aware structured channel pruning on the ONNX graph, with least-squares reconstruction.
 
-The pass finds channel dependency groups on the graph (:mod:`.groups`,
-:mod:`.ops`), scores channels (:mod:`.saliency`), decides how many each
-group keeps (:mod:`.distribution`, :mod:`.cost`), removes them physically
-(:mod:`.surgery`) so the model is smaller and faster on any runtime, and
-optionally refits the layers that read the pruned channels on calibration
-data (:mod:`.reconstruct`).
+How it is built, one idea per module:
+
+- :mod:`.constants` makes per-channel constants and computed Reshape targets plain initializers;
+- :mod:`.groups` and :mod:`.ops` find the channel dependency groups (the per-op propagation table);
+- :mod:`.saliency` scores channels (L1/L2, activations, share of the next layer's output);
+- :mod:`.selection` picks channels greedily by least-squares cost on Gram matrices (``saliency=reconstruct``);
+- :mod:`.distribution` and :mod:`.cost` decide how many each group keeps (uniform, sensitivity, targets);
+- :mod:`.surgery` removes them physically, so the model is smaller and faster on any runtime;
+- :mod:`.design` and :mod:`.reconstruct` refit the layers that read pruned channels on calibration data.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from onnxopt.measure import count_macs, count_parameters
 from .constants import fold_constant_chains, fold_reshape_targets
 from .cost import CostModel
 from .distribution import (
+    SCAN_SAMPLES,
     Limits,
     build_keep,
     plan_for_target,
@@ -35,7 +39,7 @@ from .distribution import (
 )
 from .groups import ChannelGraph, Group
 from .ops import discover
-from .reconstruct import compose_log, refit_consumers
+from .reconstruct import compose_log, refit_consumers, refit_from_grams
 from .saliency import activation_scores, activation_stats, energy_scores, magnitude_scores, probe_values, ranking
 from .selection import greedy_orders, input_grams
 from .surgery import SliceLog, apply_surgery
@@ -160,12 +164,18 @@ def _orders(model: ir.Model, cg: ChannelGraph, groups: list[Group], config: Prun
 
 
 def _pruned_copy(model: ir.Model, config: PruneConfig, order: Mapping[str, np.ndarray], counts: Mapping[str, int],
-                 protect: set[str]) -> ir.Model:
-    """A pruned clone (discovery on a clone gives the same channel ids, so ``order`` still applies)."""
+                 protect: set[str], grams: dict[str, np.ndarray] | None) -> ir.Model:
+    """A pruned clone (discovery on a clone gives the same channel ids, so ``order`` still applies).
+
+    With ``grams`` (the refit is on) the readers are refit from them, so the
+    sensitivity scan judges each group by what is left after reconstruction.
+    """
     clone = model.clone()
     cg = discover(clone, attention_heads=config.attention_heads)
     groups = cg.groups(exclude=config.exclude, protect=sorted(protect))
-    apply_surgery(clone, cg, build_keep(cg, groups, order, counts))
+    log = apply_surgery(clone, cg, build_keep(cg, groups, order, counts))
+    if grams:
+        refit_from_grams(model, clone, cg.consumers, log, grams, config.ridge)
     return clone
 
 
@@ -198,8 +208,12 @@ def _plan(model: ir.Model, cg: ChannelGraph, groups: list[Group], order: Mapping
     ratio_for: Callable[[float], Mapping[str, float]] | None = None
     if config.distribution == "sensitivity":
         assert data is not None
+        grams = None
+        if config.refit:
+            by_layer = input_grams(model, cg.consumers, data.take(SCAN_SAMPLES), ctx.sessions, ctx.rng, ctx.progress)
+            grams = {c.node.name or "": g for c, g in by_layer.items()}
         curves = scan_sensitivity(model, groups, order, limits, data, ctx.sessions,
-                                  lambda m, counts: _pruned_copy(m, config, order, counts, protect), ctx.progress)
+                                  lambda m, counts: _pruned_copy(m, config, order, counts, protect, grams), ctx.progress)
         ratio_for = sensitivity_plan(groups, curves)
     counts, reached = plan_for_target(cg, groups, order, cost, target, dense, limits, ratio_for)
     return _Round(counts, reached)

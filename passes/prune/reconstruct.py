@@ -30,7 +30,8 @@ from .design import design_rows, handles, linear_map, output_rows, rows_per_batc
 from .groups import Consumer
 from .surgery import SliceLog
 
-__all__ = ["refit_consumers", "compose_log"]
+__all__ = ["refit_consumers", "refit_from_grams", "compose_log"]
+
 
 def compose_log(origin: SliceLog, log: SliceLog) -> None:
     """Fold one round's surgery log into ``origin``: kept indices always refer to the dense model's tensors."""
@@ -203,6 +204,55 @@ def _current_theta(fit: _Fit) -> np.ndarray:
     return theta
 
 
+def _finish(fit: _Fit, ridge: float, names: Names) -> dict[str, object]:
+    """Solve the ridge least squares from the accumulated Gram matrices; install it if it beats the current weights."""
+    d = fit.gram.shape[0] - (1 if fit.intercept else 0)
+    reg = fit.gram.copy()
+    scale = float(np.mean(np.diag(reg)[:d])) if d else 0.0
+    reg[np.arange(d), np.arange(d)] += ridge * scale if scale > 0 else 1e-12
+    theta = _solve(reg, fit.cross)
+    if fit.consumer.kind == "conv_transpose" and fit.intercept:
+        theta = _shared_bias(fit, reg, theta, d)
+    before = _error(fit, _current_theta(fit))
+    after = _error(fit, theta)
+    if after <= before:
+        _install(fit, theta, names)
+    return {"layer": fit.consumer.node.name, "inputs": d, "rows": fit.rows,
+            "error_before": round(before, 6), "error_after": round(min(after, before), 6)}
+
+
+def refit_from_grams(before: ir.Model, model: ir.Model, consumers: Sequence[Consumer], log: SliceLog,
+                     grams: dict[str, np.ndarray], ridge: float) -> None:
+    """Refit the readers of channels just removed when nothing upstream of them changed (one group pruned alone).
+
+    Their inputs are then the unpruned ones minus some columns, so the least
+    squares needs only the unpruned input Gram matrices ``grams`` (keyed by
+    layer name, bias column last, see :func:`.selection.input_grams`): no data
+    pass. ``before`` is the model as it was before this surgery.
+    """
+    dense_nodes = {n.name: n for n in before.graph if n.name}
+    names = Names(model)
+    done: set[str] = set()
+    for c in consumers:
+        name = c.node.name or ""
+        kept = log.get((name, c.weight_index), {}).get(c.weight_axis)
+        gram = grams.get(name)
+        if kept is None or gram is None or name in done or name not in dense_nodes:
+            continue
+        fit = _prepare(c, dense_nodes[name], log)
+        if fit is None or gram.shape[0] != fit.dense.shape[1] + 1:
+            continue
+        done.add(name)
+        t = taps(c) if c.kind == "conv" else 1
+        cols = (kept[:, None] * t + np.arange(t)[None, :]).reshape(-1)
+        d_full = fit.dense.shape[1]
+        cols = np.concatenate([cols, [d_full]]) if fit.intercept else cols
+        fit.gram = gram[np.ix_(cols, cols)]
+        fit.cross = gram[cols, :d_full] @ fit.dense.T
+        fit.target_sq = float(np.sum(fit.dense * (fit.dense @ gram[:d_full, :d_full])))
+        _finish(fit, ridge, names)
+
+
 def refit_consumers(dense: ir.Model, model: ir.Model, consumers: Sequence[Consumer], origin: SliceLog, dataset: Dataset,
                     sessions: SessionFactory, rng: np.random.Generator, ridge: float,
                     progress: Progress | None = None) -> tuple[list[dict[str, object]], list[str]]:
@@ -249,20 +299,7 @@ def refit_consumers(dense: ir.Model, model: ir.Model, consumers: Sequence[Consum
                 fit.cross += xk32.T @ target.astype(np.float32)
                 fit.target_sq += float(np.sum(target * target))
                 fit.rows += xk.shape[0]
-        for fit in batch_fits:
-            d = fit.gram.shape[0] - (1 if fit.intercept else 0)
-            reg = fit.gram.copy()
-            scale = float(np.mean(np.diag(reg)[:d])) if d else 0.0
-            reg[np.arange(d), np.arange(d)] += ridge * scale if scale > 0 else 1e-12
-            theta = _solve(reg, fit.cross)
-            if fit.consumer.kind == "conv_transpose" and fit.intercept:
-                theta = _shared_bias(fit, reg, theta, d)
-            before = _error(fit, _current_theta(fit))
-            after = _error(fit, theta)
-            if after <= before:
-                _install(fit, theta, names)
-            rows.append({"layer": fit.consumer.node.name, "inputs": d, "rows": fit.rows,
-                         "error_before": round(before, 6), "error_after": round(min(after, before), 6)})
+        rows.extend(_finish(fit, ridge, names) for fit in batch_fits)
         if task:
             task.advance()
     if task:
