@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import Pass, PassContext, PassResult, hookimpl, option
+from onnxopt import PassSkipped, Pass, PassContext, PassResult, hookimpl, option
 from onnxopt.data import Dataset, input_specs
 from onnxopt.io import release_pages
 from onnxopt.measure import count_macs, count_parameters
@@ -129,9 +129,20 @@ class LowrankPass(Pass[LowrankConfig]):
         if not layers:
             report.summary = f"nothing to factor: no Gemm/MatMul/Conv with a constant float weight ({len(skipped)} left alone)"
             return PassResult(model, False, report)
+        finite = [layer for layer in layers if np.isfinite(layer.weight).all()]
+        for layer in layers:
+            if layer not in finite:
+                report.skip(layer.name, "weight holds NaN or infinity: an SVD of it means nothing")
+        layers = finite
+        if not layers:
+            report.summary = "nothing to factor: every candidate weight holds NaN or infinity"
+            return PassResult(model, False, report)
         if any(not layer.positions_known for layer in layers):
             report.notes.append("some layers' MACs are unknown (shapes not inferred): counted as one row per run")
-        factorizations = self._factorizations(model, layers, config, ctx, report)
+        try:
+            factorizations = self._factorizations(model, layers, config, ctx, report)
+        except np.linalg.LinAlgError as err:  # extreme (finite) weights: LAPACK gives up; leave the model as it is
+            raise PassSkipped(f"SVD did not converge on these weights ({err})") from None
         plan, rule = self._plan(model, layers, factorizations, config, ctx, macs.total, report)
         if not plan:
             report.summary = f"nothing factored ({rule}): see the skipped layers for why"
