@@ -9,8 +9,10 @@ that does not run or (lossless) does not match. The CI test
 (tests/test_corpus_passes.py) runs the small suites; this runs the whole
 matrix, the light models with 25-144 M weights included.
 
-Run by hand: ``python benchmarks/corpus.py [--passes quant,prune] [--suites light,simple]``;
-prints the tables and writes benchmarks/results/corpus.{md,json}.
+Run by hand: ``python benchmarks/corpus.py [--passes quant,prune] [--suites light,simple]``
+(about an hour on 2 busy cores: lowrank's SVDs of the light models' 100 M-weight
+layers take most of it); prints the tables and writes
+benchmarks/results/corpus.{md,json}. ``--from-json`` renders an earlier run again.
 """
 
 from __future__ import annotations
@@ -77,26 +79,40 @@ def summary_rows(cells: dict[tuple[str, str], Outcome], pass_names: list[str], s
 def to_markdown(cells: dict[tuple[str, str], Outcome], pass_names: list[str], rows: list[dict[str, Any]],
                 environment: dict[str, str], seconds: float) -> str:
     models = sorted({m for m, _ in cells}, key=lambda m: (m.split("/")[0], m))
+    suites = [r["suite"] for r in rows if r["pass"] == pass_names[0] and r["suite"] != "all"]
     failed = [(m, p, o) for (m, p), o in sorted(cells.items()) if o.status == "failed"]
+    by = {(r["pass"], r["suite"]): r for r in rows}
+    suite_sizes = ", ".join(f"{s} {by[(pass_names[0], s)]['models']}" for s in suites)
     lines = [
         "# Corpus: every pass over the onnx backend test models",
         "",
-        f"{len(models)} models x {len(pass_names)} passes = {len(cells)} runs in {seconds:.0f} s; "
-        f"{sum(o.status == 'failed' for o in cells.values())} failed. "
+        f"{len(models)} models ({suite_sizes}) "
+        f"x {len(pass_names)} pass settings = {len(cells)} runs in {seconds:.0f} s: "
+        f"**{sum(o.status == 'failed' for o in cells.values())} failed**. "
         + ", ".join(f"{k} {v}" for k, v in environment.items()) + ".",
         "",
         "Each run: load -> pass -> save -> reload -> run next to the original on ONNX Runtime "
-        "(or ONNX's reference evaluator where ORT no longer loads the model). ok = checker-valid, runs, "
-        "same outputs (lossless passes: equal values; lossy passes: same count, shapes and dtypes); "
-        "skipped = the pass declined or refused with a reason; failed = crash, invalid or unrunnable output, "
-        "or a lossless pass that changed values.",
+        "(or ONNX's reference evaluator where ORT no longer loads the model: opset-6 ops, string ops). "
+        "ok = checker-valid, runs, same outputs (lossless passes: equal values; lossy passes: same count, "
+        "shapes and dtypes), *changed* when the pass modified the model; skipped = the pass declined or "
+        "refused with a one-line reason; failed = a crash, an invalid or unrunnable output, or a lossless "
+        "pass that changed values. `pass[key=value]` rows push a pass past its defaults "
+        "(`onnxopt.corpus.CORPUS_VARIANTS`): the corpus's weights are small, so with defaults most passes "
+        "find little to do there.",
         "",
         "## Summary",
         "",
-        "| pass | suite | models | ok | of which changed | skipped | failed | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-        *(f"| {r['pass']} | {r['suite']} | {r['models']} | {r['ok']} | {r['changed']} | {r['skipped']} | {r['failed']} "
-          f"| {r['seconds']} |" for r in rows),
+        "| pass | ok | of which changed | skipped | failed | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {p} | {by[(p, 'all')]['ok']} | {by[(p, 'all')]['changed']} | {by[(p, 'all')]['skipped']} "
+          f"| {by[(p, 'all')]['failed']} | {by[(p, 'all')]['seconds']} |" for p in pass_names),
+        "",
+        "## By suite (changed / ok / skipped / failed)",
+        "",
+        "| pass | " + " | ".join(suites) + " |",
+        "|---|" + "---:|" * len(suites),
+        *(f"| {p} | " + " | ".join(f"{by[(p, s)]['changed']} / {by[(p, s)]['ok']} / {by[(p, s)]['skipped']} / {by[(p, s)]['failed']}"
+                                    for s in suites) + " |" for p in pass_names),
         "",
     ]
     if failed:
@@ -105,7 +121,7 @@ def to_markdown(cells: dict[tuple[str, str], Outcome], pass_names: list[str], ro
     lines += ["## Why passes skipped (most common reasons)", "", "| pass | models | reason |", "|---|---:|---|"]
     for name in pass_names:
         reasons = Counter(o.detail for (_, p), o in cells.items() if p == name and o.status == "skipped")
-        for reason, n in reasons.most_common(6):
+        for reason, n in reasons.most_common(4):
             lines.append(f"| {name} | {n} | {reason.replace('|', '/')[:160]} |")
     lines += ["", "## Matrix", "", "ok = changed and checked; same = ran, nothing to change; skip = declined with a reason.", "",
               "| model | " + " | ".join(pass_names) + " |", "|---|" + "---|" * len(pass_names)]
@@ -114,11 +130,25 @@ def to_markdown(cells: dict[tuple[str, str], Outcome], pass_names: list[str], ro
     return "\n".join(lines) + "\n"
 
 
+def from_json(path: Path) -> tuple[dict[tuple[str, str], Outcome], list[str], dict[str, str], float]:
+    """The cells of an earlier run, to render its tables again without rerunning it."""
+    data = json.loads(path.read_text())
+    cells = {(model, name): Outcome(r["status"], r["detail"], r["seconds"], r.get("changed", False))
+             for name, runs in data["runs"].items() for model, r in runs.items()}
+    return cells, list(data["runs"]), data["environment"], data["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", default=None, help="comma-separated pass names (default: every registered pass)")
     parser.add_argument("--suites", default=",".join(CORPUS_SUITES), help="comma-separated corpus suites")
+    parser.add_argument("--from-json", type=Path, default=None, help="render the tables of an earlier corpus.json again")
     args = parser.parse_args()
+    if args.from_json is not None:
+        cells, pass_names, environment, seconds = from_json(args.from_json)
+        suites = [s for s in CORPUS_SUITES if any(m.startswith(s + "/") for m, _ in cells)]
+        (RESULTS / "corpus.md").write_text(to_markdown(cells, pass_names, summary_rows(cells, pass_names, suites), environment, seconds))
+        return
     registry = load_registry()
     runs = [(name, label, settings) for name in (args.passes.split(",") if args.passes else sorted(registry.passes))
             for label, settings in corpus_runs(name)]

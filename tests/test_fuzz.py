@@ -442,14 +442,13 @@ def test_fuzz_finding_external_data_shorter_than_its_shape(tmp_path: Path, capfd
     assert run_case(case, tmp_path, lambda: capfd.readouterr().err) == "refused: one-line error, exit 2"
 
 
-# One fixed example per mutation, through a real process: what a user's terminal shows.
+# A few fixed examples through a real process, what a user's terminal shows: the ones ONNX Runtime's own
+# C++ logging could reach (it writes to the process's stderr, which the in-process runner cannot see).
 SUBPROCESS_CASES = {
-    "dangling": lambda p: (p.graph.node[1].input.__setitem__(0, "ghost_value"), p),
-    "cycle": lambda p: (p.graph.node[0].input.__setitem__(0, p.graph.node[-1].output[0]), p),
     "huge constant_of_shape": lambda p: (p.graph.initializer.append(init("big_shape", np.array([2**20, 2**20], np.int64))),
                                          p.graph.node.insert(0, helper.make_node("ConstantOfShape", ["big_shape"], ["big"])),
                                          _extra_output(p, "big"), p),
-    "no outputs": lambda p: (p.graph.ClearField("output"), p),
+    "wrong dtype": lambda p: (p.graph.initializer[0].CopyFrom(init("w0", np.zeros((32, 16), np.int64))), p),
     "unknown domain": lambda p: (setattr(p.graph.node[1], "domain", "com.nowhere"),
                                  p.opset_import.append(helper.make_opsetid("com.nowhere", 1)), p),
 }
