@@ -32,6 +32,7 @@ __all__ = [
     "make_node",
     "insert_before",
     "reroute",
+    "replace_node",
     "remove_node",
     "cleanup",
     "expose_values",
@@ -201,6 +202,19 @@ def reroute(old: ir.Value, new: ir.Value) -> None:
         new.name = name
     else:
         old.replace_all_uses_with(new)
+
+
+def replace_node(node: ir.Node, new_nodes: Sequence[ir.Node], result: ir.Value) -> None:
+    """Put ``new_nodes`` in ``node``'s graph and let ``result`` take over its (single) output, then drop ``node``."""
+    graph = node.graph
+    assert graph is not None
+    for new in new_nodes:
+        graph.append(new)
+    old = node.outputs[0]
+    if old.dtype is not None:
+        result.dtype, result.shape = old.dtype, old.shape
+    reroute(old, result)
+    graph.remove(node, safe=True)
 
 
 def remove_node(node: ir.Node) -> None:

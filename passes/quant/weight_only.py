@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import Names, add_initializer, make_node, reroute
+from onnxopt.graph import Names, add_initializer, make_node, replace_node
 
 from onnxopt_passes.quant.scheme import quantize_blockwise
 
@@ -51,13 +51,7 @@ def quantize_int4_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | Non
         add = make_node("Sum", [result, b_value], names=names, name_hint=f"{hint}_bias_add")
         new_nodes.append(add)
         result = add.outputs[0]
-    for n in new_nodes:
-        graph.append(n)
-    old = node.outputs[0]
-    if old.dtype is not None:
-        result.dtype, result.shape = old.dtype, old.shape
-    reroute(old, result)
-    graph.remove(node, safe=True)
+    replace_node(node, new_nodes, result)
     stats.nodes += 1
     stats.float_weight_bytes += weight.nbytes
     stats.int_weight_bytes += (q.size + 1) // 2 + scale.nbytes
