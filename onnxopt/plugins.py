@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,7 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.metrics import Metric
 from onnxopt.pass_api import Pass
 
-__all__ = ["DISABLE_ENV", "Registered", "Registry", "get_plugin_manager", "load_registry", "notify"]
+__all__ = ["DISABLE_ENV", "Registered", "Registry", "call_hook", "get_plugin_manager", "load_registry", "notify"]
 
 #: Comma-separated plugin (entry point) names not to load.
 DISABLE_ENV = "ONNXOPT_DISABLE_PLUGINS"
@@ -87,17 +87,72 @@ def _origin(pm: pluggy.PluginManager, plugin: object) -> Registered:
     return Registered(name, "onnxopt (core)" if name.startswith("onnxopt.") else "(not installed)")
 
 
-def _collect(pm: pluggy.PluginManager, hook: Any, kind: str, add: Callable[[Any, Registered], None]) -> None:
-    for impl in hook.get_hookimpls():
-        origin = _origin(pm, impl.plugin)
+def _runs(frame: Any, fn: Any) -> bool:
+    """Whether ``frame`` is a call of ``fn``: its code, and for closures and bound methods (which share
+    code between plugins made by one factory or class) the same cells or the same ``self``."""
+    func = getattr(fn, "__func__", fn)
+    if getattr(func, "__code__", None) is not frame.f_code:
+        return False
+    local = frame.f_locals
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        names = frame.f_code.co_varnames
+        return bool(names) and local.get(names[0]) is owner
+    for name, cell in zip(frame.f_code.co_freevars, func.__closure__ or ()):
         try:
-            impl.function(register=lambda obj, _o=origin: add(obj, _o))
-        except OnnxoptError:
-            raise
-        except Exception as err:
-            raise OnnxoptError(f"plugin {origin.plugin} ({origin.distribution}) failed registering {kind}: "
-                               f"{type(err).__name__}: {err}",
-                               f"fix or uninstall it, or block it with {DISABLE_ENV}={origin.plugin}") from None
+            if local.get(name) is not cell.cell_contents:
+                return False
+        except ValueError:  # an empty cell
+            return False
+    return True
+
+
+def _impl_of(frame: Any, impls: list[Any]) -> Any:
+    return next((impl for impl in impls if _runs(frame, impl.function)), None)
+
+
+def _calling_impl(pm: pluggy.PluginManager, hook: Any) -> Registered:
+    """The plugin whose implementation is calling us now.
+
+    Every implementation gets the same ``register`` in one pluggy call, so the
+    implementation's frame on the stack is what says who registers: a wrapper
+    is suspended at its ``yield`` while the others run, so it is never mistaken
+    for the caller.
+    """
+    impls = hook.get_hookimpls()
+    frame = sys._getframe(1)
+    while frame is not None:
+        impl = _impl_of(frame, impls)
+        if impl is not None:
+            return _origin(pm, impl.plugin)
+        frame = frame.f_back
+    return Registered("<unknown>", "(called outside a hook)")
+
+
+def _raising_impl(pm: pluggy.PluginManager, hook: Any, err: BaseException) -> Registered:
+    """The plugin whose implementation raised: the innermost implementation frame in the traceback."""
+    impls = hook.get_hookimpls()
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        found = _impl_of(tb.tb_frame, impls) or found
+        tb = tb.tb_next
+    return _origin(pm, found.plugin) if found is not None else Registered("<unknown>", "(unknown distribution)")
+
+
+def call_hook(pm: pluggy.PluginManager, hook_name: str, what: str, **kwargs: Any) -> list[Any]:
+    """``pm.hook.<hook_name>(**kwargs)``, so ordering, wrappers and monitoring are pluggy's;
+    a plugin that raises is named with its distribution."""
+    hook = getattr(pm.hook, hook_name)
+    try:
+        return hook(**kwargs)
+    except OnnxoptError:
+        raise
+    except Exception as err:
+        origin = _raising_impl(pm, hook, err)
+        raise OnnxoptError(f"plugin {origin.plugin} ({origin.distribution}) failed {what}: "
+                           f"{type(err).__name__}: {err}",
+                           f"fix or uninstall it, or block it with {DISABLE_ENV}={origin.plugin}") from None
 
 
 def load_registry(pm: pluggy.PluginManager | None = None) -> Registry:
@@ -130,23 +185,16 @@ def load_registry(pm: pluggy.PluginManager | None = None) -> Registry:
         registry.metrics[metric.name] = metric
         registry.origins[key] = origin
 
-    _collect(pm, pm.hook.onnxopt_register_passes, "passes", add_pass)
-    _collect(pm, pm.hook.onnxopt_register_metrics, "metrics", add_metric)
+    for hook_name, kind, add in (("onnxopt_register_passes", "passes", add_pass),
+                                 ("onnxopt_register_metrics", "metrics", add_metric)):
+        hook = getattr(pm.hook, hook_name)
+        call_hook(pm, hook_name, f"registering {kind}",
+                  register=lambda obj, _hook=hook, _add=add: _add(obj, _calling_impl(pm, _hook)))
     return registry
 
 
 def notify(registry: Registry | None, hook_name: str, **kwargs: Any) -> None:
-    """Call an observer hook on every plugin; a plugin that raises is named with its distribution."""
+    """Call an observer hook through pluggy; a plugin that raises is named with its distribution."""
     if registry is None or registry.pm is None:
         return
-    pm = registry.pm
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        origin = _origin(pm, impl.plugin)
-        try:
-            impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
-        except OnnxoptError:
-            raise
-        except Exception as err:
-            raise OnnxoptError(f"plugin {origin.plugin} ({origin.distribution}) failed in {hook_name}: "
-                               f"{type(err).__name__}: {err}",
-                               f"fix or uninstall it, or block it with {DISABLE_ENV}={origin.plugin}") from None
+    call_hook(registry.pm, hook_name, f"in {hook_name}", **kwargs)
