@@ -97,7 +97,7 @@ def to_markdown(cells: dict[tuple[str, str], Outcome], pass_names: list[str], ro
         "shapes and dtypes), *changed* when the pass modified the model; skipped = the pass declined or "
         "refused with a one-line reason; failed = a crash, an invalid or unrunnable output, or a lossless "
         "pass that changed values. `pass[key=value]` rows push a pass past its defaults "
-        "(`onnxopt.corpus.CORPUS_VARIANTS`): the corpus's weights are small, so with defaults most passes "
+        "(each pass's `corpus_variants`): the corpus's weights are small, so with defaults most passes "
         "find little to do there.",
         "",
         "## Summary",

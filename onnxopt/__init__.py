@@ -7,7 +7,7 @@ from onnxopt.errors import OnnxoptError, PassSkipped
 from onnxopt.hookspecs import hookimpl
 from onnxopt.io import load_model, save_model
 from onnxopt.metrics import Metric
-from onnxopt.pass_api import CALIBRATION_DATA, EVALUATION_DATA, Pass, PassContext, PassReport, PassResult, Skip
+from onnxopt.pass_api import CALIBRATION_DATA, EVALUATION_DATA, Pass, PassContext, PassReport, PassResult, PassSpace, Skip
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "PassContext",
     "PassReport",
     "PassResult",
+    "PassSpace",
     "PassSkipped",
     "Skip",
     "OnnxoptError",

@@ -268,7 +268,7 @@ def list_passes(as_json: bool) -> None:
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), required=True, help="Evaluation data the budget is measured on.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Calibration data for the passes that need it.")
 @click.option("--max-drop", type=float, default=0.01, show_default=True, help="Accuracy budget (0.01 = 1 pt).")
-@click.option("--passes", default="prune,lowrank,cluster,quant", show_default=True, help="Passes to search over.")
+@click.option("--passes", default=None, help="Passes to search over, e.g. prune,quant [default: every installed pass that declares a search space].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the best model within budget here.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="JSON of every candidate, written after each one; rerunning with it resumes.")
@@ -289,7 +289,7 @@ def list_passes(as_json: bool) -> None:
               help="Write candidate ID of the --report JSON to -o (rebuilt from its recipe) instead of searching.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_guarded
-def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: float, passes: str, output: Path | None,
+def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: float, passes: str | None, output: Path | None,
                    report_path: Path | None, plot_path: Path | None, objective: str, workers: int, executor: str,
                    max_candidates: int, space: Path | None, threads: int, latency_batch: int, seed: int,
                    keep_models: bool, restart: bool, pick: int | None, quiet: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -18,10 +19,11 @@ from onnxopt.data import Dataset, input_specs, load_dataset, synthetic_dataset
 from onnxopt.errors import OnnxoptError
 from onnxopt.io import load_model, serialize_model
 from onnxopt.pass_api import Pass
+from onnxopt.plugins import Registry
 from onnxopt.sessions import SessionFactory
 
 __all__ = ["CorpusModel", "corpus_root", "iter_corpus", "CORPUS_SUITES", "Runner", "runner_for", "outputs_match",
-           "Outcome", "check_pass", "corpus_settings", "corpus_runs", "CORPUS_VARIANTS", "candidate_feed", "UNRUNNABLE_DOMAINS"]
+           "Outcome", "check_pass", "corpus_settings", "corpus_runs", "candidate_feed", "UNRUNNABLE_DOMAINS"]
 
 CORPUS_SUITES = ("light", "pytorch-converted", "pytorch-operator", "simple", "real")
 
@@ -114,35 +116,28 @@ def outputs_match(expected: list, got: list, rtol: float = 1e-4, atol: float = 1
 # Ops no engine here implements (training-only): their models can only be checked for validity.
 UNRUNNABLE_DOMAINS = frozenset({"ai.onnx.preview.training"})
 
-#: Settings a pass needs to run on an arbitrary model at all, by pass name: distill needs a
-#: teacher, and the model itself is the one teacher every model has.
-CORPUS_SETTINGS: dict[str, Callable[[Path], dict[str, Any]]] = {
-    "distill": lambda model_path: {"teacher": str(model_path)},
-}
+@functools.lru_cache(maxsize=1)
+def _installed() -> Registry:
+    from onnxopt.plugins import load_registry
+
+    return load_registry()
 
 
-#: Extra runs per pass, past its defaults: the corpus's weights are small, so with defaults most
-#: passes find little to do there; these make more of their rewriting meet the corpus's graphs.
-CORPUS_VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
-    "fp16": ({"min_elements": 1},),
-    "cluster": ({"min_size": 16, "k": 4},),
-    "lowrank": ({"ratio": 0.5, "margin": 1.0},),
-    "prune": ({"ratio": 0.75, "saliency": "activation"},),
-    "quant": ({"mode": "dynamic"}, {"weight_bits": 4, "block_size": 16},
-              {"method": "entropy", "activation_type": "int8", "per_channel": False}),
-}
+def _pass_class(pass_name: str) -> type[Pass[Any]]:
+    return _installed().get_pass(pass_name)
 
 
 def corpus_runs(pass_name: str) -> list[tuple[str, dict[str, Any]]]:
-    """``(label, settings)`` of every corpus run of a pass: its defaults, then its variants."""
-    variants = CORPUS_VARIANTS.get(pass_name, ())
+    """``(label, settings)`` of every corpus run of a pass: its defaults, then the variants it declares
+    (:attr:`onnxopt.Pass.corpus_variants`)."""
+    variants = _pass_class(pass_name).corpus_variants
     return [(pass_name, {})] + [(f"{pass_name}[{','.join(f'{k}={v}' for k, v in v.items())}]", dict(v)) for v in variants]
 
 
 def corpus_settings(pass_name: str, model_path: Path) -> dict[str, Any]:
-    """The ``--set`` values used for ``pass_name`` on the model at ``model_path`` (empty for most passes)."""
-    make = CORPUS_SETTINGS.get(pass_name)
-    return make(model_path) if make else {}
+    """The ``--set`` values used for ``pass_name`` on the model at ``model_path``, as the pass declares
+    (:meth:`onnxopt.Pass.corpus_settings`; empty for most passes)."""
+    return dict(_pass_class(pass_name).corpus_settings(model_path))
 
 
 @dataclass(frozen=True)
@@ -214,7 +209,7 @@ def check_pass(
     if needs and dataset is None:
         return done("skipped", "needs data and the model has free input dims and no test data")
     try:
-        config = build_config(pass_cls.Config, {**corpus_settings(pass_cls.name, case.path), **(settings or {})},
+        config = build_config(pass_cls.Config, {**pass_cls.corpus_settings(case.path), **(settings or {})},
                               pass_name=pass_cls.name)
         ctx = PassContext(calibration=dataset, evaluation=dataset, base_dir=case.path.parent)
         result = pass_cls().apply(model, config, ctx)

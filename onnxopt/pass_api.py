@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -26,6 +26,7 @@ from onnxopt.sessions import SessionFactory
 __all__ = [
     "Pass",
     "PassContext",
+    "PassSpace",
     "PassReport",
     "PassResult",
     "Skip",
@@ -38,6 +39,30 @@ CALIBRATION_DATA = "calibration_data"
 EVALUATION_DATA = "evaluation_data"
 
 ConfigT = TypeVar("ConfigT")
+
+
+@dataclass(frozen=True)
+class PassSpace:
+    """The settings of one pass that `onnxopt search` tries.
+
+    ``kind="ladder"``: ordered from light to aggressive (a setting that breaks
+    the budget alone ends the ladder); ``kind="alternatives"``: unordered, each
+    is tried. ``fixed`` keys go with every setting.
+    """
+
+    kind: Literal["ladder", "alternatives"]
+    settings: tuple[dict[str, Any], ...]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    #: the pass reads ``ctx.max_drop`` (accuracy-driven fallback, rank search): it gets what is left of the budget;
+    #: None (only from a ``--space`` file that does not say): as the pass's own space declares
+    uses_budget: bool | None = False
+
+    def resolved(self) -> list[dict[str, Any]]:
+        """Each setting merged with the fixed keys, in order."""
+        return [{**self.fixed, **s} for s in self.settings]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "fixed": self.fixed, "settings": list(self.settings), "uses_budget": bool(self.uses_budget)}
 
 
 @dataclass(frozen=True)
@@ -139,6 +164,12 @@ class Pass(Generic[ConfigT]):
     the output model's inputs/outputs differ from the input's (validation
     against the original is then skipped), and implement :meth:`run`.
     The class docstring's first line is the pass's summary in `onnxopt passes`.
+
+    What the tools around the passes need to know of a pass, the pass says
+    itself, so that the core names no pass: :meth:`search_space` (what
+    `onnxopt search` tries; a pass that declares one is searched by default),
+    ``search_base`` (a lossless clean-up every search candidate starts from),
+    ``corpus_variants`` and :meth:`corpus_settings` (how the corpus checks run it).
     """
 
     name: ClassVar[str]
@@ -147,6 +178,27 @@ class Pass(Generic[ConfigT]):
     lossless: ClassVar[bool] = False
     final: ClassVar[bool] = False
     comparable: ClassVar[bool] = True
+    search_base: ClassVar[bool] = False
+    #: where the pass goes in the default search chain (lower first): passes that change the structure
+    #: (prune, low-rank) before those that rewrite weights in place (clustering); ``final`` passes go last anyway
+    search_order: ClassVar[int] = 50
+    #: extra corpus runs past the defaults: the corpus's weights are small, so with defaults most passes find
+    #: little to do there; these make more of the pass's rewriting meet the corpus's graphs
+    corpus_variants: ClassVar[tuple[dict[str, Any], ...]] = ()
+
+    @classmethod
+    def search_space(cls, objective: str = "size") -> PassSpace | None:
+        """What `onnxopt search` tries of this pass for ``objective`` (``size`` or ``latency``).
+
+        None (the default): the pass is not searched unless named in ``--passes``,
+        and is then tried once with its defaults.
+        """
+        return None
+
+    @classmethod
+    def corpus_settings(cls, model_path: Path) -> dict[str, Any]:
+        """Settings the pass needs to run on an arbitrary corpus model at all (e.g. a teacher model)."""
+        return {}
 
     @classmethod
     def summary(cls) -> str:

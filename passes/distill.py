@@ -263,6 +263,10 @@ class DistillPass(Pass[DistillConfig]):
     final = True
     comparable = False  # the fused model has a labels input and loss outputs
 
+    @classmethod
+    def corpus_settings(cls, model_path: Path) -> dict[str, Any]:
+        return {"teacher": str(model_path)}  # the model itself is the one teacher every corpus model has
+
     def run(self, model: ir.Model, config: DistillConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)
         teacher = load_model(_teacher_path(config, ctx))

@@ -176,6 +176,7 @@ class FoldPass(Pass[FoldConfig]):
     name = "fold"
     Config = FoldConfig
     lossless = True
+    search_base = True  # BatchNorm folding helps every later pass: every search candidate starts with it
 
     def run(self, model: ir.Model, config: FoldConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)

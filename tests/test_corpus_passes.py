@@ -6,7 +6,7 @@ for what ORT no longer loads) still runs with the same outputs (count, shapes,
 dtypes); a pass may decline with a reason. Zero crashes, zero invalid outputs.
 CI runs the small suites and two light models with each pass's defaults,
 and the small suites with the settings that push each pass further
-(``onnxopt.corpus.CORPUS_VARIANTS``); benchmarks/corpus.py runs the whole
+(each pass's ``corpus_variants``); benchmarks/corpus.py runs the whole
 matrix and writes the table.
 """
 

@@ -34,7 +34,7 @@ from onnxopt.search.evaluate import (
 from onnxopt.search.executor import Executor, make_executor
 from onnxopt.search.pareto import pareto_front
 from onnxopt.search.recipe import Step, describe, recipe_from_json, recipe_to_json
-from onnxopt.search.space import BASE_PASS, PassSpace, build_space, load_space_file
+from onnxopt.search.space import PassSpace, base_pass, build_space, load_space_file, searchable_passes
 from onnxopt.search.state import SearchState, fingerprint
 from onnxopt.search.strategy import OBJECTIVES, Strategy, within_budget
 
@@ -126,7 +126,7 @@ def search(
     eval_data: str | os.PathLike[str],
     data: str | os.PathLike[str] | None = None,
     max_drop: float = 0.01,
-    passes: Sequence[str] | str = ("prune", "lowrank", "cluster", "quant"),
+    passes: Sequence[str] | str | None = None,
     output: str | os.PathLike[str] | None = None,
     report: str | os.PathLike[str] | None = None,
     plot: str | os.PathLike[str] | None = None,
@@ -174,10 +174,13 @@ def search(
             if same_file(a, b):
                 raise OnnxoptError(f"--{name_a} and --{name_b} are the same file {a}", "give each its own path")
     registry = registry or load_registry()
-    names = [p.strip() for p in passes.split(",")] if isinstance(passes, str) else list(passes)
+    if passes is None:  # every installed pass that declares a search space
+        names = searchable_passes(registry, objective)
+    else:
+        names = [p.strip() for p in passes.split(",")] if isinstance(passes, str) else list(passes)
     overrides = load_space_file(space) if isinstance(space, (str, os.PathLike)) else space
     search_space = build_space(registry, names, overrides, objective)
-    base = BASE_PASS if BASE_PASS in registry.passes else None
+    base = base_pass(registry)
     budget_passes = tuple(p for p in search_space.passes if search_space.entries[p].uses_budget)
     progress = progress or Progress(enabled=False)
 

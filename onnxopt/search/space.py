@@ -1,7 +1,8 @@
 """The search space: for each pass, the settings a search tries, as data.
 
-A pass's settings are either a *ladder* (ordered from light to aggressive:
-a setting that breaks the budget alone ends the ladder, and any chain at
+Each pass declares its own (:meth:`onnxopt.Pass.search_space`): the core
+names no pass. A pass's settings are either a *ladder* (ordered from light
+to aggressive: a setting that breaks the budget alone ends the ladder, and any chain at
 least that aggressive is not tried) or *alternatives* (unordered, e.g.
 calibration methods: each is tried). ``fixed`` keys go with every setting.
 A TOML file given with ``--space`` replaces the entries it names::
@@ -18,12 +19,13 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from onnxopt.config import build_config
 from onnxopt.errors import OnnxoptError
+from onnxopt.pass_api import PassSpace
 from onnxopt.plugins import Registry
 
 if sys.version_info >= (3, 11):
@@ -31,11 +33,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["PassSpace", "Space", "DEFAULT_SPACE", "PRUNE_TARGET", "BASE_PASS", "build_space", "default_entry",
-           "load_space_file", "settings_key"]
-
-#: The lossless clean-up every candidate starts from (BatchNorm folding helps every later pass).
-BASE_PASS = "fold"
+__all__ = ["PassSpace", "Space", "base_pass", "build_space", "default_entry", "load_space_file", "searchable_passes",
+           "settings_key"]
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:
@@ -43,54 +42,23 @@ def settings_key(settings: Mapping[str, Any]) -> str:
     return json.dumps(dict(settings), sort_keys=True, separators=(",", ":"))
 
 
-@dataclass(frozen=True)
-class PassSpace:
-    """The settings of one pass a search tries."""
-
-    kind: Literal["ladder", "alternatives"]
-    settings: tuple[dict[str, Any], ...]
-    fixed: dict[str, Any] = field(default_factory=dict)
-    #: the pass reads ``ctx.max_drop`` (accuracy-driven fallback, rank search): it gets what is left of the budget
-    uses_budget: bool = False
-
-    def resolved(self) -> list[dict[str, Any]]:
-        """Each setting merged with the fixed keys, in order."""
-        return [{**self.fixed, **s} for s in self.settings]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "fixed": self.fixed, "settings": list(self.settings), "uses_budget": self.uses_budget}
+def default_entry(registry: Registry, name: str, objective: str = "size") -> PassSpace | None:
+    """The space a pass declares for an objective (:meth:`onnxopt.Pass.search_space`), None if it declares none."""
+    return registry.get_pass(name).search_space(objective)
 
 
-#: What `onnxopt search` tries per pass unless --space says otherwise. Ladders run light to aggressive.
-DEFAULT_SPACE: dict[str, PassSpace] = {
-    # reconstruct saliency refits the next layer on --data: it keeps most accuracy at high ratios; the
-    # sensitivity scan spreads the cut over the groups where it costs least, to a share of the parameters
-    # (objective size) or, with --objective latency, of the MACs (see PRUNE_TARGET)
-    "prune": PassSpace("ladder", tuple({"target_params": t} for t in (0.5, 0.35, 0.25, 0.2, 0.15, 0.1)),
-                       fixed={"saliency": "reconstruct", "distribution": "sensitivity"}),
-    "lowrank": PassSpace("ladder", tuple({"energy": e} for e in (0.99, 0.95, 0.9, 0.8)), fixed={"method": "activation"},
-                         uses_budget=True),
-    # packed storage: 8, 4 and 2-bit indices (k=64 or 8 would take the same bits as 256 or 16 for less accuracy);
-    # a codebook per output channel keeps more accuracy than one per tensor for a little more size
-    "cluster": PassSpace("ladder", ({"k": 256}, {"k": 16, "granularity": "channel"}, {"k": 16}, {"k": 4, "granularity": "channel"},
-                                    {"k": 4}), fixed={"mode": "packed", "init": "optimal"}),
-    # the accuracy-driven fallback returns sensitive nodes to float within what is left of the budget
-    "quant": PassSpace("alternatives", tuple({"method": m} for m in ("minmax", "percentile", "entropy")),
-                       fixed={"fallback": True}, uses_budget=True),
-}
+def searchable_passes(registry: Registry, objective: str = "size") -> list[str]:
+    """The default of ``--passes``: every installed pass that declares a search space, in the order they
+    declare (``search_order``; ties by name), final passes last."""
+    names = [n for n, cls in registry.passes.items() if cls.comparable and not cls.search_base
+             and cls.search_space(objective) is not None]
+    return sorted(names, key=lambda n: (registry.passes[n].final, registry.passes[n].search_order, n))
 
 
-#: The prune key each objective's ladder sets: what the pruned model keeps a share of.
-PRUNE_TARGET = {"size": "target_params", "latency": "target_macs"}
-
-
-def default_entry(name: str, objective: str = "size") -> PassSpace | None:
-    """The default space of a pass for an objective (prune cuts what the objective counts)."""
-    entry = DEFAULT_SPACE.get(name)
-    if entry is None or name != "prune":
-        return entry
-    key = PRUNE_TARGET[objective]
-    return PassSpace(entry.kind, tuple({key: s["target_params"]} for s in entry.settings), dict(entry.fixed), entry.uses_budget)
+def base_pass(registry: Registry) -> str | None:
+    """The lossless clean-up every candidate starts from: the installed pass that declares ``search_base``."""
+    bases = sorted(n for n, cls in registry.passes.items() if cls.search_base)
+    return bases[0] if bases else None
 
 
 @dataclass(frozen=True)
@@ -134,9 +102,9 @@ def load_space_file(path: str | os.PathLike[str]) -> dict[str, PassSpace]:
         fixed = table.get("fixed", {})
         if not isinstance(fixed, dict):
             raise OnnxoptError(f"search space {path}: [{name}] fixed must be a table", "e.g. fixed = { mode = \"packed\" }")
-        default = DEFAULT_SPACE.get(name)
+        budget = table.get("uses_budget")
         out[name] = PassSpace(kind, tuple(dict(s) for s in table["settings"]), dict(fixed),
-                              bool(table.get("uses_budget", default.uses_budget if default else False)))
+                              None if budget is None else bool(budget))
     return out
 
 
@@ -149,7 +117,8 @@ def build_space(registry: Registry, passes: Sequence[str], overrides: Mapping[st
     """
     names = [p.strip() for p in passes if p.strip()]
     if not names:
-        raise OnnxoptError("no pass to search over", "give --passes, e.g. --passes prune,cluster,quant")
+        raise OnnxoptError("no pass to search over", "give --passes (see `onnxopt passes`), or install a pass that "
+                           "declares a search space")
     if len(set(names)) != len(names):
         raise OnnxoptError(f"--passes {','.join(names)} names a pass twice", "name each pass once")
     entries: dict[str, PassSpace] = {}
@@ -158,9 +127,12 @@ def build_space(registry: Registry, passes: Sequence[str], overrides: Mapping[st
         if not cls.comparable:
             raise OnnxoptError(f"pass {name} changes the model's inputs/outputs, so its candidates cannot be compared",
                                f"run {name} on its own with `onnxopt apply`")
-        if name == BASE_PASS:
-            raise OnnxoptError(f"{BASE_PASS} runs first in every candidate already", f"drop {BASE_PASS} from --passes")
-        entry = (overrides or {}).get(name) or default_entry(name, objective) or PassSpace("alternatives", ({},))
+        if cls.search_base:
+            raise OnnxoptError(f"{name} runs first in every candidate already", f"drop {name} from --passes")
+        declared = cls.search_space(objective)
+        entry = (overrides or {}).get(name) or declared or PassSpace("alternatives", ({},))
+        if entry.uses_budget is None:  # a --space table that does not say: as the pass declares
+            entry = replace(entry, uses_budget=bool(declared and declared.uses_budget))
         for settings in entry.resolved():
             build_config(cls.Config, settings, pass_name=name)  # unknown keys or bad values: an error now, not per candidate
         entries[name] = entry

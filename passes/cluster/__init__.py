@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnxopt import Pass, PassContext, PassResult, PassSkipped, hookimpl, option
 from onnxopt.graph import Names, cleanup, opset_version, reroute
 from onnxopt.opset import ensure_opset
-from onnxopt.pass_api import PassReport
+from onnxopt.pass_api import PassReport, PassSpace
 
 from onnxopt_passes.cluster.kmeans import Clustering, Init, cluster_rows
 from onnxopt_passes.cluster.storage import DECODE_OPSET, Decoder, as_rows, from_rows, index_bits
@@ -128,6 +128,15 @@ class ClusterPass(Pass[ClusterConfig]):
 
     name = "cluster"
     Config = ClusterConfig
+    search_order = 30
+    corpus_variants = ({"min_size": 16, "k": 4},)
+
+    @classmethod
+    def search_space(cls, objective: str = "size") -> PassSpace:
+        # packed storage: 8, 4 and 2-bit indices (k=64 or 8 would take the same bits as 256 or 16 for less accuracy);
+        # a codebook per output channel keeps more accuracy than one per tensor for a little more size
+        return PassSpace("ladder", ({"k": 256}, {"k": 16, "granularity": "channel"}, {"k": 16},
+                                    {"k": 4, "granularity": "channel"}, {"k": 4}), fixed={"mode": "packed", "init": "optimal"})
 
     def run(self, model: ir.Model, config: ClusterConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)

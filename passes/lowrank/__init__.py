@@ -26,7 +26,7 @@ from onnxopt import PassSkipped, Pass, PassContext, PassResult, hookimpl, option
 from onnxopt.data import Dataset, input_specs
 from onnxopt.io import release_pages
 from onnxopt.measure import count_macs, count_parameters
-from onnxopt.pass_api import PassReport
+from onnxopt.pass_api import PassReport, PassSpace
 
 from onnxopt_passes.lowrank.factor import Factorization
 from onnxopt_passes.lowrank.layers import Layer, find_layers
@@ -118,6 +118,13 @@ class LowrankPass(Pass[LowrankConfig]):
 
     name = "lowrank"
     Config = LowrankConfig
+    search_order = 20
+    corpus_variants = ({"ratio": 0.5, "margin": 1.0},)
+
+    @classmethod
+    def search_space(cls, objective: str = "size") -> PassSpace:
+        return PassSpace("ladder", tuple({"energy": e} for e in (0.99, 0.95, 0.9, 0.8)), fixed={"method": "activation"},
+                         uses_budget=True)
 
     def run(self, model: ir.Model, config: LowrankConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import OnnxoptError, Pass, PassContext, PassResult, PassSkipped, hookimpl, option
+from onnxopt import OnnxoptError, Pass, PassContext, PassResult, PassSkipped, PassSpace, hookimpl, option
 from onnxopt.data import Dataset
 from onnxopt.graph import Names, cleanup, is_onnx_op, is_weight
 from onnxopt.io import infer_shapes
@@ -307,6 +307,17 @@ class PrunePass(Pass[PruneConfig]):
 
     name = "prune"
     Config = PruneConfig
+    search_order = 10
+    corpus_variants = ({"ratio": 0.75, "saliency": "activation"},)
+
+    @classmethod
+    def search_space(cls, objective: str = "size") -> PassSpace:
+        # reconstruct saliency refits the next layer on --data: it keeps most accuracy at high ratios; the
+        # sensitivity scan spreads the cut over the groups where it costs least, to a share of the parameters
+        # (objective size) or, with objective latency, of the MACs
+        key = "target_macs" if objective == "latency" else "target_params"
+        return PassSpace("ladder", tuple({key: t} for t in (0.5, 0.35, 0.25, 0.2, 0.15, 0.1)),
+                         fixed={"saliency": "reconstruct", "distribution": "sensitivity"})
 
     def run(self, model: ir.Model, config: PruneConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)

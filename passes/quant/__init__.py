@@ -27,7 +27,7 @@ from typing import Any, Literal
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
-from onnxopt import Pass, PassContext, PassResult, PassSkipped, hookimpl, option
+from onnxopt import Pass, PassContext, PassResult, PassSkipped, PassSpace, hookimpl, option
 from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes
 from onnxopt.opset import ensure_opset
 
@@ -176,6 +176,14 @@ class QuantPass(Pass[QuantConfig]):
     Config = QuantConfig
     requires = frozenset()  # static mode asks for --data itself; dynamic and int4 weight-only need none
     final = True
+    corpus_variants = ({"mode": "dynamic"}, {"weight_bits": 4, "block_size": 16},
+                       {"method": "entropy", "activation_type": "int8", "per_channel": False})
+
+    @classmethod
+    def search_space(cls, objective: str = "size") -> PassSpace:
+        # the accuracy-driven fallback returns sensitive nodes to float within what is left of the budget
+        return PassSpace("alternatives", tuple({"method": m} for m in ("minmax", "percentile", "entropy")),
+                         fixed={"fallback": True}, uses_budget=True)
 
     def run(self, model: ir.Model, config: QuantConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)

@@ -14,9 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx.checker
+import onnx_ir as ir
 
-from onnxopt import Pass, PassResult, hookimpl
+from onnxopt import Pass, PassResult, PassSpace, hookimpl, option
+from onnxopt.graph import constant_array, iter_graphs
 
 PAUSE_LIMIT = 60.0
 MARKER = os.environ.get("ONNXOPT_PROBE_MARKER", "")
@@ -62,10 +65,44 @@ class SlowPass(Pass[SlowConfig]):
         return PassResult(model, False, self.new_report(config))
 
 
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """Keys of the probe's sparsify pass."""
+
+    share: float = option(0.5, "share of each 2-D float weight's entries set to zero, the smallest first")
+
+
+class SparsifyPass(Pass[SparsifyConfig]):
+    """Zeroes the smallest entries of 2-D float weights: a third-party pass with its own search space."""
+
+    name = "probe_sparsify"
+    Config = SparsifyConfig
+
+    @classmethod
+    def search_space(cls, objective="size"):  # type: ignore[no-untyped-def]
+        return PassSpace("ladder", ({"share": 0.2}, {"share": 0.95}))
+
+    def run(self, model, config, ctx):  # type: ignore[no-untyped-def]
+        report = self.new_report(config)
+        zeroed = 0
+        for graph in iter_graphs(model):
+            for value in graph.initializers.values():
+                array = constant_array(value)
+                if array is None or array.ndim != 2 or array.dtype != np.float32:
+                    continue
+                small = np.abs(array) < np.quantile(np.abs(array), config.share)
+                value.const_value = ir.tensor(np.where(small, np.float32(0), array), name=value.name)
+                zeroed += int(small.sum())
+        report.figures = {"zeroed": zeroed}
+        report.summary = f"{zeroed} weight entries set to zero"
+        return PassResult(model, zeroed > 0, report)
+
+
 @hookimpl
 def onnxopt_register_passes(register):  # type: ignore[no-untyped-def]
     fail_if("register")
     register(SlowPass)
+    register(SparsifyPass)
 
 
 @hookimpl
