@@ -1,7 +1,9 @@
 """Validation metrics: how a candidate's outputs compare with the reference's, and with labels.
 
 The built-in metrics are registered through the same hook a plugin uses
-(``onnxopt_register_metrics``), so a plugin's metric shows up next to them.
+(``onnxopt_register_metrics``, see :mod:`onnxopt.plugins`), so a plugin's
+metric shows up next to them. This module imports nothing else of onnxopt:
+the hook specs, the plugins and validation all import it from above.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-
-from onnxopt.hookspecs import hookimpl
 
 __all__ = ["Metric", "top1_accuracy", "top1_agreement", "cosine", "snr_db", "max_abs_error", "BUILTIN_METRICS"]
 
@@ -106,9 +106,3 @@ BUILTIN_METRICS = (
     Metric("snr_db", snr_db, "compare", True, "signal-to-noise ratio against the reference, dB"),
     Metric("max_abs_error", max_abs_error, "compare", False, "largest absolute difference from the reference"),
 )
-
-
-@hookimpl
-def onnxopt_register_metrics(register: Callable[[Metric], None]) -> None:
-    for metric in BUILTIN_METRICS:
-        register(metric)

@@ -7,11 +7,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from collections.abc import Callable
+
 import pluggy
 
 from onnxopt import hookspecs
 from onnxopt.errors import OnnxoptError
-from onnxopt.metrics import Metric
+from onnxopt.metrics import BUILTIN_METRICS, Metric
 from onnxopt.pass_api import Pass
 
 __all__ = ["DISABLE_ENV", "Registered", "Registry", "call_hook", "get_plugin_manager", "load_registry", "notify"]
@@ -20,19 +22,26 @@ __all__ = ["DISABLE_ENV", "Registered", "Registry", "call_hook", "get_plugin_man
 DISABLE_ENV = "ONNXOPT_DISABLE_PLUGINS"
 
 
+class _CoreMetrics:
+    """The built-in metrics, registered through the same hook a plugin uses."""
+
+    @hookspecs.hookimpl
+    def onnxopt_register_metrics(self, register: Callable[[Metric], None]) -> None:
+        for metric in BUILTIN_METRICS:
+            register(metric)
+
+
 def get_plugin_manager(*, entry_points: bool = True, disabled: list[str] | None = None) -> pluggy.PluginManager:
     """A fresh plugin manager: core metrics plus every plugin installed under the ``onnxopt`` group.
 
     Plugins named in ``$ONNXOPT_DISABLE_PLUGINS`` (or ``disabled``) are blocked.
     """
-    from onnxopt import metrics
-
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     blocked = [n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()] + list(disabled or [])
     for name in blocked:
         pm.set_blocked(name)
-    pm.register(metrics, name="onnxopt.metrics")
+    pm.register(_CoreMetrics(), name="onnxopt.metrics")
     if entry_points:
         try:
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)
