@@ -82,6 +82,10 @@ class Registry:
     pm: pluggy.PluginManager | None = None
 
     def get_pass(self, name: str) -> type[Pass[Any]]:
+        if name.startswith("ir:") and name not in self.passes:  # an onnx-ir pass class by its import path
+            from onnxopt.ir_bridge import pass_from_path
+
+            return pass_from_path(name)
         if name not in self.passes:
             known = ", ".join(sorted(self.passes)) or "none (is onnxopt installed? run `pip install -e .`)"
             raise OnnxoptError(f"unknown pass {name!r}", f"available passes: {known}")
