@@ -34,6 +34,9 @@ __all__ = [
     "reroute",
     "replace_node",
     "remove_node",
+    "name_nodes",
+    "values_by_name",
+    "subgraph_owner",
     "cleanup",
     "expose_values",
     "graph_input_values",
@@ -204,17 +207,57 @@ def reroute(old: ir.Value, new: ir.Value) -> None:
         old.replace_all_uses_with(new)
 
 
-def replace_node(node: ir.Node, new_nodes: Sequence[ir.Node], result: ir.Value) -> None:
-    """Put ``new_nodes`` in ``node``'s graph and let ``result`` take over its (single) output, then drop ``node``."""
-    graph = node.graph
+def replace_node(node: ir.Node | Sequence[ir.Node], new_nodes: Sequence[ir.Node], result: ir.Value | None = None) -> None:
+    """Put ``new_nodes`` in ``node``'s graph and let ``result`` (default: the last new node's output) take over
+    its (single) output, then drop ``node``.
+
+    ``node`` may be a chain (a node and the bias Add after it): the last one's
+    output is taken over and all are dropped. The new nodes go where the
+    first one was, so the graph stays sorted and nodes keep their positions
+    (passes that find layers by position rely on it).
+    """
+    chain = [node] if isinstance(node, ir.Node) else list(node)
+    graph = chain[0].graph
     assert graph is not None
-    for new in new_nodes:
-        graph.append(new)
-    old = node.outputs[0]
+    result = result if result is not None else new_nodes[-1].outputs[0]
+    graph.insert_before(chain[0], list(new_nodes))
+    old = chain[-1].outputs[0]
     if old.dtype is not None:
         result.dtype, result.shape = old.dtype, old.shape
     reroute(old, result)
-    graph.remove(node, safe=True)
+    for gone in reversed(chain):
+        graph.remove(gone, safe=True)
+
+
+def name_nodes(model: ir.Model) -> None:
+    """Give every node (subgraphs included) a unique name: reports, exclusions and refits find layers by name."""
+    names = Names(model)
+    seen: set[str] = set()
+    for node in iter_nodes(model):
+        if not node.name or node.name in seen:
+            node.name = names.fresh(node.name or node.op_type)
+        seen.add(node.name)
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Named values defined in ``graph`` itself: inputs, initializers and node outputs (not its subgraphs')."""
+    index: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    index.update(graph.initializers)
+    for node in graph:
+        for value in node.outputs:
+            if value.name:
+                index[value.name] = value
+    return index
+
+
+def subgraph_owner(model: ir.Model, graph: ir.Graph) -> tuple[ir.Node, str] | None:
+    """The node (If, Loop, Scan...) whose attribute ``graph`` is, with the attribute's name; None for the main graph."""
+    for g in iter_graphs(model):
+        for node in g:
+            for key, attr in node.attributes.items():
+                if attr.type == ir.AttributeType.GRAPH and attr.value is graph:
+                    return node, key
+    return None
 
 
 def remove_node(node: ir.Node) -> None:
@@ -248,14 +291,7 @@ def expose_values(model: ir.Model, names: Iterable[str]) -> ir.Model:
     """
     clone = model.clone()
     wanted = list(dict.fromkeys(names))
-    by_name: dict[str, ir.Value] = {}
-    for value in clone.graph.inputs:
-        if value.name:
-            by_name[value.name] = value
-    for node in clone.graph:
-        for value in node.outputs:
-            if value.name:
-                by_name[value.name] = value
+    by_name = values_by_name(clone.graph)
     missing = [n for n in wanted if n not in by_name]
     if missing:
         raise KeyError(f"values not found in the main graph: {missing[:5]}")

@@ -81,7 +81,8 @@ def test_in_graph_unpack_equals_numpy(k: int, bits: int, granularity: str) -> No
     graph = result.model.graph
     indices = graph.initializers["w.indices"].const_value.numpy()
     codebook = graph.initializers["w.codebook"].const_value.numpy()
-    (index,) = run_model(expose_values(result.model, ["w.i32"]), {"x": np.eye(97, dtype=np.float32)})
+    cast = next(n for n in graph if n.name == "w.i32")  # the decode's Cast to int32 indices
+    (index,) = run_model(expose_values(result.model, [cast.outputs[0].name]), {"x": np.eye(97, dtype=np.float32)})
     expected_index = unpack_indices(indices, bits, weight.size)
     np.testing.assert_array_equal(index.reshape(-1), expected_index)
     rows = expected_index.reshape(37, 97) if granularity == "channel" else expected_index.reshape(1, -1)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import Names, add_initializer
+from onnxopt.graph import Names, add_initializer, make_node
 
 __all__ = [
     "INDEX_BITS",
@@ -104,8 +104,7 @@ class Decoder:
         return self._constants[key]
 
     def _node(self, op: str, inputs: list[ir.Value], hint: str, **attributes: object) -> ir.Node:
-        out = ir.Value(name=self.names.fresh(hint))
-        return ir.Node("", op, inputs, ir.convenience.convert_attributes(attributes), outputs=[out])
+        return make_node(op, inputs, attributes, names=self.names, name_hint=hint)
 
     def decode(self, name: str, codebook: np.ndarray, indices: np.ndarray, bits: int, shape: Sequence[int],
                axis: int | None, dtype: np.dtype) -> tuple[list[ir.Node], ir.Value]:

@@ -23,14 +23,12 @@ from onnxopt.graph import (
     attribute,
     cleanup,
     constant_array,
-    insert_before,
     is_onnx_op,
     iter_nodes,
     make_node,
     only_consumer,
-    remove_node,
     replace_input_weight,
-    reroute,
+    replace_node,
 )
 
 from onnxopt_passes.lowrank.factor import Factorization
@@ -62,15 +60,11 @@ def _shifted(node: ir.Node, bias: ir.Value | None, shift: np.ndarray | None, dty
 
 
 def _replace(old: Sequence[ir.Node], new: Sequence[ir.Node]) -> None:
-    """Put ``new`` where the chain ``old`` was; the last new output takes over the last old output's readers."""
-    before, after = old[-1].outputs[0], new[-1].outputs[0]
-    after.type, after.shape = before.type, before.shape
+    """Put ``new`` where the chain ``old`` was (:func:`onnxopt.graph.replace_node`); the factors between them
+    carry the layer's float type."""
     for extra in new[:-1]:
-        extra.outputs[0].type = before.type
-    insert_before(old[0], new)
-    reroute(before, after)
-    for node in reversed(old):
-        remove_node(node)
+        extra.outputs[0].type = old[-1].outputs[0].type
+    replace_node(old, new)
 
 
 def _gemm_c(node: ir.Node, layer: Layer, c: ir.Value | None, width: int, names: Names) -> list[ir.Value]:

@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, PassSkipped, PassSpace, hookimpl, option
 from onnxopt.data import Dataset
-from onnxopt.graph import Names, cleanup, is_onnx_op, is_weight
+from onnxopt.graph import cleanup, is_onnx_op, is_weight, name_nodes
 from onnxopt.io import infer_shapes
 from onnxopt.measure import count_macs, count_parameters
 
@@ -99,16 +99,6 @@ class PruneConfig:
     @property
     def needs_data(self) -> bool:
         return self.refit or self.saliency == "activation" or self.distribution == "sensitivity"
-
-
-def _name_nodes(model: ir.Model) -> None:
-    """Give every node a unique name: reports, MAC counts and the refit find layers by name."""
-    names = Names(model)
-    seen: set[str] = set()
-    for node in model.graph:
-        if not node.name or node.name in seen:
-            node.name = names.fresh(node.name or node.op_type)
-        seen.add(node.name)
 
 
 def _edge_layers(model: ir.Model) -> set[str]:
@@ -222,7 +212,7 @@ def _plan(model: ir.Model, cg: ChannelGraph, groups: list[Group], order: Mapping
 def prune_model(model: ir.Model, config: PruneConfig, ctx: PassContext) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[str, str]], list[str]]:
     """Prune ``model`` in place; return figures, per-group rows, skipped (target, reason) pairs and notes."""
     data = ctx.require_calibration(PrunePass.name) if config.needs_data else None
-    _name_nodes(model)
+    name_nodes(model)
     notes: list[str] = []
     notes.extend(infer_shapes(model))  # ranks and sizes decide what is safe to prune
     folded = fold_constant_chains(model)

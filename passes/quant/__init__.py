@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from onnxopt import Pass, PassContext, PassResult, PassSkipped, PassSpace, hookimpl, option
-from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes
+from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes, name_nodes
 from onnxopt.opset import ensure_opset
 
 from onnxopt_passes.fold import FoldConfig, FoldPass
@@ -87,16 +87,6 @@ class QuantConfig:
             raise ValueError("fallback_samples and fallback_steps must be positive")
 
 
-def _name_nodes(model: ir.Model) -> None:
-    """Give unnamed nodes unique names: exclusions and the fallback address nodes by name."""
-    names = Names(model)
-    seen: set[str] = set()
-    for node in iter_nodes(model):
-        if not node.name or node.name in seen:
-            node.name = names.fresh(node.op_type)
-        seen.add(node.name)
-
-
 def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContext, *, rewrite: bool = False) -> ir.Model:
     """Weights as initializers, opset high enough, constants and BatchNorm folded (the fold pass), every node
     named; for static mode also the float-exact rewrites that keep more of the graph in integer kernels."""
@@ -116,7 +106,7 @@ def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContex
         gates = fold_hardsigmoid(model)
         if gates:
             report.notes.append(f"{gates} HardSigmoid folded into the Conv/Gemm before them as Clip(0, 1) (runs in the integer Conv)")
-    _name_nodes(model)
+    name_nodes(model)
     return model
 
 

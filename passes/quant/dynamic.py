@@ -21,16 +21,39 @@ from onnxopt.graph import Names, add_initializer, attribute, constant_array, mak
 
 from onnxopt_passes.quant.scheme import quantize, weight_params
 
-__all__ = ["DynamicStats", "dynamic_target", "quantize_dynamic_node", "CONV_REASON"]
+__all__ = ["DynamicStats", "RewriteStats", "finish_rewrite", "dynamic_target", "quantize_dynamic_node", "CONV_REASON"]
 
 CONV_REASON = "never dynamic for Conv: ConvInteger is 3-8x slower than the float Conv on ONNX Runtime's CPU provider"
 
 
 @dataclass
-class DynamicStats:
+class RewriteStats:
+    """What a node-by-node weight rewrite (dynamic int8, int4 weight-only) did."""
+
     nodes: int = 0
     float_weight_bytes: int = 0
     int_weight_bytes: int = 0
+
+
+DynamicStats = RewriteStats
+
+
+def finish_rewrite(node: ir.Node, new_nodes: list[ir.Node], result: ir.Value, bias: np.ndarray | None, names: Names,
+                   stats: RewriteStats, float_bytes: int, int_bytes: int, bias_op: str = "Add") -> None:
+    """The shared tail of a MatMul/Gemm rewrite: add the bias after ``result`` (with ``bias_op``), put the new
+    nodes in place of ``node``, count it."""
+    graph = node.graph
+    assert graph is not None
+    if bias is not None:
+        hint = node.name or node.op_type
+        b_value = add_initializer(graph, bias, names.fresh(f"{hint}_bias"))
+        add = make_node(bias_op, [result, b_value], names=names, name_hint=f"{hint}_bias_add")
+        new_nodes.append(add)
+        result = add.outputs[0]
+    replace_node(node, new_nodes, result)
+    stats.nodes += 1
+    stats.float_weight_bytes += float_bytes
+    stats.int_weight_bytes += int_bytes
 
 
 def dynamic_target(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
@@ -66,7 +89,7 @@ def quantize_dynamic_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | 
     dql = cache.get(id(x))
     if dql is None:
         dql = make_node("DynamicQuantizeLinear", [x], names=names, num_outputs=3, name_hint=f"{x.name}_DynamicQuantizeLinear")
-        graph.append(dql)
+        graph.insert_before(node, [dql])  # the first reader of x: its new nodes go right here
         cache[id(x)] = dql
     scale = weight_params(weight, 1 if per_channel else None)
     w_q = quantize(weight, scale, 0, "int8", 1 if per_channel else None)
@@ -78,14 +101,4 @@ def quantize_dynamic_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | 
     cast = make_node("Cast", [mmi.outputs[0]], {"to": ir.DataType.FLOAT}, names=names, name_hint=f"{hint}_Cast")
     scales = make_node("Mul", [dql.outputs[1], s_value], names=names, name_hint=f"{hint}_scales")
     out = make_node("Mul", [cast.outputs[0], scales.outputs[0]], names=names, name_hint=f"{hint}_rescale")
-    new_nodes = [mmi, cast, scales, out]
-    result = out.outputs[0]
-    if bias is not None:
-        b_value = add_initializer(graph, bias, names.fresh(f"{hint}_bias"))
-        add = make_node("Add", [result, b_value], names=names, name_hint=f"{hint}_bias_add")
-        new_nodes.append(add)
-        result = add.outputs[0]
-    replace_node(node, new_nodes, result)
-    stats.nodes += 1
-    stats.float_weight_bytes += weight.nbytes
-    stats.int_weight_bytes += w_q.nbytes
+    finish_rewrite(node, [mmi, cast, scales, out], out.outputs[0], bias, names, stats, weight.nbytes, w_q.nbytes)

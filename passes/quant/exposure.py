@@ -13,37 +13,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import Names, add_initializer, expose_values, is_onnx_op, iter_graphs
+from onnxopt.graph import Names, add_initializer, expose_values, is_onnx_op, iter_graphs, subgraph_owner, values_by_name
 
 __all__ = ["expose_everywhere", "value_index", "if_of"]
 
 
-def value_index(graph: ir.Graph) -> dict[str, ir.Value]:
-    """Named values defined in ``graph`` itself (inputs, initializers, node outputs)."""
-    index: dict[str, ir.Value] = {}
-    for value in graph.inputs:
-        if value.name:
-            index[value.name] = value
-    for name, value in graph.initializers.items():
-        index[name] = value
-    for node in graph:
-        for value in node.outputs:
-            if value.name:
-                index[value.name] = value
-    return index
+#: Named values defined in a graph itself (kept under its old name: :func:`onnxopt.graph.values_by_name`).
+value_index = values_by_name
 
 
 def if_of(model: ir.Model, graph: ir.Graph) -> tuple[ir.Node, str] | None:
     """The If node whose branch ``graph`` is, with the branch attribute name; None for other graphs."""
-    for g in iter_graphs(model):
-        for node in g:
-            if not is_onnx_op(node, "If"):
-                continue
-            for key in ("then_branch", "else_branch"):
-                attr = node.attributes.get(key)
-                if attr is not None and attr.value is graph:
-                    return node, key
-    return None
+    found = subgraph_owner(model, graph)
+    return found if found is not None and is_onnx_op(found[0], "If") else None
 
 
 def _bubble(model: ir.Model, value: ir.Value, names: Names) -> ir.Value | None:

@@ -22,10 +22,8 @@ __all__ = [
     "weight_params",
     "quantize",
     "dequantize",
-    "quantize_weight",
     "quantize_bias",
     "quantize_blockwise",
-    "dequantize_blockwise",
 ]
 
 ActivationType = Literal["uint8", "int8"]
@@ -129,12 +127,6 @@ def dequantize(q: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray 
     return ((q.astype(np.int64) - z) * s).astype(np.float32)
 
 
-def quantize_weight(weight: np.ndarray, axis: int | None, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 (or int4) weight and its scales (per channel along ``axis``, or one)."""
-    scale = weight_params(weight, axis, bits)
-    return quantize(weight, scale, 0, "int8" if bits == 8 else "int4", axis), scale
-
-
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """int32 bias with scale = input scale x weight scale, as the integer kernels add it.
 
@@ -168,9 +160,3 @@ def quantize_blockwise(weight: np.ndarray, block_size: int, bits: int = 4) -> tu
     full = np.repeat(scale, block_size, axis=0)[:k]
     q = np.clip(np.rint(weight.astype(np.float32) / full), -qmax - 1, qmax).astype(ml_dtypes.int4 if bits == 4 else np.int8)
     return q, scale
-
-
-def dequantize_blockwise(q: np.ndarray, scale: np.ndarray, block_size: int) -> np.ndarray:
-    """The float weight a block-wise DequantizeLinear gives back."""
-    full = np.repeat(scale, block_size, axis=0)[: q.shape[0]]
-    return (q.astype(np.float32) * full).astype(np.float32)

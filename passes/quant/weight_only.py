@@ -11,27 +11,22 @@ added with Sum, which ORT leaves alone (see below).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import Names, add_initializer, make_node, replace_node
+from onnxopt.graph import Names, add_initializer, make_node
 
+from onnxopt_passes.quant.dynamic import RewriteStats, finish_rewrite
 from onnxopt_passes.quant.scheme import quantize_blockwise
 
 __all__ = ["WeightOnlyStats", "quantize_int4_node"]
 
 
-@dataclass
-class WeightOnlyStats:
-    nodes: int = 0
-    float_weight_bytes: int = 0
-    int_weight_bytes: int = 0
+WeightOnlyStats = RewriteStats
 
 
 def quantize_int4_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | None, block_size: int, names: Names,
-                       stats: WeightOnlyStats) -> None:
+                       stats: RewriteStats) -> None:
     """Replace ``node`` (MatMul, or Gemm given as its [K, N] weight and bias) by DQ(int4) -> MatMul (+ Add)."""
     graph = node.graph
     assert graph is not None and node.inputs[0] is not None
@@ -42,16 +37,7 @@ def quantize_int4_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | Non
     dq = make_node("DequantizeLinear", [q_value, s_value], {"axis": 0, "block_size": block_size}, names=names,
                    name_hint=f"{hint}_weight_DequantizeLinear")
     matmul = make_node("MatMul", [node.inputs[0], dq.outputs[0]], names=names, name_hint=f"{hint}_MatMul")
-    new_nodes = [dq, matmul]
-    result = matmul.outputs[0]
-    if bias is not None:
-        b_value = add_initializer(graph, bias, names.fresh(f"{hint}_bias"))
-        # Sum, not Add: ORT's MatMulAddFusion would turn MatMul+Add into a float Gemm before its
-        # DequantizeLinear->MatMul -> MatMulNBits fusion sees the pair (measured on ORT 1.32)
-        add = make_node("Sum", [result, b_value], names=names, name_hint=f"{hint}_bias_add")
-        new_nodes.append(add)
-        result = add.outputs[0]
-    replace_node(node, new_nodes, result)
-    stats.nodes += 1
-    stats.float_weight_bytes += weight.nbytes
-    stats.int_weight_bytes += (q.size + 1) // 2 + scale.nbytes
+    # the bias is added with Sum, not Add: ORT's MatMulAddFusion would turn MatMul+Add into a float Gemm before
+    # its DequantizeLinear->MatMul -> MatMulNBits fusion sees the pair (measured on ORT 1.32)
+    finish_rewrite(node, [dq, matmul], matmul.outputs[0], bias, names, stats, weight.nbytes,
+                   (q.size + 1) // 2 + scale.nbytes, bias_op="Sum")
