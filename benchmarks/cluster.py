@@ -39,6 +39,7 @@ from onnxopt.io import load_model, save_model
 from onnxopt_passes.cluster import ClusterConfig, ClusterPass
 from onnxopt_passes.cluster.kmeans import cluster_rows
 from onnxopt_passes.fold import FoldConfig, FoldPass
+from common import pct, ratio, table
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -321,21 +322,6 @@ def run(quick: bool) -> dict[str, Any]:
 # -- report --------------------------------------------------------------------------------------------------------
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Callable[[Any], str]]]) -> str:
-    head = "| " + " | ".join(title for title, _, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(row.get(key)) for _, key, fmt in columns) + " |" for row in rows]
-    return "\n".join([head, rule, *body])
-
-
-def pct(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:.2f}%"
-
-
-def ratio(v: float | None) -> str:
-    return "" if v is None else f"{v:.3f}×"
-
-
 def num(v: Any) -> str:
     if v is None:
         return ""
@@ -399,7 +385,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Digits models (accuracy on eval.npz, 540 samples)",
         "",
-        _table(digits, [("model", "model", str), ("setting", "setting", str), ("per-ch", "per_channel_tensors", num), ("packed", "packed_ratio", ratio),
+        table(digits, [("model", "model", str), ("setting", "setting", str), ("per-ch", "per_channel_tensors", num), ("packed", "packed_ratio", ratio),
                         ("dense zip", "dense_zip_ratio", ratio), ("fp32 zip", "fp32_zip_ratio", ratio),
                         ("weight SNR dB", "weight_snr_db", num), ("accuracy", "accuracy", pct),
                         ("fp32", "accuracy_fp32", pct), ("cluster s", "cluster_s", secs),
@@ -411,7 +397,7 @@ def markdown(results: dict[str, Any]) -> str:
         parts += [
             f"## PP-OCRv4 det (fidelity of the probability map against fp32, input {'x'.join(map(str, DET_SHAPE))})",
             "",
-            _table(det, [("setting", "setting", str), ("per-ch", "per_channel_tensors", num), ("packed", "packed_ratio", ratio),
+            table(det, [("setting", "setting", str), ("per-ch", "per_channel_tensors", num), ("packed", "packed_ratio", ratio),
                          ("dense zip", "dense_zip_ratio", ratio), ("fp32 zip", "fp32_zip_ratio", ratio),
                          ("weight SNR dB", "weight_snr_db", num), ("map SNR dB", "snr_db", num),
                          ("mask IoU", "mask_iou", num), ("max abs", "max_abs", num), ("cluster s", "cluster_s", secs),
@@ -426,7 +412,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "`cluster s` is the k-means alone, `pass s` the whole pass (read, cluster, pack, write the decode).",
         "",
-        _table(results["speed"], [("k", "k", num), ("granularity", "granularity", str), ("init", "init", str),
+        table(results["speed"], [("k", "k", num), ("granularity", "granularity", str), ("init", "init", str),
                                   ("per-ch tensors", "per_channel_tensors", num), ("cluster s", "cluster_s", secs),
                                   ("pass s", "pass_s", secs), ("weight SNR dB", "weight_snr_db", num),
                                   ("method used", "methods", num)]),
@@ -443,7 +429,7 @@ def markdown(results: dict[str, Any]) -> str:
     parts += [
         "## Initialisations (digits transformer, per tensor)",
         "",
-        _table(results["inits"], [("k", "k", num), ("init", "init", str), ("weight SNR dB", "weight_snr_db", num),
+        table(results["inits"], [("k", "k", num), ("init", "init", str), ("weight SNR dB", "weight_snr_db", num),
                                   ("worst tensor dB", "worst_snr_db", num), ("cluster s", "cluster_s", secs),
                                   ("method used", "methods", num)]),
         "",

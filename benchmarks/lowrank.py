@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from onnxopt_passes.lowrank.layers import find_layers
 from onnxopt_passes.lowrank.ranks import rank_for_ratio
 from onnxopt_passes.lowrank.rewrite import build_model
 from onnxopt_passes.lowrank.stats import collect_moments
+from common import pct, ratio, table
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -200,21 +200,6 @@ def run(quick: bool) -> dict[str, Any]:
 # -- report --------------------------------------------------------------------------------------------------------
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Callable[[Any], str]]]) -> str:
-    head = "| " + " | ".join(title for title, _, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(row.get(key)) for _, key, fmt in columns) + " |" for row in rows]
-    return "\n".join([head, rule, *body])
-
-
-def pct(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:.2f}%"
-
-
-def ratio(v: float | None) -> str:
-    return "" if v is None else f"{v:.3f}×"
-
-
 def num(v: Any) -> str:
     return "" if v is None else (f"{v:.2e}" if isinstance(v, float) and v < 0.01 else f"{v:.4g}" if isinstance(v, float) else str(v))
 
@@ -275,7 +260,7 @@ def markdown(results: dict[str, Any]) -> str:
         "(ASVD-style diagonal); `activation` is the pass's `method=activation` (Cholesky whitening by the input "
         "covariance, bias correction, BatchNorm-aware). rel error = ‖y'-y‖²/‖y‖² of the logits.",
         "",
-        _table(results["equal_rank"], [("model", "model", str), ("ratio", "ratio", num), ("method", "method", str),
+        table(results["equal_rank"], [("model", "model", str), ("ratio", "ratio", num), ("method", "method", str),
                                        ("MACs", "macs_ratio", ratio), ("params", "params_ratio", ratio),
                                        ("rel error", "rel_error", num), ("agreement", "agreement", pct),
                                        ("accuracy", "accuracy", pct)]),
@@ -286,7 +271,7 @@ def markdown(results: dict[str, Any]) -> str:
         "candidate/original ratio (order flipped each round). The machine's 2 cores were shared with other jobs: "
         "2-thread figures (ORT's spinning pool starves when a core is taken) and single outliers are noise.",
         "",
-        _table(results["targets"], [("model", "model", str), ("case", "case", str), ("layers", "layers", str),
+        table(results["targets"], [("model", "model", str), ("case", "case", str), ("layers", "layers", str),
                                     ("MACs", "macs_ratio", ratio), ("params", "params_ratio", ratio),
                                     ("accuracy", "accuracy", pct), ("drop", "accuracy_drop", pct),
                                     ("lat t1 b1", "t1_b1", ratio), ("lat t1 b64", "t1_b64", ratio),
@@ -299,7 +284,7 @@ def markdown(results: dict[str, Any]) -> str:
         "latency any rank allocation can reach. What stays is the ops lowrank does not touch (attention, "
         "LayerNorm, Softmax, reshapes, BatchNorm-folded convs' overhead) and ONNX Runtime's per-node cost.",
         "",
-        _table(results["floor"], [("model", "model", str), ("MACs", "macs_ratio", ratio),
+        table(results["floor"], [("model", "model", str), ("MACs", "macs_ratio", ratio),
                                   ("lat t1 b1", "t1_b1", ratio), ("lat t1 b64", "t1_b64", ratio),
                                   ("lat t2 b1", "t2_b1", ratio), ("lat t2 b64", "t2_b64", ratio)]),
         "",
@@ -308,7 +293,7 @@ def markdown(results: dict[str, Any]) -> str:
         "With `method=activation` the energy is the share of the layer's output energy on calibration data, a "
         "stricter measure than the weight's: the same threshold cuts deeper.",
         "",
-        _table(results["energy"], [("model", "model", str), ("energy", "energy", num), ("method", "method", str),
+        table(results["energy"], [("model", "model", str), ("energy", "energy", num), ("method", "method", str),
                                    ("layers", "layers", str), ("MACs", "macs_ratio", ratio),
                                    ("params", "params_ratio", ratio), ("rel error", "rel_error", num),
                                    ("accuracy", "accuracy", pct)]),

@@ -44,6 +44,7 @@ from onnxopt.io import load_model, save_model, serialize_model
 from onnxopt.measure import count_macs, count_parameters
 from onnxopt.sessions import SessionFactory
 from onnxopt_passes.prune import PruneConfig, PrunePass
+from common import rendered
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -51,7 +52,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 #: Where the timed pruned models are kept between a full run and ``--latency-only``.
 CACHE = Path(os.environ.get("ONNXOPT_PRUNE_BENCH_CACHE", "/tmp/onnxopt-prune-bench"))
 REAL = Path(os.environ.get("ONNXOPT_REAL_MODELS", "/tmp/real-models"))
-FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 WORDS = ("invoice total amount date receipt 2024 ONNX runtime pruning model text detection shipping address "
          "number 42 price tax order customer name street city code paid balance due item qty hello world "
          "optical character recognition paddle engine 3.14 sample page report").split()
@@ -71,57 +71,8 @@ ort.set_default_logger_severity(4)
 # -- rendered text (the OCR models' inputs) ----------------------------------------------------------------------
 
 
-def _fonts() -> list[Path]:
-    fonts = sorted(FONT_DIR.glob("*.ttf"))
-    if not fonts:
-        raise SystemExit(f"no TrueType fonts under {FONT_DIR}: install fonts-dejavu-core")
-    return fonts
-
-
-def _words(rng: np.random.Generator, n: int) -> str:
-    return " ".join(rng.choice(WORDS, size=n))
-
-
-def _line(rng: np.random.Generator) -> np.ndarray:
-    """A 48x192 text-line crop as the PP-OCR angle classifier sees it; half of them upside down."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    fonts = _fonts()
-    font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(20, 34)))
-    text = _words(rng, int(rng.integers(1, 4)))
-    bg, fg = tuple(int(v) for v in rng.integers(170, 256, 3)), tuple(int(v) for v in rng.integers(0, 90, 3))
-    left, top, right, bottom = font.getbbox(text)
-    img = Image.new("RGB", (right - left + 8, bottom - top + 8), bg)
-    ImageDraw.Draw(img).text((4 - left, 4 - top), text, fill=fg, font=font)
-    if rng.random() < 0.5:
-        img = img.rotate(180)
-    w = min(192, max(8, int(round(img.width * 48 / img.height))))
-    arr = np.zeros((48, 192, 3), np.float32)
-    arr[:, :w] = (np.asarray(img.resize((w, 48)), dtype=np.float32) / 255.0 - 0.5) / 0.5
-    return arr.transpose(2, 0, 1)
-
-
-def _page(rng: np.random.Generator, size: int = 320) -> np.ndarray:
-    """A size x size crop of a document: text lines in varied fonts, colours and sizes, ImageNet-normalized."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    fonts = _fonts()
-    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(170, 256, 3)))
-    draw = ImageDraw.Draw(img)
-    y = int(rng.integers(2, 20))
-    while y < size - 12:
-        font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(12, 34)))
-        draw.text((int(rng.integers(0, size // 3)), y), _words(rng, int(rng.integers(2, 6))),
-                  fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
-        y += int(rng.integers(22, 60))
-    arr = np.asarray(img, dtype=np.float32) / 255.0 + rng.normal(0, 0.02, (size, size, 3)).astype(np.float32)
-    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
-    return ((arr - mean) / std).transpose(2, 0, 1)
-
-
 def _rendered(kind: str, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.stack([_page(rng) if kind == "det" else _line(rng) for _ in range(n)]).astype(np.float32)
+    return rendered(kind, n, seed, WORDS)
 
 
 # -- models, data and quality ------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from common import rendered
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 REAL = Path(os.environ.get("ONNXOPT_REAL_MODELS", "/tmp/real-models"))
@@ -50,61 +52,8 @@ ort.set_default_logger_severity(4)
 # ---------------------------------------------------------------------------- rendered text images
 
 
-def _fonts() -> list[Path]:
-    fonts = sorted(FONT_DIR.glob("*.ttf"))
-    if not fonts:
-        raise SystemExit(f"no TrueType fonts under {FONT_DIR}: install fonts-dejavu-core")
-    return fonts
-
-
-def _text(rng: np.random.Generator, n: int) -> str:
-    return " ".join(rng.choice(WORDS, size=n))
-
-
-def _page(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A size x size RGB crop of a 'document': a few text lines in varied fonts, colours and sizes."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    bg = tuple(int(v) for v in rng.integers(170, 256, 3))
-    img = Image.new("RGB", (size, size), bg)
-    draw = ImageDraw.Draw(img)
-    fonts = _fonts()
-    y = int(rng.integers(2, 20))
-    while y < size - 12:
-        font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(12, 34)))
-        fg = tuple(int(v) for v in rng.integers(0, 90, 3))
-        draw.text((int(rng.integers(0, size // 3)), y), _text(rng, int(rng.integers(2, 6))), fill=fg, font=font)
-        y += int(rng.integers(22, 60))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr + rng.normal(0, 0.02, arr.shape).astype(np.float32)  # scanner noise
-    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
-    return ((arr - mean) / std).transpose(2, 0, 1).astype(np.float32)
-
-
-def _line(rng: np.random.Generator) -> np.ndarray:
-    """A 48x192 text-line crop as the PP-OCR angle classifier sees it; half of them upside down."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    fonts = _fonts()
-    font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(20, 34)))
-    text = _text(rng, int(rng.integers(1, 4)))
-    bg = tuple(int(v) for v in rng.integers(170, 256, 3))
-    fg = tuple(int(v) for v in rng.integers(0, 90, 3))
-    left, top, right, bottom = font.getbbox(text)
-    img = Image.new("RGB", (right - left + 8, bottom - top + 8), bg)
-    ImageDraw.Draw(img).text((4 - left, 4 - top), text, fill=fg, font=font)
-    if rng.random() < 0.5:
-        img = img.rotate(180)
-    w = min(192, max(8, int(round(img.width * 48 / img.height))))
-    img = img.resize((w, 48))
-    arr = np.zeros((48, 192, 3), np.float32)
-    arr[:, :w] = (np.asarray(img, dtype=np.float32) / 255.0 - 0.5) / 0.5
-    return arr.transpose(2, 0, 1)
-
-
 def _rendered(kind: str, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.stack([_page(rng, 320) if kind == "det" else _line(rng) for _ in range(n)]).astype(np.float32)
+    return rendered(kind, n, seed, WORDS)
 
 
 # ---------------------------------------------------------------------------- models and data
