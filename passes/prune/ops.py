@@ -515,34 +515,64 @@ def _flatten(node: ir.Node, cg: ChannelGraph) -> None:
 
 
 def _reshape(node: ir.Node, cg: ChannelGraph) -> None:
-    """Reshapes that keep or merge the channel axis (Flatten-like, [N,C,1,1]->[N,C]); head splits on request."""
+    """Reshapes that keep or merge the channel axis (Flatten-like, [N,C,1,1]->[N,C]); head splits on request.
+
+    Each step returns what it found or why the channels must stay as they are (then fixed with that reason).
+    """
     x, y = node.inputs[0], node.outputs[0]
     xl = cg.layout(x)
     if xl is None:
         return
+    shapes = _reshape_dims(node, xl)
+    if isinstance(shapes, str):
+        cg.fix(xl.ids, shapes)
+        return
+    target, src, resolved = shapes
+    found = _channels_after_reshape(node, cg, xl, src, resolved)
+    if isinstance(found, str):
+        cg.fix(xl.ids, found)
+        return
+    ids, out_axis = found
+    literal = target[out_axis]
+    if literal > 0:
+        cg.edits.append(SetShapeEntry(node, 1, out_axis, y))
+    elif literal == 0 and not (out_axis == xl.axis and ids is xl.ids):
+        cg.fix(xl.ids, f"{_label(node)} copies a dim (0) onto the channel axis")
+        return
+    cg.set_layout(y, Layout(out_axis, len(resolved), ids))
+
+
+#: A dim as ``(n, p)`` = n * B**p, where B stands for an unknown leading batch dim.
+_Dim = tuple[int, int]
+
+
+def _reshape_dims(node: ir.Node, xl: Layout) -> tuple[list[int], list[_Dim], list[_Dim]] | str:
+    """The literal target shape, and the input and output dims as ``(n, p)``; or why they cannot be known."""
     shape = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if shape is None:
-        cg.fix(xl.ids, f"{_label(node)}: target shape computed at run time")
-        return
+        return f"{_label(node)}: target shape computed at run time"
     target = [int(d) for d in shape.reshape(-1)]
-    dims = dims_of(x)
+    dims = dims_of(node.inputs[0])
     if dims is None:
-        cg.fix(xl.ids, f"{_label(node)}: input shape unknown")
-        return
+        return f"{_label(node)}: input shape unknown"
     dims = list(dims)
     dims[xl.axis] = len(xl.ids)
-    # dims as (n, p) = n * B**p, where B stands for an unknown leading batch dim
-    src: list[tuple[int, int]] = []
+    src: list[_Dim] = []
     for i, d in enumerate(dims):
         if d is None and i == 0:
             src.append((1, 1))
         elif d is None:
-            cg.fix(xl.ids, f"{_label(node)}: input dim {i} of unknown size")
-            return
+            return f"{_label(node)}: input dim {i} of unknown size"
         else:
             src.append((d, 0))
+    resolved = _target_dims(node, target, src)
+    return resolved if isinstance(resolved, str) else (target, src, resolved)
+
+
+def _target_dims(node: ir.Node, target: list[int], src: list[_Dim]) -> list[_Dim] | str:
+    """The output dims: literal sizes, 0 copied from the input (unless allowzero), one -1 solved for."""
     allowzero = int(attribute(node, "allowzero", 0))
-    out: list[tuple[int, int] | None] = []
+    out: list[_Dim | None] = []
     for i, d in enumerate(target):
         if d > 0:
             out.append((d, 0))
@@ -551,72 +581,64 @@ def _reshape(node: ir.Node, cg: ChannelGraph) -> None:
         elif d == -1:
             out.append(None)
         else:
-            cg.fix(xl.ids, f"{_label(node)}: zero-size target shape")
-            return
+            return f"{_label(node)}: zero-size target shape"
     total = (int(np.prod([n for n, _ in src], dtype=np.int64)), sum(p for _, p in src))
     if out.count(None) == 1:
         known = (int(np.prod([o[0] for o in out if o is not None], dtype=np.int64)), sum(o[1] for o in out if o is not None))
         if known[0] == 0 or total[0] % known[0] or total[1] - known[1] not in (0, 1):
-            cg.fix(xl.ids, f"{_label(node)}: target shape does not divide the input")
-            return
+            return f"{_label(node)}: target shape does not divide the input"
         out[out.index(None)] = (total[0] // known[0], total[1] - known[1])
     elif out.count(None) > 1:
-        cg.fix(xl.ids, f"{_label(node)}: several -1 in the target shape")
-        return
-    resolved: list[tuple[int, int]] = [o for o in out if o is not None]
+        return f"{_label(node)}: several -1 in the target shape"
+    return [o for o in out if o is not None]
 
-    def prefixes(ds: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        acc, res = (1, 0), [(1, 0)]
-        for n, p in ds:
-            acc = (acc[0] * n, acc[1] + p)
-            res.append(acc)
-        return res
 
-    pin, pout = prefixes(src), prefixes(resolved)
+def _prefixes(ds: list[_Dim]) -> list[_Dim]:
+    """Running products of the dims: where two shapes agree on a prefix, the axes before it map onto each other."""
+    acc, res = (1, 0), [(1, 0)]
+    for n, p in ds:
+        acc = (acc[0] * n, acc[1] + p)
+        res.append(acc)
+    return res
+
+
+def _channels_after_reshape(node: ir.Node, cg: ChannelGraph, xl: Layout, src: list[_Dim], resolved: list[_Dim]
+                            ) -> tuple[np.ndarray, int] | str:
+    """The channel ids along the output and the output axis that carries them; or why the reshape mixes them."""
+    pin, pout = _prefixes(src), _prefixes(resolved)
     a = xl.axis
     if pin[a] not in pout:
-        cg.fix(xl.ids, f"{_label(node)} mixes the channels with the axes before them")
-        return
+        return f"{_label(node)} mixes the channels with the axes before them"
     b = pout.index(pin[a])
     while b < len(resolved) and resolved[b] == (1, 0) and pout[b + 1] != pin[a + 1]:
         b += 1  # skip inserted unit axes
     if b >= len(resolved):
-        cg.fix(xl.ids, f"{_label(node)}: channel axis not found in the target shape")
-        return
-    if pout[b + 1] in pin[a + 1:]:
+        return f"{_label(node)}: channel axis not found in the target shape"
+    if pout[b + 1] in pin[a + 1:]:  # the channel axis kept, or merged with the axes after it
         end = pin.index(pout[b + 1], a + 1)
         block = [n for n, p in src[a:end]]
         if any(p for _, p in src[a + 1:end]):
-            cg.fix(xl.ids, f"{_label(node)} merges the channels with the batch axis")
-            return
-        ids = xl.ids if end == a + 1 else _merge_ids(xl.ids, block, 0)
-        out_axis = b
-    elif b + 2 <= len(resolved) and pout[b + 2] == pin[a + 1] and resolved[b][1] == 0:
-        outer, inner = resolved[b][0], resolved[b + 1][0]
-        blocks = xl.ids.reshape(outer, inner)
-        roots = np.array([[cg.find(int(i)) for i in row] for row in blocks.tolist()])
-        if (roots == roots[:1]).all():  # channel shuffle after a grouped Conv: the id depends on the inner axis only
-            ids, out_axis = blocks[0].copy(), b + 1
-        elif (roots == roots[:, :1]).all():
-            ids, out_axis = blocks[:, 0].copy(), b
-        elif cg.attention_heads:  # heads: all channels of a head go together
-            for j in range(1, inner):
-                cg.union(blocks[:, 0], blocks[:, j])
-            ids, out_axis = blocks[:, 0].copy(), b
-        else:
-            cg.fix(xl.ids, f"{_label(node)} splits the channel axis (attention heads are pruned with prune.attention_heads=true)")
-            return
-    else:
-        hint = "" if cg.attention_heads else " (attention heads are pruned with prune.attention_heads=true)"
-        cg.fix(xl.ids, f"{_label(node)} splits the channel axis{hint}")
-        return
-    literal = target[out_axis]
-    if literal > 0:
-        cg.edits.append(SetShapeEntry(node, 1, out_axis, y))
-    elif literal == 0 and not (out_axis == a and ids is xl.ids):
-        cg.fix(xl.ids, f"{_label(node)} copies a dim (0) onto the channel axis")
-        return
-    cg.set_layout(y, Layout(out_axis, len(resolved), ids))
+            return f"{_label(node)} merges the channels with the batch axis"
+        return (xl.ids if end == a + 1 else _merge_ids(xl.ids, block, 0)), b
+    if b + 2 <= len(resolved) and pout[b + 2] == pin[a + 1] and resolved[b][1] == 0:
+        return _split_channels(node, cg, xl, resolved[b][0], resolved[b + 1][0], b)
+    hint = "" if cg.attention_heads else " (attention heads are pruned with prune.attention_heads=true)"
+    return f"{_label(node)} splits the channel axis{hint}"
+
+
+def _split_channels(node: ir.Node, cg: ChannelGraph, xl: Layout, outer: int, inner: int, b: int) -> tuple[np.ndarray, int] | str:
+    """The channel axis split in two (``outer`` x ``inner``): a shuffle, a grouping, or attention heads."""
+    blocks = xl.ids.reshape(outer, inner)
+    roots = np.array([[cg.find(int(i)) for i in row] for row in blocks.tolist()])
+    if (roots == roots[:1]).all():  # channel shuffle after a grouped Conv: the id depends on the inner axis only
+        return blocks[0].copy(), b + 1
+    if (roots == roots[:, :1]).all():
+        return blocks[:, 0].copy(), b
+    if cg.attention_heads:  # heads: all channels of a head go together
+        for j in range(1, inner):
+            cg.union(blocks[:, 0], blocks[:, j])
+        return blocks[:, 0].copy(), b
+    return f"{_label(node)} splits the channel axis (attention heads are pruned with prune.attention_heads=true)"
 
 
 # --- ops that cut or join the channel axis -------------------------------------------------------
