@@ -210,7 +210,6 @@ def finetune(
     """
     torch = require_torch()
     from onnxopt.finetune.loss import distill_loss
-    from onnxopt.finetune.torch_graph import OnnxModule, statistic_initializers, trainable_initializers, with_weights
 
     config = config or FinetuneConfig()
     progress = progress or Progress(enabled=False)
@@ -219,17 +218,74 @@ def finetune(
         raise OnnxoptError(f"output {output} is the student model", "write to another path; the input is never overwritten")
     report = FinetuneReport(str(student), str(teacher) if teacher else None, str(output) if output else None,
                             config_to_dict(config))
+    models = _load_models(student, teacher, config)
+    batches = _load_data(models, data, eval_data, config, report)
+    module, statistics = _build_module(models, student, report, len(batches.train), config.batchnorm)
+    sessions = SessionFactory()
+    probe = {k: v[: batches.batch_size if batches.fixed_batch else PROBE_SAMPLES] for k, v in batches.train.arrays.items()}
+
+    def torch_logits(feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            return module({k: torch.from_numpy(v) for k, v in feed.items()})[models.s_out].numpy()
+
+    _check_conversion(report, sessions, models, student, probe, torch_logits)
+    aug = parse_augment(config.augment)
+    teacher_run, cached = _teacher_outputs(sessions, models, batches, aug.enabled)
+    _train_with(torch, config, module, bool(statistics), lambda: _train(
+        torch, distill_loss, module, batches.train, batches.labels, models.s_out, teacher_run, cached, aug, config,
+        report, progress, batches.batch_size, drop_last=batches.fixed_batch))
+    from onnxopt.finetune.torch_graph import with_weights
+
+    trained = with_weights(models.student, module.current_weights())
+    _check_written(report, sessions, trained, models.s_out, probe, torch_logits)
+    if batches.evaluation is not None:
+        _evaluate(report, sessions, batches.evaluation, models.student, trained, models.s_out, models.teacher,
+                  models.t_out, models.pairs)
+    if output is not None:
+        save_model(trained, output)
+        report.written = True
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass
+class _Models:
+    """The student and (optional) teacher, the outputs compared, and how the teacher's inputs are fed."""
+
+    student: ir.Model
+    s_out: str
+    teacher: ir.Model | None = None
+    t_out: str | None = None
+    pairs: list[InputPair] = field(default_factory=list)
+
+
+@dataclass
+class _Batches:
+    """Training and evaluation data, the training labels, and the batch the student's inputs allow."""
+
+    train: Dataset
+    evaluation: Dataset | None
+    labels: np.ndarray | None
+    batch_size: int
+    fixed_batch: bool
+
+
+def _load_models(student: str | os.PathLike[str], teacher: str | os.PathLike[str] | None, config: FinetuneConfig) -> _Models:
     s_model = load_model(student)
     s_out = pick_output(s_model, config.student_output, "student")
-    t_model = load_model(teacher) if teacher is not None else None
-    pairs: list[InputPair] = []
-    t_name = None
-    if t_model is not None:
-        pairs = pair_inputs(s_model, t_model, parse_input_map(config.input_map))
+    models = _Models(s_model, str(s_out.name))
+    if teacher is not None:
+        t_model = load_model(teacher)
+        models.pairs = pair_inputs(s_model, t_model, parse_input_map(config.input_map))
         t_out = pick_output(t_model, config.teacher_output, "teacher")
         check_logits(s_out, t_out)
-        t_name = t_out.name
-    specs = input_specs(s_model)
+        models.teacher, models.t_out = t_model, t_out.name
+    return models
+
+
+def _load_data(models: _Models, data: str | os.PathLike[str], eval_data: str | os.PathLike[str] | None,
+               config: FinetuneConfig, report: FinetuneReport) -> _Batches:
+    specs = input_specs(models.student)
     fixed = {spec.fixed_batch for spec in specs if spec.fixed_batch is not None}
     fixed_batch = len(fixed) == 1
     batch_size = fixed.pop() if fixed_batch else config.batch_size
@@ -239,14 +295,22 @@ def finetune(
     train = _needs_arrays(load_dataset(data, specs, batch_size=batch_size), "--data")
     evaluation = _needs_arrays(load_dataset(eval_data, specs), "--eval") if eval_data is not None else None
     labels = None if train.labels is None else train.labels.astype(np.int64)
-    if labels is None and (t_model is None or config.alpha < 1.0):
+    if labels is None and (models.teacher is None or config.alpha < 1.0):
         raise OnnxoptError(f"--data {train.source} has no labels, which the cross-entropy term needs",
                            "add labels to the .npz, or train on the teacher alone: --teacher T.onnx --alpha 1")
-    if t_model is None:
+    if models.teacher is None:
         report.notes.append("no teacher: trained on the labels alone (cross-entropy)")
+    return _Batches(train, evaluation, labels, batch_size, fixed_batch)
 
+
+def _build_module(models: _Models, student: str | os.PathLike[str], report: FinetuneReport, samples: int,
+                  batchnorm: str) -> tuple[Any, list[str]]:
+    """The torch module of the student, and the BatchNorm statistics it updates (``batchnorm="batch"``)."""
+    from onnxopt.finetune.torch_graph import OnnxModule, statistic_initializers, trainable_initializers
+
+    s_model = models.student
     names = trainable_initializers(s_model)
-    statistics = statistic_initializers(s_model) if config.batchnorm == "batch" else []
+    statistics = statistic_initializers(s_model) if batchnorm == "batch" else []
     module = OnnxModule(s_model, names, statistics)  # first: an op it cannot convert is the clearer error
     if not names:
         raise OnnxoptError(f"{student} has no float32 weights in trainable positions",
@@ -255,59 +319,62 @@ def finetune(
     report.trainable_parameters = int(sum(p.numel() for p in module.parameters()))
     report.statistic_tensors = len(statistics)
     report.frozen_tensors = len(s_model.graph.initializers) - len(names) - len(statistics)
-    report.samples = len(train)
+    report.samples = samples
+    return module, statistics
 
-    sessions = SessionFactory()
-    probe = {k: v[: batch_size if fixed_batch else PROBE_SAMPLES] for k, v in train.arrays.items()}
 
-    def torch_logits(feed: Mapping[str, np.ndarray]) -> np.ndarray:
-        with torch.no_grad():
-            return module({k: torch.from_numpy(v) for k, v in feed.items()})[s_out.name].numpy()
-
-    ort_before = sessions.create(s_model).run([s_out.name], probe)[0]
+def _check_conversion(report: FinetuneReport, sessions: SessionFactory, models: _Models, student: str | os.PathLike[str],
+                      probe: Mapping[str, np.ndarray], torch_logits: Callable[[Mapping[str, np.ndarray]], np.ndarray]) -> None:
+    """Training is safe only where the torch module computes what ONNX Runtime computes."""
+    ort_before = sessions.create(models.student).run([models.s_out], dict(probe))[0]
     report.fidelity["torch_vs_ort_before"] = _probe_error(ort_before, torch_logits(probe))
     if report.fidelity["torch_vs_ort_before"] > FIDELITY_TOLERANCE:
         raise OnnxoptError(f"the torch conversion of {student} differs from ONNX Runtime (relative error "
-                           f"{report.fidelity['torch_vs_ort_before']:.2e} on {s_out.name!r}); training it would be unsafe",
+                           f"{report.fidelity['torch_vs_ort_before']:.2e} on {models.s_out!r}); training it would be unsafe",
                            "report the model's ops; run `onnxopt apply --pass fold` first to simplify it")
 
-    teacher_run: Callable[[Mapping[str, np.ndarray]], np.ndarray] | None = None
-    if t_model is not None:
-        t_session = sessions.create(t_model)
-        teacher_run = lambda feed: t_session.run([t_name], _teacher_feed(pairs, feed))[0]  # noqa: E731
-    aug = parse_augment(config.augment)
-    cached: np.ndarray | None = None
-    if teacher_run is not None and not aug.enabled and not fixed_batch:
-        # without augmentation the teacher sees the same samples every epoch: run it once
-        cached = np.concatenate([teacher_run({k: v[i : i + TEACHER_BATCH] for k, v in train.arrays.items()})
-                                 for i in range(0, len(train), TEACHER_BATCH)])
 
+def _teacher_outputs(sessions: SessionFactory, models: _Models, batches: _Batches, augmenting: bool
+                     ) -> tuple[Callable[[Mapping[str, np.ndarray]], np.ndarray] | None, np.ndarray | None]:
+    """How to run the teacher on a batch, and its outputs on all of the data when they never change."""
+    if models.teacher is None:
+        return None, None
+    t_session = sessions.create(models.teacher)
+    t_out, pairs = models.t_out, models.pairs
+
+    def teacher_run(feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        return t_session.run([t_out], _teacher_feed(pairs, feed))[0]
+
+    if augmenting or batches.fixed_batch:
+        return teacher_run, None
+    # without augmentation the teacher sees the same samples every epoch: run it once
+    train = batches.train
+    return teacher_run, np.concatenate([teacher_run({k: v[i : i + TEACHER_BATCH] for k, v in train.arrays.items()})
+                                        for i in range(0, len(train), TEACHER_BATCH)])
+
+
+def _train_with(torch: ModuleType, config: FinetuneConfig, module: Any, batch_statistics: bool, run: Callable[[], None]) -> None:
+    """Run the training with the configured threads and batch statistics, restored afterwards whatever happens."""
     previous_threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
-    module.mode.batch_statistics = bool(statistics)
+    module.mode.batch_statistics = batch_statistics
     try:
-        _train(torch, distill_loss, module, train, labels, s_out.name, teacher_run, cached, aug, config, report, progress,
-               batch_size, drop_last=fixed_batch)
+        run()
     finally:
         torch.set_num_threads(previous_threads)
         module.mode.batch_statistics = False
 
-    trained = with_weights(s_model, module.current_weights())
-    ort_after = sessions.create(trained).run([s_out.name], probe)[0]
+
+def _check_written(report: FinetuneReport, sessions: SessionFactory, trained: ir.Model, s_out: str,
+                   probe: Mapping[str, np.ndarray], torch_logits: Callable[[Mapping[str, np.ndarray]], np.ndarray]) -> None:
+    """The model to be written must compute on ONNX Runtime what the trained torch module computes."""
+    ort_after = sessions.create(trained).run([s_out], dict(probe))[0]
     report.fidelity["ort_written_vs_torch_trained"] = _probe_error(torch_logits(probe), ort_after)
     if report.fidelity["ort_written_vs_torch_trained"] > FIDELITY_TOLERANCE:
         raise OnnxoptError("the written model does not compute what the trained torch module computes "
                            f"(relative error {report.fidelity['ort_written_vs_torch_trained']:.2e}); nothing was written",
                            "this is a bug in finetune; rerun with --debug and report it")
-
-    if evaluation is not None:
-        _evaluate(report, sessions, evaluation, s_model, trained, s_out.name, t_model, t_name, pairs)
-    if output is not None:
-        save_model(trained, output)
-        report.written = True
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _train(torch: ModuleType, loss_fn: Callable[..., Any], module: Any, train: Dataset, labels: np.ndarray | None,
