@@ -6,7 +6,12 @@ published under the entry point group ``onnxopt``::
     [project.entry-points.onnxopt]
     my_plugin = "my_package.plugin"
 
-onnxopt's own passes are registered exactly this way.
+onnxopt's own passes are registered exactly this way. Every hook is called
+through pluggy (``pm.hook.<name>(...)``), so its markers mean what pluggy says:
+``@hookimpl(tryfirst=True)``, ``trylast=True``, ``wrapper=True`` (or the older
+``hookwrapper=True``), and ``PluginManager.add_hookcall_monitoring`` sees every
+call. What the search and the corpus checks need of a pass, the pass class
+declares itself (:class:`onnxopt.Pass`: ``search_space``, ``corpus_variants``).
 """
 
 from __future__ import annotations
