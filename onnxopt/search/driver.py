@@ -152,27 +152,8 @@ def search(
     unless ``keep_models``.
     """
     src = Path(model)
-    if eval_data is None:
-        raise OnnxoptError("the search needs evaluation data with labels (or reference outputs to agree with)",
-                           "give --eval eval.npz")
-    if not 0 <= max_drop <= 1:
-        raise OnnxoptError(f"--max-drop {max_drop} is not a share between 0 and 1", "e.g. --max-drop 0.01 for 1 pt")
-    if objective not in OBJECTIVES:
-        raise OnnxoptError(f"--objective {objective} is not one of {', '.join(OBJECTIVES)}", "use size or latency")
-    if max_candidates < 1 or workers < 1 or latency_batch < 1:
-        raise OnnxoptError("--max-candidates, --workers and --latency-batch must be at least 1",
-                           "e.g. --workers 2 --max-candidates 40")
-    out_path, report_path, plot_path = (Path(p) if p is not None else None for p in (output, report, plot))
-    writes = [("output", out_path), ("report", report_path), ("plot", plot_path)]
-    refuse_overwriting([("the input model", src), ("the --data file", data), ("the --eval file", eval_data)], writes)
-    named = [(n, p) for n, p in writes if p is not None]
-    for name, p in named:
-        if not (p.parent if str(p.parent) else Path(".")).is_dir():
-            raise OnnxoptError(f"--{name} folder {p.parent} does not exist", "create it first or choose another path")
-    for i, (name_a, a) in enumerate(named):
-        for name_b, b in named[i + 1:]:
-            if same_file(a, b):
-                raise OnnxoptError(f"--{name_a} and --{name_b} are the same file {a}", "give each its own path")
+    _check_settings(eval_data, max_drop, objective, max_candidates, workers, latency_batch)
+    out_path, report_path, plot_path = _check_paths(src, data, eval_data, output, report, plot)
     registry = registry or load_registry()
     if passes is None:  # every installed pass that declares a search space
         names = searchable_passes(registry, objective)
@@ -209,50 +190,8 @@ def search(
         state.save()
 
         strategy = Strategy(search_space, max_drop, objective, base)  # type: ignore[arg-type]
-        stored = state.by_key()
-        reused = 0
-        evaluated = 0
-        pool: Executor | None = None
-        running: dict[str, str] = {}  # key -> stage
-        results: dict[str, dict[str, Any]] = {}
-        task = progress.task(f"search: candidates (at most {max_candidates})", total=max_candidates)
-        try:
-            while True:
-                proposals, finished = strategy.propose(results, set(running))
-                started = False
-                for proposal in proposals:
-                    if len(results) + len(running) >= max_candidates:
-                        break
-                    key = proposal.key
-                    if key in stored:  # finished in an earlier run
-                        results[key] = stored[key]
-                        reused += 1
-                        task.advance()
-                        started = True
-                        break  # the proposal may change with this result: ask again
-                    if pool is None:
-                        pool = make_executor(executor, setup, workers, local=local)
-                    if len(running) >= pool.capacity:
-                        break
-                    pool.submit(key, recipe_to_json(proposal.recipe))
-                    running[key] = proposal.stage
-                    started = True
-                if started:
-                    continue
-                if not running:
-                    if finished or not proposals or len(results) >= max_candidates:
-                        break
-                    continue
-                assert pool is not None
-                key, result = pool.next_result()
-                stage = running.pop(key)
-                results[key] = state.add(result, stage)
-                evaluated += 1
-                task.advance()
-        finally:
-            task.close()
-            if pool is not None:
-                pool.close()
+        results, evaluated, reused = _evaluate_candidates(strategy, state, setup, local, executor, workers,
+                                                          max_candidates, progress)
 
         candidates = state.candidates
         best = _finish(state, local, candidates, max_drop, objective, latency_runs, progress)
@@ -277,6 +216,89 @@ def search(
     if temp_cache is None and not keep_models:
         shutil.rmtree(cache_dir, ignore_errors=True)
     return SearchResult(state, best, evaluated, reused, written)
+
+
+def _check_settings(eval_data: object, max_drop: float, objective: str, max_candidates: int, workers: int,
+                    latency_batch: int) -> None:
+    if eval_data is None:
+        raise OnnxoptError("the search needs evaluation data with labels (or reference outputs to agree with)",
+                           "give --eval eval.npz")
+    if not 0 <= max_drop <= 1:
+        raise OnnxoptError(f"--max-drop {max_drop} is not a share between 0 and 1", "e.g. --max-drop 0.01 for 1 pt")
+    if objective not in OBJECTIVES:
+        raise OnnxoptError(f"--objective {objective} is not one of {', '.join(OBJECTIVES)}", "use size or latency")
+    if max_candidates < 1 or workers < 1 or latency_batch < 1:
+        raise OnnxoptError("--max-candidates, --workers and --latency-batch must be at least 1",
+                           "e.g. --workers 2 --max-candidates 40")
+
+
+def _check_paths(src: Path, data: str | os.PathLike[str] | None, eval_data: str | os.PathLike[str],
+                 output: str | os.PathLike[str] | None, report: str | os.PathLike[str] | None,
+                 plot: str | os.PathLike[str] | None) -> tuple[Path | None, Path | None, Path | None]:
+    """The output, report and plot paths: none overwrites an input or another, each in an existing folder."""
+    out_path, report_path, plot_path = (Path(p) if p is not None else None for p in (output, report, plot))
+    writes = [("output", out_path), ("report", report_path), ("plot", plot_path)]
+    refuse_overwriting([("the input model", src), ("the --data file", data), ("the --eval file", eval_data)], writes)
+    named = [(n, p) for n, p in writes if p is not None]
+    for name, p in named:
+        if not (p.parent if str(p.parent) else Path(".")).is_dir():
+            raise OnnxoptError(f"--{name} folder {p.parent} does not exist", "create it first or choose another path")
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            if same_file(a, b):
+                raise OnnxoptError(f"--{name_a} and --{name_b} are the same file {a}", "give each its own path")
+    return out_path, report_path, plot_path
+
+
+def _evaluate_candidates(strategy: Strategy, state: SearchState, setup: WorkerSetup, local: Evaluator, executor: str,
+                         workers: int, max_candidates: int, progress: Progress) -> tuple[dict[str, dict[str, Any]], int, int]:
+    """Ask the strategy for candidates and evaluate them (reusing those the JSON holds) until it is done or
+    ``max_candidates`` are in; returns the results by key and how many were evaluated now and reused."""
+    stored = state.by_key()
+    reused = 0
+    evaluated = 0
+    pool: Executor | None = None
+    running: dict[str, str] = {}  # key -> stage
+    results: dict[str, dict[str, Any]] = {}
+    task = progress.task(f"search: candidates (at most {max_candidates})", total=max_candidates)
+    try:
+        while True:
+            proposals, finished = strategy.propose(results, set(running))
+            started = False
+            for proposal in proposals:
+                if len(results) + len(running) >= max_candidates:
+                    break
+                key = proposal.key
+                if key in stored:  # finished in an earlier run
+                    results[key] = stored[key]
+                    reused += 1
+                    task.advance()
+                    started = True
+                    break  # the proposal may change with this result: ask again
+                if pool is None:
+                    pool = make_executor(executor, setup, workers, local=local)
+                if len(running) >= pool.capacity:
+                    break
+                pool.submit(key, recipe_to_json(proposal.recipe))
+                running[key] = proposal.stage
+                started = True
+            if started:
+                continue
+            if not running:
+                if finished or not proposals or len(results) >= max_candidates:
+                    break
+                continue
+            assert pool is not None
+            key, result = pool.next_result()
+            stage = running.pop(key)
+            results[key] = state.add(result, stage)
+            evaluated += 1
+            task.advance()
+    finally:
+        task.close()
+        if pool is not None:
+            pool.close()
+    return results, evaluated, reused
 
 
 def _finish(state: SearchState, local: Evaluator, candidates: list[dict[str, Any]], max_drop: float, objective: str,
