@@ -346,10 +346,10 @@ def compare_unpaired(reference_ms: np.ndarray, candidate_ms: np.ndarray, config:
 
 # -- isolation: the timing in a child process of its own -----------------------------------------------------------
 
-def _child_main(conn: Any, sources: tuple[bytes | str, bytes | str], feed: dict[str, np.ndarray], config: TimingConfig,
-                providers: list[str], threads: int) -> None:
-    """Child process: make both sessions, time them, send back the result (or the error's one line)."""
+def _child_main(conn: Any) -> None:
+    """Child process: read the job, make both sessions, time them, send back the result (or the error's one line)."""
     try:
+        sources, feed, config, providers, threads = conn.recv()
         if config.cpus and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, set(config.cpus))  # before the sessions: ORT's threads inherit it
         from onnxopt.sessions import SessionFactory
@@ -390,19 +390,24 @@ def compare_latency_isolated(
     config = config or TimingConfig()
     sources = tuple(r if isinstance(r, bytes) else str(r) for r in (reference, candidate))
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no ORT state or threads inherited
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, name="onnxopt-timing",
-                       args=(child, sources, dict(feed), config, list(providers), threads or config.threads), daemon=True)
+    parent, child = ctx.Pipe()
+    # the job goes through our own pipe, not the Process arguments: spawn writes those while it still holds the
+    # child's end, so a child that dies before reading them would block the parent for ever
+    proc = ctx.Process(target=_child_main, args=(child,), name="onnxopt-timing", daemon=True)
     start = time.perf_counter()
     proc.start()
     child.close()
     message = None
     try:
+        try:
+            parent.send((sources, dict(feed), config, list(providers), threads or config.threads))
+        except (EOFError, OSError):
+            pass  # the child is gone already: reported below like any other death
         while message is None:
             if parent.poll(0.2):
                 try:
                     message = parent.recv()
-                except EOFError:
+                except (EOFError, OSError):  # the child died: its end closed or reset
                     break
             elif not proc.is_alive():
                 if parent.poll(0):
