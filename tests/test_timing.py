@@ -31,8 +31,10 @@ from onnxopt.timing import (
     TimingConfig,
     compare_latency,
     compare_latency_isolated,
+    compare_unpaired,
     format_ratio,
     ratio_interval,
+    sample_latency_ms,
 )
 from tests.graphs import conv_stack
 from tests.helpers import run_cli
@@ -84,6 +86,17 @@ def test_wider_model_is_reported_slower(models: dict[str, Path], busy_core: None
     # the other way round, the same pair is faster: candidate ÷ reference, below 1
     back = compare_latency(wide, narrow, FEED, TimingConfig(time_budget=CAP))
     assert back.high < 1.0 and back.verdict == "faster" and "faster" in back.text()
+
+
+def test_models_timed_apart_get_an_interval_and_a_warning(models: dict[str, Path]) -> None:
+    """Validation of models too large for two sessions times them one after the other: no pairing, said so."""
+    factory = SessionFactory(threads=1)
+    narrow = sample_latency_ms(factory.create(models["narrow"]), FEED, runs=200, seconds=1.0)
+    wide = sample_latency_ms(factory.create(models["wide"]), FEED, runs=200, seconds=1.0)
+    result = compare_unpaired(narrow, wide)
+    assert result.low > 1.0 and result.verdict == "slower" and not result.paired
+    assert result.ratio == pytest.approx(np.median(wide) / np.median(narrow), rel=0.01)
+    assert any("not interleaved" in w for w in result.warnings)
 
 
 def test_interval_and_wording_follow_the_order_statistics() -> None:
