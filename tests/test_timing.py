@@ -127,6 +127,24 @@ def test_isolated_timing_matches_in_process_verdict(models: dict[str, Path]) -> 
     assert result.verdict == "slower" and result.pairs >= 20
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity")
+def test_pinned_timing_restores_the_affinity(models: dict[str, Path]) -> None:
+    before = os.sched_getaffinity(0)
+    factory = SessionFactory(threads=1)
+    cpu = min(before)
+    result = compare_latency(factory.create(models["narrow"]), factory.create(models["wide"]), FEED,
+                             TimingConfig(time_budget=CAP, cpus=(cpu,)))
+    assert result.verdict == "slower"
+    assert os.sched_getaffinity(0) == before
+
+
+def test_bad_timing_options_are_one_line(models: dict[str, Path]) -> None:
+    proc = run_cli("validate", models["narrow"], models["narrow"], "--eval", models["narrow"].parent / "eval.npz",
+                   "--repeat", "0")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "--repeat 0" in proc.stderr
+
+
 def _spawned_children(pid: int) -> list[int]:
     """Child processes of ``pid`` that multiprocessing's spawn started (not its resource tracker)."""
     out = []
