@@ -44,6 +44,7 @@ __all__ = [
     "format_ratio",
     "ratio_verdict",
     "ratio_interval",
+    "RESOLUTION",
     "load_warning",
     "model_sources",
     "CLEAN_FIGURE_HINT",
@@ -116,12 +117,12 @@ class LatencyComparison:
 
     @property
     def verdict(self) -> str:
-        """``faster`` or ``slower`` only when the interval excludes 1.0, else ``same``."""
-        return ratio_verdict(self.low, self.high)
+        """``faster`` or ``slower`` only when the interval excludes 1.0 (by more than ``precision``), else ``same``."""
+        return ratio_verdict(self.low, self.high, self.ratio, self.precision)
 
     def text(self) -> str:
         """``0.62× (0.60–0.64), 1.6× faster``, or ``... no measurable difference``."""
-        return format_ratio(self.ratio, self.low, self.high)
+        return format_ratio(self.ratio, self.low, self.high, resolution=self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "low": self.low, "high": self.high, "reference_ms": self.reference_ms,
@@ -136,18 +137,28 @@ class LatencyComparison:
         return cls(**{k: d[k] for k in keys if k in d})
 
 
-def ratio_verdict(low: float | None, high: float | None) -> str:
-    """``faster`` when the whole interval is below 1, ``slower`` when above, else ``same``."""
+#: Differences smaller than this share are not called faster or slower, even with an interval that excludes 1:
+#: the timing is built to resolve ±3%, and two sessions of one model can differ by about 1% (memory placement).
+RESOLUTION = 0.03
+
+
+def ratio_verdict(low: float | None, high: float | None, ratio: float | None = None, resolution: float = RESOLUTION) -> str:
+    """``faster`` when the whole interval is below 1, ``slower`` when above, else ``same``.
+
+    With ``ratio``, a difference under ``resolution`` is ``same`` too.
+    """
     if low is None or high is None:
         return "same"
-    if high < 1.0:
+    small = ratio is not None and abs(math.log(ratio)) < -math.log(1 - resolution)
+    if high < 1.0 and not small:
         return "faster"
-    if low > 1.0:
+    if low > 1.0 and not small:
         return "slower"
     return "same"
 
 
-def format_ratio(ratio: float | None, low: float | None = None, high: float | None = None, *, prose: bool = True) -> str:
+def format_ratio(ratio: float | None, low: float | None = None, high: float | None = None, *, prose: bool = True,
+                 resolution: float = RESOLUTION) -> str:
     """A ratio as people read it: ``0.62× (0.60–0.64), 1.6× faster``; never "faster" unless the interval says so."""
     if ratio is None or not math.isfinite(ratio):
         return "-"
@@ -156,11 +167,13 @@ def format_ratio(ratio: float | None, low: float | None = None, high: float | No
     text = f"{ratio:.2f}× ({low:.2f}–{high:.2f})"
     if not prose:
         return text
-    verdict = ratio_verdict(low, high)
+    verdict = ratio_verdict(low, high, ratio, resolution)
     if verdict == "faster":
         return f"{text}, {1.0 / ratio:.1f}× faster"
     if verdict == "slower":
         return f"{text}, {ratio:.1f}× slower"
+    if low > 1.0 or high < 1.0:  # the interval excludes 1, but by less than the timing resolves
+        return f"{text}, no measurable difference (under {resolution:.0%})"
     return f"{text}, no measurable difference"
 
 
@@ -257,6 +270,22 @@ def _finish(result: LatencyComparison, config: TimingConfig) -> LatencyCompariso
     return result
 
 
+#: A group of consecutive blocks lasts about this long (s); its ratio is the ratio of its two medians.
+GROUP_SECONDS = 0.02
+#: At most this many blocks per group (a model of 1 ms or less), at least 1 (20 ms or more).
+MAX_GROUP = 16
+#: The interval is trusted (and may stop the timing) only over at least this many groups.
+MIN_GROUPS = 10
+
+
+def _group_ratios(ref_t: list[float], cand_t: list[float], group: int) -> np.ndarray:
+    """Log of each group's median candidate time over its median reference time (2 runs a side per block)."""
+    n = len(ref_t) // (2 * group)
+    ref = np.asarray(ref_t[:n * 2 * group]).reshape(n, 2 * group)
+    cand = np.asarray(cand_t[:n * 2 * group]).reshape(n, 2 * group)
+    return np.log(np.median(cand, axis=1) / np.median(ref, axis=1))
+
+
 def compare_latency(
     reference: _Runs,
     candidate: _Runs,
@@ -266,6 +295,13 @@ def compare_latency(
     tick: Callable[[float], None] | None = None,
 ) -> LatencyComparison:
     """Time two sessions in alternating blocks on one feed until the ratio is known to ±precision or the cap.
+
+    Consecutive blocks form groups of about GROUP_SECONDS; a group's ratio
+    is the ratio of its two medians. Why groups: on a loaded machine a run
+    of a few ms is either left alone or preempted (several ms more), so
+    single-run ratios are a mix of modes whose median jumps with the share
+    of preempted runs; a median over a group's runs is the unpreempted time
+    while most runs are. Slow models get groups of one block.
 
     ``tick`` (if given) is called with the share of the time budget used, for progress bars.
     """
@@ -277,41 +313,40 @@ def compare_latency(
     orders = ((0, 1, 1, 0), (1, 0, 0, 1))
     runs = (ref_run, cand_run)
     with _pinned(config.cpus):
+        t0 = clock()
         for _ in range(config.warmup):
             ref_run(None, feed)
             cand_run(None, feed)
+        per_run = (clock() - t0) / max(2 * config.warmup, 1)
+        group = int(min(MAX_GROUP, max(1, round(GROUP_SECONDS / max(per_run, 1e-6)))))
+        least = max(config.repeat, MIN_GROUPS * group)  # blocks before the interval may stop the timing
         ref_t: list[float] = []
         cand_t: list[float] = []
-        block_ref: list[float] = []
-        block_cand: list[float] = []
         start = clock()
-        check_at = config.repeat
+        check_at = least
         blocks = checked = 0
         precise = False
         while True:
-            sums = [0.0, 0.0]
             for who in orders[blocks % 2]:
                 t0 = clock()
                 runs[who](None, feed)
-                dt = clock() - t0
-                sums[who] += dt
-                (cand_t if who else ref_t).append(dt)
-            block_ref.append(sums[0])
-            block_cand.append(sums[1])
+                (cand_t if who else ref_t).append(clock() - t0)
             blocks += 1
             elapsed = clock() - start
             if tick is not None:
                 tick(min(elapsed / config.time_budget, 1.0))
             if blocks >= check_at:
-                ratio, low, high = ratio_interval(np.log(np.asarray(block_cand) / np.asarray(block_ref)), config.confidence)
+                ratio, low, high = ratio_interval(_group_ratios(ref_t, cand_t, group), config.confidence)
                 precise, checked = _within(ratio, low, high, config.precision), blocks
                 # check again after another quarter: the sorts stay O(n log n) over the whole timing
-                check_at = blocks + max(4, blocks // 4)
+                check_at = blocks + max(4 * group, blocks // 4)
             if blocks >= config.repeat and (precise or elapsed >= config.time_budget):
                 break
         if checked != blocks:
-            ratio, low, high = ratio_interval(np.log(np.asarray(block_cand) / np.asarray(block_ref)), config.confidence)
-            precise = _within(ratio, low, high, config.precision)
+            # at the cap: use every whole group there is (fewer than MIN_GROUPS gives a wide, honest interval)
+            group = min(group, max(1, blocks // MIN_GROUPS))
+            ratio, low, high = ratio_interval(_group_ratios(ref_t, cand_t, group), config.confidence)
+            precise = _within(ratio, low, high, config.precision) and blocks // group >= MIN_GROUPS
     result = LatencyComparison(ratio=ratio, low=low, high=high, reference_ms=float(np.median(ref_t)) * 1e3,
                                candidate_ms=float(np.median(cand_t)) * 1e3, pairs=blocks, capped=not precise,
                                seconds=clock() - start, precision=config.precision)
