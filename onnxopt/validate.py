@@ -304,8 +304,8 @@ def _run_one_at_a_time(
             names = names[:1] if first_only else names
         outputs.append(collect_outputs(session, dataset, names, progress=progress, description=f"validating {label}"))
         if timing_feed is not None:
-            # half the time cap each; no pairing is possible with one session alive
-            times.append(sample_latency_ms(session, timing_feed, warmup=timing.warmup, runs=2 * timing.repeat,
+            # at least --repeat runs, else half the time cap each; no pairing is possible with one session alive
+            times.append(sample_latency_ms(session, timing_feed, warmup=timing.warmup, runs=timing.repeat,
                                            seconds=timing.time_budget / 2))
         del session  # frees what ORT holds for this model before the next model's session is made
     return names, outputs, times
