@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import PassContext
 from onnxopt.io import load_model, save_model
+from onnxopt.timing import TimingConfig, compare_latency, format_ratio
 from onnxopt_passes.cluster import ClusterConfig, ClusterPass
 from onnxopt_passes.cluster.kmeans import cluster_rows
 from onnxopt_passes.fold import FoldConfig, FoldPass
@@ -73,19 +74,13 @@ def zipped(path: Path) -> int:
     return buffer.getbuffer().nbytes
 
 
-def _median_ms(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def timing(reference: Path, candidate: Path, feed: dict[str, np.ndarray], *, rounds: int, runs: int) -> dict[str, Any]:
+    """Session start (median of per-round ratios, order flipped each round) and run latency from onnxopt.timing.
 
-
-def timing(reference: Path, candidate: Path, feed: dict[str, np.ndarray], *, rounds: int, runs: int) -> dict[str, float]:
-    """Session start and run latency, candidate / reference: medians of per-round ratios, order flipped each round."""
+    ``rounds`` session starts per model; the latency's time cap is rounds x 0.5 s (``runs`` is no longer used:
+    the timing repeats until the ratio is known to ±3% or the cap).
+    """
     starts: dict[str, list[float]] = {"ref": [], "cand": []}
-    lat: dict[str, list[float]] = {"ref": [], "cand": []}
     sessions = {}
     for i in range(rounds):
         order = [("ref", reference), ("cand", candidate)]
@@ -93,17 +88,13 @@ def timing(reference: Path, candidate: Path, feed: dict[str, np.ndarray], *, rou
             start = time.perf_counter()
             sessions[key] = _session(path)
             starts[key].append((time.perf_counter() - start) * 1e3)
-    for session in sessions.values():
-        _median_ms(session, feed, max(3, runs // 4))
-    for i in range(rounds):
-        order = ["ref", "cand"]
-        for key in order if i % 2 == 0 else order[::-1]:
-            lat[key].append(_median_ms(sessions[key], feed, runs))
+    lat = compare_latency(sessions["ref"], sessions["cand"], feed, TimingConfig(time_budget=max(1.0, rounds * 0.5)))
     return {
         "start_ms": statistics.median(starts["cand"]), "start_ms_fp32": statistics.median(starts["ref"]),
         "start_ratio": statistics.median(c / r for r, c in zip(starts["ref"], starts["cand"])),
-        "latency_ms": statistics.median(lat["cand"]), "latency_ms_fp32": statistics.median(lat["ref"]),
-        "latency_ratio": statistics.median(c / r for r, c in zip(lat["ref"], lat["cand"])),
+        "latency_ms": lat.candidate_ms, "latency_ms_fp32": lat.reference_ms,
+        "latency_ratio": lat.ratio, "latency_interval": [lat.low, lat.high],
+        "latency_text": format_ratio(lat.ratio, lat.low, lat.high, prose=False),
     }
 
 
@@ -376,8 +367,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"onnxruntime {env['onnxruntime']}, numpy {env['numpy']}, {env['machine']}, {env['cpus']} CPUs shared with "
         f"other jobs (load average {', '.join(f'{v:.1f}' for v in env['load_average'])} at the end). "
         "Sizes are candidate / fp32 file, both written by onnxopt; zip = deflate level 9 of the file. "
-        "Latency: batch 1, 1 thread, median of per-round candidate/fp32 ratios over interleaved rounds (order "
-        "flipped each round); session start likewise (the packed decode runs and is folded there).",
+        "Latency: batch 1, 1 thread, candidate ÷ fp32 from onnxopt.timing (paired, interleaved runs, order "
+        "alternated; median ratio with its 95% interval); session start: median of per-round ratios, order flipped "
+        "each round (the packed decode runs and is folded there).",
         "",
         "## Targets (issue 4)",
         "",
@@ -390,7 +382,7 @@ def markdown(results: dict[str, Any]) -> str:
                         ("weight SNR dB", "weight_snr_db", num), ("accuracy", "accuracy", pct),
                         ("fp32", "accuracy_fp32", pct), ("cluster s", "cluster_s", secs),
                         ("start", "start_ratio", ratio), ("start ms", "start_ms", num),
-                        ("start ms fp32", "start_ms_fp32", num), ("latency", "latency_ratio", ratio)]),
+                        ("start ms fp32", "start_ms_fp32", num), ("latency", "latency_text", lambda v: v or "")]),
         "",
     ]
     if det:
@@ -402,7 +394,7 @@ def markdown(results: dict[str, Any]) -> str:
                          ("weight SNR dB", "weight_snr_db", num), ("map SNR dB", "snr_db", num),
                          ("mask IoU", "mask_iou", num), ("max abs", "max_abs", num), ("cluster s", "cluster_s", secs),
                          ("start", "start_ratio", ratio), ("start ms fp32", "start_ms_fp32", num),
-                         ("latency", "latency_ratio", ratio), ("ms fp32", "latency_ms_fp32", num)]),
+                         ("latency", "latency_text", lambda v: v or ""), ("ms fp32", "latency_ms_fp32", num)]),
             "",
         ]
     elif "det_note" in results:

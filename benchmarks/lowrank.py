@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from onnxopt.data import Dataset
 from onnxopt.io import load_model
 from onnxopt.measure import count_macs, count_parameters
 from onnxopt.sessions import SessionFactory
+from onnxopt.timing import TimingConfig, compare_latency, format_ratio
 from onnxopt_passes.lowrank import LowrankConfig, LowrankPass, factorize_layers
 from onnxopt_passes.lowrank.factor import Factorization
 from onnxopt_passes.lowrank.layers import find_layers
@@ -65,33 +65,16 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -
             "accuracy": float((candidate.argmax(1) == labels).mean())}
 
 
-def _median_ms(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def latency_ratio(reference: ir.Model, candidate: ir.Model, x: np.ndarray, threads: int, *, rounds: int = 11) -> dict[str, Any]:
+    """candidate ÷ reference latency from onnxopt.timing (paired, interleaved, order alternated) with its interval.
 
-
-def latency_ratio(reference: ir.Model, candidate: ir.Model, x: np.ndarray, threads: int, *, rounds: int = 11) -> dict[str, float]:
-    """candidate / reference latency: the median over rounds of each round's paired ratio (order flips each round).
-
-    Pairing the two models within a round cancels slow drift in machine load; the median drops rounds a burst hit.
+    ``rounds`` sets the time cap: rounds x 0.5 s (the timing stops earlier once the ratio is known to ±3%).
     """
     factory = SessionFactory(threads=threads)
-    ref_s, cand_s = factory.create(reference), factory.create(candidate)
-    feed = {"x": x}
-    runs = 60 if len(x) == 1 else 12
-    for session in (ref_s, cand_s):
-        _median_ms(session, feed, 10)
-    ref_t, cand_t = [], []
-    for i in range(rounds):
-        pair = [(ref_s, ref_t), (cand_s, cand_t)]
-        for session, sink in (pair if i % 2 == 0 else pair[::-1]):
-            sink.append(_median_ms(session, feed, runs))
-    return {"reference_ms": statistics.median(ref_t), "candidate_ms": statistics.median(cand_t),
-            "ratio": statistics.median(c / r for r, c in zip(ref_t, cand_t))}
+    result = compare_latency(factory.create(reference), factory.create(candidate), {"x": x},
+                             TimingConfig(threads=threads, time_budget=max(1.0, rounds * 0.5)))
+    return {"reference_ms": result.reference_ms, "candidate_ms": result.candidate_ms, "ratio": result.ratio,
+            "interval": [result.low, result.high]}
 
 
 # -- the three ways to factor at equal rank ------------------------------------------------------------------------
@@ -138,6 +121,8 @@ def timing(original: ir.Model, candidate: ir.Model, x: np.ndarray) -> dict[str, 
         for batch in (1, 64):
             measured = latency_ratio(original, candidate, x[:batch], threads)
             out[f"t{threads}_b{batch}"] = measured["ratio"]
+            out[f"interval_t{threads}_b{batch}"] = measured["interval"]
+            out[f"t{threads}_b{batch}_text"] = format_ratio(measured["ratio"], *measured["interval"], prose=False)
             out[f"reference_ms_t{threads}_b{batch}"] = measured["reference_ms"]
     return out
 
@@ -198,6 +183,10 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 # -- report --------------------------------------------------------------------------------------------------------
+
+
+def _text(v: str | None) -> str:
+    return v or ""
 
 
 def num(v: Any) -> str:
@@ -267,15 +256,15 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## MACs targets and accuracy budget (method=activation unless said)",
         "",
-        "Latency ratio `tT bB`: T ORT intra-op threads, batch B; median over 11 interleaved rounds of each round's "
-        "candidate/original ratio (order flipped each round). The machine's 2 cores were shared with other jobs: "
+        "Latency ratio `tT bB`: T ORT intra-op threads, batch B; candidate ÷ original from onnxopt.timing (paired, "
+        "interleaved runs, order alternated; median ratio with its 95% interval). The machine's 2 cores were shared with other jobs: "
         "2-thread figures (ORT's spinning pool starves when a core is taken) and single outliers are noise.",
         "",
         table(results["targets"], [("model", "model", str), ("case", "case", str), ("layers", "layers", str),
                                     ("MACs", "macs_ratio", ratio), ("params", "params_ratio", ratio),
                                     ("accuracy", "accuracy", pct), ("drop", "accuracy_drop", pct),
-                                    ("lat t1 b1", "t1_b1", ratio), ("lat t1 b64", "t1_b64", ratio),
-                                    ("lat t2 b1", "t2_b1", ratio), ("lat t2 b64", "t2_b64", ratio),
+                                    ("lat t1 b1", "t1_b1_text", _text), ("lat t1 b64", "t1_b64_text", _text),
+                                    ("lat t2 b1", "t2_b1_text", _text), ("lat t2 b64", "t2_b64_text", _text),
                                     ("pass s", "seconds", lambda v: f"{v:.1f}")]),
         "",
         "## How far latency can go",
@@ -285,8 +274,8 @@ def markdown(results: dict[str, Any]) -> str:
         "LayerNorm, Softmax, reshapes, BatchNorm-folded convs' overhead) and ONNX Runtime's per-node cost.",
         "",
         table(results["floor"], [("model", "model", str), ("MACs", "macs_ratio", ratio),
-                                  ("lat t1 b1", "t1_b1", ratio), ("lat t1 b64", "t1_b64", ratio),
-                                  ("lat t2 b1", "t2_b1", ratio), ("lat t2 b64", "t2_b64", ratio)]),
+                                  ("lat t1 b1", "t1_b1_text", _text), ("lat t1 b64", "t1_b64_text", _text),
+                                  ("lat t2 b1", "t2_b1_text", _text), ("lat t2 b64", "t2_b64_text", _text)]),
         "",
         "## Energy thresholds",
         "",

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,9 +39,10 @@ import onnxruntime as ort
 
 from onnxopt import PassContext
 from onnxopt.data import Dataset
-from onnxopt.io import load_model, save_model, serialize_model
+from onnxopt.io import load_model, save_model
 from onnxopt.measure import count_macs, count_parameters
 from onnxopt.sessions import SessionFactory
+from onnxopt.timing import TimingConfig, compare_latency, format_ratio
 from onnxopt_passes.prune import PruneConfig, PrunePass
 from common import rendered
 
@@ -119,41 +119,23 @@ def _quality(spec: dict[str, Any], dense: np.ndarray, out: np.ndarray) -> dict[s
 # -- latency -----------------------------------------------------------------------------------------------------
 
 
-def _latency(dense: ir.Model, pruned: dict[str, ir.Model], x: np.ndarray, threads: int, rounds: int) -> tuple[float, dict[str, float]]:
-    """Dense latency (ms) and pruned/dense ratios.
+def _latency(dense: ir.Model, pruned: dict[str, ir.Model], x: np.ndarray, threads: int, rounds: int) -> tuple[float, dict[str, Any]]:
+    """Dense latency (ms) and pruned ÷ dense ratios with their intervals (onnxopt.timing, paired with the dense model).
 
-    Runs are interleaved one by one (dense, then each pruned model, the
-    order rotating), so a change in machine load hits every model alike; each
-    model's latency is the median of its runs, and the ratios come from the
-    same run of the benchmark.
+    Idle worker threads sleep instead of spinning: on a shared machine spinning threads fight the load and make
+    2-thread timings swing by 5x; this hits the dense and the pruned models alike.
     """
-    opts = SessionFactory(threads=threads).options()
-    # idle worker threads sleep instead of spinning: on a shared machine spinning threads fight the load and make
-    # 2-thread timings swing by 5x; this hits the dense and the pruned models alike
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-    def session(model: ir.Model) -> ort.InferenceSession:
-        return ort.InferenceSession(serialize_model(model), opts, providers=["CPUExecutionProvider"])
-
-    sessions = {"dense": session(dense), **{r: session(m) for r, m in pruned.items()}}
-    name = sessions["dense"].get_inputs()[0].name
-    feed = {name: x}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feed)
-    start = time.perf_counter()
-    sessions["dense"].run(None, feed)
-    first = (time.perf_counter() - start) * 1e3
-    runs = max(25, min(2000, int(rounds * 40 / max(first, 0.02))))  # about rounds x 40 ms of dense time
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    keys = list(sessions)
-    for i in range(runs):
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
-            start = time.perf_counter()
-            sessions[k].run(None, feed)
-            times[k].append(time.perf_counter() - start)
-    dense_ms = statistics.median(times["dense"]) * 1e3
-    return dense_ms, {r: statistics.median(times[r]) * 1e3 / dense_ms for r in pruned}
+    factory = SessionFactory(threads=threads, spinning=False)
+    config = TimingConfig(threads=threads, time_budget=max(1.0, rounds * 0.5))
+    dense_s = factory.create(dense)
+    feed = {dense_s.get_inputs()[0].name: x}
+    refs, ratios = [], {}
+    for r, m in pruned.items():
+        result = compare_latency(dense_s, factory.create(m), feed, config)
+        refs.append(result.reference_ms)
+        ratios[r] = result.ratio
+        ratios[f"{r} interval"] = [result.low, result.high]
+    return float(np.median(refs)), ratios
 
 
 # -- runs --------------------------------------------------------------------------------------------------------
@@ -229,7 +211,8 @@ def measure_latency(spec: dict[str, Any], model: ir.Model, timed: dict[str, ir.M
             dense_ms, ratios_ms = _latency(model, timed, x, threads, rounds)
             out[f"b{batch}_t{threads}"] = {"dense_ms": dense_ms, **ratios_ms}
             log(f"  {spec['name']} latency batch {batch} threads {threads}: dense {dense_ms:.3f} ms, "
-                + ", ".join(f"{k} {v:.3f}x" for k, v in ratios_ms.items()))
+                + ", ".join(f"{k} {format_ratio(v, *ratios_ms[f'{k} interval'], prose=False)}"
+                            for k, v in ratios_ms.items() if not k.endswith(" interval")))
     return out
 
 
@@ -240,8 +223,8 @@ def _fmt_quality(q: dict[str, float]) -> str:
 def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["# prune: structured channel pruning on ONNX graphs", "",
              f"Machine: {meta['machine']}; onnxruntime {meta['onnxruntime']}; no training anywhere. "
-             "Latency: ORT CPU (intra-op spinning off, as the machine was shared), medians of runs interleaved one "
-             "by one with the dense model, pruned/dense ratio from the same run (b = batch, t = threads). "
+             "Latency: ORT CPU (intra-op spinning off, as the machine was shared), pruned ÷ dense from onnxopt.timing "
+             "(paired runs interleaved with the dense model, median ratio with its 95% interval; b = batch, t = threads). "
              "The machine (2 cores) was shared with other jobs (load 4-9): ratios moved by about +-0.05 between "
              "runs; without spinning, 2-thread runs of sub-0.1 ms models mostly measure thread wake-ups (the dense "
              "digits CNN is slower on 2 threads than on 1), so t1 is the figure to read for them.", "",
@@ -263,7 +246,8 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for ratio, e in row["ratios"].items():
             for plan in TIMED.values():
                 f = e[plan]
-                lat = [f"{row['latency'][k][f'{plan} {ratio}']:.2f}x" for k in lat_keys]
+                lat = [format_ratio(row['latency'][k][f'{plan} {ratio}'], *row['latency'][k].get(f'{plan} {ratio} interval', (None, None)),
+                                    prose=False) for k in lat_keys]
                 lines.append("| " + " | ".join([f"{plan} {float(ratio):.0%}", f["channels_removed"],
                                                 f"{f['params'] / d['params']:.2f}x", f"{f['macs'] / d['macs']:.2f}x", *lat]) + " |")
         dense_lat = ", ".join(f"{k.replace('_', ' ')} {v['dense_ms']:.3f} ms" for k, v in row.get("latency", {}).items())
@@ -300,7 +284,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cnn,cls,det,zoo")
     parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
-    parser.add_argument("--rounds", type=int, default=9, help="latency effort: about rounds x 40 ms of dense runs per setting")
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="latency effort: a time cap of rounds x 0.5 s per pruned model (onnxopt.timing stops earlier at ±3%%)")
     parser.add_argument("--render", action="store_true", help="only rewrite prune.md from prune.json")
     parser.add_argument("--latency-only", action="store_true",
                         help="re-time the pruned models the last full run cached, update prune.json/md")

@@ -31,6 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from common import rendered
+from onnxopt.timing import TimingConfig, compare_latency, format_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -176,21 +177,19 @@ def _quality(kind: str, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | N
     return q
 
 
-def _latencies(paths: dict[str, Path], x1: np.ndarray, rounds: int, threads: int) -> dict[str, float]:
+def _latencies(paths: dict[str, Path], x1: np.ndarray, rounds: int, threads: int) -> dict[str, dict[str, Any]]:
+    """Each variant against fp32 (the first path) on onnxopt.timing: its ms, and its ratio ÷ fp32 with the interval."""
     sessions = {k: _session(p, threads) for k, p in paths.items()}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, {"x": x1})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):  # interleaved: machine noise hits every variant alike
-        for k, s in sessions.items():
-            runs = []
-            for _ in range(5):
-                t = time.perf_counter()
-                s.run(None, {"x": x1})
-                runs.append(time.perf_counter() - t)
-            times[k].append(float(np.median(runs)) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    keys = list(sessions)
+    config = TimingConfig(threads=threads, time_budget=max(1.0, rounds * 0.5))
+    out: dict[str, dict[str, Any]] = {}
+    refs = []
+    for k in keys[1:]:
+        result = compare_latency(sessions[keys[0]], sessions[k], {"x": x1}, config)
+        refs.append(result.reference_ms)
+        out[k] = {"ms": result.candidate_ms, "ratio": result.ratio, "interval": [result.low, result.high]}
+    out[keys[0]] = {"ms": float(np.median(refs)) if refs else float("nan"), "ratio": 1.0, "interval": None}
+    return out
 
 
 def _kernels(path: Path) -> dict[str, Any]:
@@ -240,8 +239,10 @@ def bench_model(spec: dict[str, Any], tmp: Path, rounds: int, methods: tuple[str
     x1 = x[:1]
     for threads in (1, 2):
         lat = _latencies(variants, x1, rounds, threads)
-        for key, ms in lat.items():
-            row["variants"][key][f"latency_ms_{threads}t"] = ms
+        for key, m in lat.items():
+            row["variants"][key][f"latency_ms_{threads}t"] = m["ms"]
+            row["variants"][key][f"latency_ratio_fp32_{threads}t"] = m["ratio"]
+            row["variants"][key][f"latency_interval_fp32_{threads}t"] = m["interval"]
     quality_key = "accuracy" if labels is not None else ("mask_iou" if kind == "det" else "top1_agreement")
     onnxopt_keys = [k for k in row["variants"] if k.startswith("onnxopt")]
     if onnxopt_keys:
@@ -256,7 +257,8 @@ def bench_model(spec: dict[str, Any], tmp: Path, rounds: int, methods: tuple[str
             row["fallback"] = {"max_drop": 0.01, "settings": settings, **q, "size_bytes": out.stat().st_size,
                                "figures": info["figures"].get("fallback"), "notes": info["notes"]}
             lat = _latencies({"fp32": variants["fp32"], "fallback": out}, x1, rounds, 1)
-            row["fallback"]["latency_ratio_fp32_1t"] = lat["fallback"] / lat["fp32"]
+            row["fallback"]["latency_ratio_fp32_1t"] = lat["fallback"]["ratio"]
+            row["fallback"]["latency_interval_fp32_1t"] = lat["fallback"]["interval"]
         except Exception as err:
             row["failures"]["fallback"] = _first_line(err)
     return row
@@ -266,12 +268,22 @@ def bench_model(spec: dict[str, Any], tmp: Path, rounds: int, methods: tuple[str
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+    """A ratio of two medians measured in different pairs (no interval of its own)."""
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}×"
+
+
+def _vs_fp32(fig: dict[str, Any], threads: int) -> str:
+    """The paired ratio ÷ fp32 with its interval, as onnxopt.timing measured it."""
+    interval = fig.get(f"latency_interval_fp32_{threads}t")
+    if not interval:
+        return "1×" if fig.get(f"latency_ratio_fp32_{threads}t") == 1.0 else "-"
+    return format_ratio(fig[f"latency_ratio_fp32_{threads}t"], *interval, prose=False)
 
 
 def write_markdown(rows: list[dict[str, Any]], env: dict[str, str], path: Path) -> None:
     lines = ["# quant: onnxopt vs ONNX Runtime quantize_static", "",
-             f"ORT {env['onnxruntime']}, onnx {env['onnx']}, {env['cpu']}; batch 1, latency = median of interleaved runs. "
+             f"ORT {env['onnxruntime']}, onnx {env['onnx']}, {env['cpu']}; batch 1; latency ÷ fp32 = onnxopt.timing's paired "
+             "ratio with its 95% interval; vs ORT int8 = ratio of the two variants' medians (no interval). "
              "ORT int8 = `quantize_static` (QDQ, per-channel, MinMax, uint8 activations, int8 weights, after "
              "`quant_pre_process` where it works). onnxopt = `--pass quant` defaults (minmax); other rows: `method=`. "
              "Quality: accuracy on labels (digits), top-1 agreement (cls) / mask IoU of the binarized map (det) "
@@ -290,8 +302,8 @@ def write_markdown(rows: list[dict[str, Any]], env: dict[str, str], path: Path) 
             mark = " (best)" if key == row.get("best_method") else ""
             lines.append(
                 f"| {row['model']} | {key}{mark} | {fig['size_bytes'] / 1e6:.2f} MB | {fig['latency_ms_1t']:.3f} | "
-                f"{_ratio(fig['latency_ms_1t'], fp.get('latency_ms_1t'))} | {_ratio(fig['latency_ms_1t'], ort_v.get('latency_ms_1t'))} | "
-                f"{fig['latency_ms_2t']:.3f} | {_ratio(fig['latency_ms_2t'], fp.get('latency_ms_2t'))} | "
+                f"{_vs_fp32(fig, 1)} | {_ratio(fig['latency_ms_1t'], ort_v.get('latency_ms_1t'))} | "
+                f"{fig['latency_ms_2t']:.3f} | {_vs_fp32(fig, 2)} | "
                 f"{_ratio(fig['latency_ms_2t'], ort_v.get('latency_ms_2t'))} | {qk} {fig[qk]:.4f} | {fig['cosine']:.4f} | "
                 f"{ints if key != 'fp32' else '-'} | {conv if key != 'fp32' else '-'} |")
         for key, why in row["failures"].items():
@@ -307,7 +319,7 @@ def write_markdown(rows: list[dict[str, Any]], env: dict[str, str], path: Path) 
             plain = (fb.get("figures") or {}).get("initial_drop")
             lines.append(f"  - fallback ({fb['settings']}, --eval, --max-drop 0.01): drop before fallback "
                          f"{plain if plain is None else round(plain, 4)}, after: {row['quality_key']} {fb.get(row['quality_key'], float('nan')):.4f}, "
-                         f"cosine {fb['cosine']:.4f}, latency {fb['latency_ratio_fp32_1t']:.2f}x fp32; kept float: "
+                         f"cosine {fb['cosine']:.4f}, latency ÷ fp32 {_vs_fp32(fb, 1)}; kept float: "
                          + (", ".join(f"{k['node']} ({k['op']}: drop {k['drop_before']:.4f} -> {k['drop_after']:.4f})" for k in kept) or "none needed"))
     path.write_text("\n".join(lines) + "\n")
 

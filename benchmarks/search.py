@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from onnxopt.timing import TimingConfig, compare_latency, format_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -44,21 +45,18 @@ def _accuracy(session: ort.InferenceSession, x: np.ndarray, labels: np.ndarray) 
     return float((logits.argmax(1) == labels).mean())
 
 
-def _latencies(sessions: dict[str, ort.InferenceSession], feed: np.ndarray, rounds: int, runs: int) -> dict[str, float]:
-    """Median ms per run of each session, rounds interleaved across sessions (noise hits all alike)."""
-    per: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        for _ in range(10):
-            s.run(None, {"x": feed})
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                s.run(None, {"x": feed})
-                times.append(time.perf_counter() - t)
-            per[name].append(statistics.median(times) * 1e3)
-    return {k: statistics.median(v) for k, v in per.items()}
+def _latencies(sessions: dict[str, ort.InferenceSession], feed: np.ndarray, rounds: int) -> dict[str, dict[str, float]]:
+    """Each session against the first (fp32) on onnxopt.timing: ms per run, ratio ÷ fp32 and its interval."""
+    keys = list(sessions)
+    config = TimingConfig(time_budget=max(1.0, rounds * 0.5))
+    out: dict[str, dict[str, float]] = {}
+    refs = []
+    for k in keys[1:]:
+        result = compare_latency(sessions[keys[0]], sessions[k], {"x": feed}, config)
+        refs.append(result.reference_ms)
+        out[k] = {"ms": result.candidate_ms, "ratio": result.ratio, "low": result.low, "high": result.high}
+    out[keys[0]] = {"ms": float(np.median(refs)), "ratio": 1.0, "low": 1.0, "high": 1.0}
+    return out
 
 
 def _ort_static(model: Path, out: Path) -> Path:
@@ -120,18 +118,18 @@ def bench_model(name: str, objective: str, batch: int, passes: str, max_drop: fl
     _ort_static(model, variants["ORT quantize_static"])
     ev = np.load(DIGITS / "eval.npz")
     sessions = {k: _session(p) for k, p in variants.items()}
-    b1 = _latencies(sessions, ev["x"][:1], rounds, 200)
-    b64 = _latencies(sessions, ev["x"][:64], rounds, 20)
+    b1 = _latencies(sessions, ev["x"][:1], rounds)
+    b64 = _latencies(sessions, ev["x"][:64], rounds)
     rows = []
     for k, p in variants.items():
         acc = _accuracy(sessions[k], ev["x"], ev["labels"])
-        rows.append({"variant": k, "size_bytes": p.stat().st_size, "accuracy": acc, "latency_b1_ms": b1[k],
-                     "latency_b64_ms": b64[k]})
+        rows.append({"variant": k, "size_bytes": p.stat().st_size, "accuracy": acc,
+                     "latency_b1_ms": b1[k]["ms"], "latency_ratio_b1": b1[k]["ratio"], "latency_interval_b1": [b1[k]["low"], b1[k]["high"]],
+                     "latency_b64_ms": b64[k]["ms"], "latency_ratio_b64": b64[k]["ratio"],
+                     "latency_interval_b64": [b64[k]["low"], b64[k]["high"]]})
     fp = rows[0]
-    for r in rows:
-        r["size_ratio"] = fp["size_bytes"] / r["size_bytes"]
-        r["speedup_b1"] = fp["latency_b1_ms"] / r["latency_b1_ms"]
-        r["speedup_b64"] = fp["latency_b64_ms"] / r["latency_b64_ms"]
+    for r in rows:  # candidate ÷ fp32, as everywhere in onnxopt
+        r["size_ratio"] = r["size_bytes"] / fp["size_bytes"]
         r["drop_pt"] = (fp["accuracy"] - r["accuracy"]) * 100
     import onnx
 
@@ -149,13 +147,20 @@ def bench_model(name: str, objective: str, batch: int, passes: str, max_drop: fl
             "front_latency": sum(c.get("front", {}).get("latency", False) for c in doc["candidates"]),
             "front_size": sum(c.get("front", {}).get("size", False) for c in doc["candidates"]),
             "best": {"id": best["id"], "label": best.get("label"), "recipe": best["recipe"], "drop": best["drop"],
-                     "size_bytes": best["size_bytes"], "size_ratio": best.get("size_ratio"), "speedup": best.get("speedup")},
+                     "size_bytes": best["size_bytes"], "size_ratio": best.get("size_ratio"),
+                     "latency_ratio": best.get("latency_ratio"), "latency_low": best.get("latency_low"),
+                     "latency_high": best.get("latency_high")},
             "rebuilt_matches": {"accuracy": rows[2]["accuracy"] == rows[1]["accuracy"],
                                 "size_bytes": abs(rows[2]["size_bytes"] - rows[1]["size_bytes"]) / rows[1]["size_bytes"] < 0.01},
             "rows": rows, "plot": f"search_{tag}.png", "pick_bytes": breakdown,
             "search": doc,  # the search's own JSON: every candidate, its recipe and figures (plot_search redraws it)
-            "front": [{k: c.get(k) for k in ("id", "label", "drop", "size_bytes", "latency_ms", "size_ratio", "speedup", "front")}
+            "front": [{k: c.get(k) for k in ("id", "label", "drop", "size_bytes", "latency_ms", "size_ratio", "latency_ratio",
+                                        "latency_low", "latency_high", "front")}
                       for c in doc["candidates"] if c.get("front", {}).get("latency") or c.get("front", {}).get("size")]}
+
+
+def _lat(row: dict[str, Any], batch: str) -> str:
+    return format_ratio(row[f"latency_ratio_{batch}"], *row[f"latency_interval_{batch}"])
 
 
 def _markdown(results: list[dict[str, Any]], env: dict[str, str]) -> str:
@@ -163,8 +168,9 @@ def _markdown(results: list[dict[str, Any]], env: dict[str, str]) -> str:
              "`onnxopt search MODEL --eval eval.npz --data calib.npz --max-drop 0.01 --passes prune,lowrank,cluster,quant"
              " --objective size|latency` on the digits models; the pick is the smallest model within the budget (then"
              " the fastest), or the fastest (then the smallest). The figures"
-             " below are measured again outside the search, in one interleaved run (ORT CPU, 1 thread, medians of"
-             " rounds; batch 1 = per-sample latency, where the digits models are dominated by per-op overhead).", ""]
+             " below are measured again outside the search (ORT CPU, 1 thread, each variant paired with fp32 by"
+             " onnxopt.timing: candidate ÷ fp32 with its 95% interval; batch 1 = per-sample latency, where the digits"
+             " models are dominated by per-op overhead).", ""]
     for r in results:
         b = r["best"]
         lines += [f"## {r['model']}, objective {r['objective']} (latency timed at batch {r['latency_batch']})", "",
@@ -177,34 +183,35 @@ def _markdown(results: list[dict[str, Any]], env: dict[str, str]) -> str:
                   f"- the JSON reproduces it: recipe re-applied from scratch gives the same accuracy "
                   f"({'yes' if r['rebuilt_matches']['accuracy'] else 'NO'}) and size within 1% "
                   f"({'yes' if r['rebuilt_matches']['size_bytes'] else 'NO'})", "",
-                  "| variant | size | x smaller | accuracy | drop pt | batch 1 ms | x faster | batch 64 ms | x faster |",
+                  "| variant | size | size ÷ fp32 | accuracy | drop pt | batch 1 ms | ÷ fp32 | batch 64 ms | ÷ fp32 |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in r["rows"]:
-            lines.append(f"| {row['variant']} | {row['size_bytes'] / 1024:.1f} KB | {row['size_ratio']:.1f} | "
+            lines.append(f"| {row['variant']} | {row['size_bytes'] / 1024:.1f} KB | {row['size_ratio']:.3f}× | "
                          f"{row['accuracy'] * 100:.2f}% | {row['drop_pt']:.2f} | {row['latency_b1_ms']:.4f} | "
-                         f"{row['speedup_b1']:.2f} | {row['latency_b64_ms']:.3f} | {row['speedup_b64']:.2f} |")
+                         f"{_lat(row, 'b1')} | {row['latency_b64_ms']:.3f} | {_lat(row, 'b64')} |")
         lines += ["", "Pareto front members (drop, size, latency as the search measured them):", "",
-                  "| # | front | chain | drop pt | size | x smaller | x faster (batch 1) |", "|---|---|---|---:|---:|---:|---:|"]
+                  "| # | front | chain | drop pt | size | size ÷ reference | latency ÷ reference |", "|---|---|---|---:|---:|---:|---:|"]
         for c in sorted(r["front"], key=lambda c: c["drop"]):
             marks = ("L" if c["front"]["latency"] else "") + ("S" if c["front"]["size"] else "")
             lines.append(f"| {c['id']} | {marks} | `{c['label']}` | {c['drop'] * 100:.2f} | {c['size_bytes'] / 1024:.1f} KB | "
-                         f"{c['size_ratio']:.1f} | {c['speedup']:.2f} |")
+                         f"{c['size_ratio']:.3f}× | {format_ratio(c.get('latency_ratio'), c.get('latency_low'), c.get('latency_high'))} |")
         lines.append("")
     cnn = [r for r in results if r["model"] == "cnn"]
     if cnn:
         def run_name(r: dict[str, Any]) -> str:
             return f"--objective {r['objective']} --latency-batch {r['latency_batch']}"
 
-        size = max(cnn, key=lambda r: r["rows"][1]["size_ratio"])
-        b1 = max(cnn, key=lambda r: r["rows"][1]["speedup_b1"])
-        b64 = max(cnn, key=lambda r: r["rows"][1]["speedup_b64"])
+        size = min(cnn, key=lambda r: r["rows"][1]["size_ratio"])
+        b1 = min(cnn, key=lambda r: r["rows"][1]["latency_ratio_b1"])
+        b64 = min(cnn, key=lambda r: r["rows"][1]["latency_ratio_b64"])
         lines += ["## Against the targets (digits cnn, --max-drop 0.01)", "",
-                  f"- >= 20x smaller: {size['rows'][1]['size_ratio']:.1f}x (pick of {run_name(size)}): "
-                  + ("met" if size["rows"][1]["size_ratio"] >= 20 else "missed"),
-                  f"- >= 3x faster at batch 1: {b1['rows'][1]['speedup_b1']:.2f}x (pick of {run_name(b1)}): "
-                  + ("met" if b1["rows"][1]["speedup_b1"] >= 3 else "missed"),
-                  f"- >= 3x faster at batch 64: {b64['rows'][1]['speedup_b64']:.2f}x (pick of {run_name(b64)}, "
-                  f"{b64['rows'][1]['size_ratio']:.1f}x smaller): " + ("met" if b64["rows"][1]["speedup_b64"] >= 3 else "missed"),
+                  f"- >= 20x smaller (size ÷ fp32 <= 0.05): {size['rows'][1]['size_ratio']:.3f}× (pick of {run_name(size)}): "
+                  + ("met" if size["rows"][1]["size_ratio"] <= 1 / 20 else "missed"),
+                  # met only when the whole interval is at or below 1/3
+                  f"- >= 3x faster at batch 1 (latency ÷ fp32 <= 0.33): {_lat(b1['rows'][1], 'b1')} (pick of {run_name(b1)}): "
+                  + ("met" if b1["rows"][1]["latency_interval_b1"][1] <= 1 / 3 else "missed"),
+                  f"- >= 3x faster at batch 64 (latency ÷ fp32 <= 0.33): {_lat(b64['rows'][1], 'b64')} (pick of {run_name(b64)}, "
+                  f"size {b64['rows'][1]['size_ratio']:.3f}×): " + ("met" if b64["rows"][1]["latency_interval_b64"][1] <= 1 / 3 else "missed"),
                   "- no single pick meets both: see the notes below", ""]
         pb = size.get("pick_bytes")
         if pb:

@@ -21,6 +21,7 @@ from onnxopt.plugins import Registry, load_registry
 from onnxopt.progress import Progress
 from onnxopt.report import RunReport, write_json
 from onnxopt.sessions import SessionFactory, resolve_providers
+from onnxopt.timing import TimingConfig
 from onnxopt.validate import ValidationResult, one_session_at_a_time, validate
 
 __all__ = ["apply", "validate_models", "load_data", "GATE_EXIT_CODE"]
@@ -85,6 +86,7 @@ def apply(
     validate_result: bool = True,
     progress: Progress | None = None,
     registry: Registry | None = None,
+    timing: TimingConfig | None = None,
 ) -> RunReport:
     """Load ``model``, run ``passes``, validate against the original on ORT, and save to ``output``.
 
@@ -129,7 +131,8 @@ def apply(
         if evaluation is None and calibration is not None:
             run.notes.append("validated on the calibration data (--data); give --eval for an unbiased figure")
         run.validation = validate(reference, candidate, check_data, sessions=sessions,
-                                  metrics=list(registry.metrics.values()), progress=progress, reference_path=src)
+                                  metrics=list(registry.metrics.values()), progress=progress, reference_path=src,
+                                  timing=timing or TimingConfig(threads=threads))
         run.validation.candidate.size_bytes = _candidate_size(candidate)
     if max_drop is not None and run.validation is not None:
         run.gate_passed = run.validation.drop <= max_drop + 1e-12
@@ -160,6 +163,7 @@ def validate_models(
     seed: int = 0,
     progress: Progress | None = None,
     registry: Registry | None = None,
+    timing: TimingConfig | None = None,
 ) -> ValidationResult:
     """Compare two model files on ORT (the `onnxopt validate` command)."""
     registry = registry or load_registry()
@@ -171,4 +175,5 @@ def validate_models(
         raise OnnxoptError("no data to validate on and the inputs have free dims",
                            "give --eval data.npz or --shape NAME=DIMS")
     return validate(ref, cand, dataset, sessions=sessions, metrics=list(registry.metrics.values()),
-                    progress=progress, reference_path=reference, candidate_path=candidate)
+                    progress=progress, reference_path=reference, candidate_path=candidate,
+                    timing=timing or TimingConfig(threads=threads))

@@ -84,6 +84,23 @@ def _progress(quiet: bool) -> Progress:
     return Progress(enabled=not quiet and sys.stderr.isatty())
 
 
+def _timing_options(fn: F) -> F:
+    """``--repeat``, ``--time-budget`` and ``--isolate``: how latency is timed (see onnxopt.timing)."""
+    fn = click.option("--isolate", is_flag=True,
+                      help="Time the models in a child process of their own (an ORT crash there is an error line).")(fn)
+    fn = click.option("--time-budget", type=float, default=10.0, show_default=True, metavar="SECONDS",
+                      help="Cap on paired latency runs; timing stops earlier once the ratio is known to ±3%.")(fn)
+    fn = click.option("--repeat", type=int, default=20, show_default=True, metavar="N",
+                      help="At least N blocks of paired latency runs (4 runs each), even past --time-budget.")(fn)
+    return fn
+
+
+def _timing(repeat: int, time_budget: float, isolate: bool, threads: int) -> Any:
+    from onnxopt.timing import TimingConfig
+
+    return TimingConfig(repeat=repeat, time_budget=time_budget, isolate=isolate, threads=threads)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
 @click.version_option(package_name="onnxopt", message="onnxopt %(version)s")
@@ -108,12 +125,13 @@ def cli(debug: bool) -> None:
 @click.option("--external-data/--no-external-data", default=None, help="Store weights in a .data file next to the output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
 @click.option("--no-validate", is_flag=True, help="Skip validation on ONNX Runtime.")
+@_timing_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_guarded
 def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[str, ...], recipe: Path | None,
           data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None, force: bool,
           report_path: Path | None, providers: str | None, threads: int, external_data: bool | None, seed: int,
-          no_validate: bool, quiet: bool) -> None:
+          no_validate: bool, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
     """Run passes on MODEL, validate against it on ONNX Runtime, and write the result to -o."""
     from onnxopt.api import GATE_EXIT_CODE, apply as run_apply
 
@@ -131,7 +149,8 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
         run = run_apply(model, names, output, settings=merged, data=data, eval_data=eval_data, shapes=_shapes(shapes),
                         max_drop=max_drop, force=force, report=report_path,
                         providers=providers.split(",") if providers else None, threads=threads,
-                        external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress)
+                        external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress,
+                        timing=_timing(repeat, time_budget, isolate, threads))
     print_report(run, Console(soft_wrap=True))
     if run.gate_passed is False:
         click.echo(f"error: measured drop {run.validation.drop:.4f} is over --max-drop {max_drop}"  # type: ignore[union-attr]
@@ -191,10 +210,12 @@ def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write JSON here.")
 @click.option("--target", type=click.Choice(["host", "arm64"]), default="host", show_default=True,
               help="arm64: also run both models on the aarch64 onnxruntime under emulation (scripts/setup_arm64.sh).")
+@_timing_options
 @click.option("-q", "--quiet", is_flag=True)
 @_guarded
 def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: tuple[str, ...], providers: str | None,
-             threads: int, max_drop: float | None, report_path: Path | None, target: str, quiet: bool) -> None:
+             threads: int, max_drop: float | None, report_path: Path | None, target: str, repeat: int, time_budget: float,
+             isolate: bool, quiet: bool) -> None:
     """Compare CANDIDATE with REFERENCE on ONNX Runtime: metrics, drop, size, latency."""
     from onnxopt.api import GATE_EXIT_CODE, validate_models
     from onnxopt.io import refuse_overwriting
@@ -210,7 +231,7 @@ def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: t
     with _progress(quiet) as progress:
         result = validate_models(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                  providers=providers.split(",") if providers and target == "host" else None,
-                                 threads=threads, progress=progress)
+                                 threads=threads, progress=progress, timing=_timing(repeat, time_budget, isolate, threads))
     if target == "arm64":
         arm = validate_on_arm64(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                 providers=providers.split(",") if providers else None, threads=threads)
@@ -287,12 +308,14 @@ def list_passes(as_json: bool) -> None:
 @click.option("--restart", is_flag=True, help="Ignore (and overwrite) an existing --report instead of resuming it.")
 @click.option("--pick", type=int, default=None, metavar="ID",
               help="Write candidate ID of the --report JSON to -o (rebuilt from its recipe) instead of searching.")
+@_timing_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_guarded
 def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: float, passes: str | None, output: Path | None,
                    report_path: Path | None, plot_path: Path | None, objective: str, workers: int, executor: str,
                    max_candidates: int, space: Path | None, threads: int, latency_batch: int, seed: int,
-                   keep_models: bool, restart: bool, pick: int | None, quiet: bool) -> None:
+                   keep_models: bool, restart: bool, pick: int | None, repeat: int, time_budget: float, isolate: bool,
+                   quiet: bool) -> None:
     """Find the smallest (or fastest) model within --max-drop: search pass settings, keep the Pareto fronts."""
     from onnxopt.api import GATE_EXIT_CODE
     from onnxopt.search.driver import search, write_candidate
@@ -310,7 +333,8 @@ def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: fl
             result = search(model, eval_data=eval_data, data=data, max_drop=max_drop, passes=passes, output=output,
                             report=report_path, plot=plot_path, objective=objective, workers=workers, executor=executor,
                             max_candidates=max_candidates, space=space, seed=seed, threads=threads,
-                            latency_batch=latency_batch, keep_models=keep_models, restart=restart, progress=progress)
+                            latency_batch=latency_batch, keep_models=keep_models, restart=restart, progress=progress,
+                            timing=_timing(repeat, time_budget, isolate, threads))
     except KeyboardInterrupt:
         where = f"finished candidates are in {report_path}; rerun the same command to resume" if report_path else \
             "nothing kept (give --report to make a search resumable)"

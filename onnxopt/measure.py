@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -219,12 +217,10 @@ def _node_macs(node: ir.Node) -> int | None:
 def median_latency_ms(
     session: ort.InferenceSession, feed: Mapping[str, np.ndarray], *, warmup: int = 5, runs: int = 30
 ) -> float:
-    """Median wall time of ``session.run`` on one feed, after warm-up runs, in milliseconds."""
-    for _ in range(warmup):
-        session.run(None, dict(feed))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, dict(feed))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median wall time of ``session.run`` on one feed, after warm-up runs, in milliseconds.
+
+    One model alone; comparisons between two models go through :func:`onnxopt.timing.compare_latency`.
+    """
+    from onnxopt.timing import sample_latency_ms
+
+    return float(np.median(sample_latency_ms(session, feed, warmup=warmup, runs=runs)))

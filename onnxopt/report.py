@@ -162,9 +162,18 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
                 (f"latency ms ({v.threads} thread{'s' if v.threads > 1 else ''})", "latency_ms", _fmt)]
         for label, attr, fmt in rows:
             ratio = v.ratio(attr)
-            figures.add_row(label, fmt(getattr(v.reference, attr)), fmt(getattr(v.candidate, attr)),
-                            "-" if ratio is None else f"{ratio:.3f}x")
+            if attr == "latency_ms" and v.latency is not None:  # candidate ÷ reference with its interval
+                shown = escape(v.latency.text())
+            else:
+                shown = "-" if ratio is None else f"{ratio:.3f}x"
+            figures.add_row(label, fmt(getattr(v.reference, attr)), fmt(getattr(v.candidate, attr)), shown)
         console.print(figures)
+        if v.latency is not None:
+            lat = v.latency
+            console.print(f"[dim]latency: candidate ÷ reference, median of {lat.pairs} "
+                          f"{'paired blocks' if lat.paired else 'runs each'} in {lat.seconds:.1f} s, 95% interval[/dim]")
+            for warning in lat.warnings:
+                console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         drop = f"drop {v.drop * 100:.2f} pt ({v.drop_basis})"
         if v.accuracy:
             drop += f": {v.accuracy['reference'] * 100:.2f}% -> {v.accuracy['candidate'] * 100:.2f}%"

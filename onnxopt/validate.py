@@ -20,11 +20,20 @@ import onnxruntime as ort
 
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
-from onnxopt.measure import count_macs, count_parameters, file_size, median_latency_ms
+from onnxopt.measure import count_macs, count_parameters, file_size
 from onnxopt.metrics import BUILTIN_METRICS, Metric, cosine, top1_accuracy, top1_agreement
 from onnxopt.progress import Progress
 from onnxopt.io import has_external_data, tensor_bytes
 from onnxopt.sessions import LARGE_MODEL_BYTES, SessionFactory, run_batches
+from onnxopt.timing import (
+    LatencyComparison,
+    TimingConfig,
+    compare_latency,
+    compare_latency_isolated,
+    compare_unpaired,
+    model_sources,
+    sample_latency_ms,
+)
 
 __all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop", "drop_between",
            "one_session_at_a_time", "latency_feed"]
@@ -58,9 +67,16 @@ class ValidationResult:
     candidate: ModelFigures = field(default_factory=ModelFigures)
     providers: list[str] = field(default_factory=list)
     threads: int = 1
+    #: the paired latency comparison (ratio with its interval); None when latency was not timed
+    latency: LatencyComparison | None = None
 
     def ratio(self, attr: str) -> float | None:
-        """candidate / reference for ``size_bytes``, ``parameters``, ``macs`` or ``latency_ms``."""
+        """candidate / reference for ``size_bytes``, ``parameters``, ``macs`` or ``latency_ms``.
+
+        For latency this is the paired ratio of :mod:`onnxopt.timing` (its interval is in ``latency``).
+        """
+        if attr == "latency_ms" and self.latency is not None:
+            return self.latency.ratio
         ref, cand = getattr(self.reference, attr), getattr(self.candidate, attr)
         if ref in (None, 0) or cand is None:
             return None
@@ -80,6 +96,7 @@ class ValidationResult:
             "ratios": {k: self.ratio(k) for k in ("size_bytes", "parameters", "macs", "latency_ms")},
             "providers": self.providers,
             "threads": self.threads,
+            "latency": None if self.latency is None else self.latency.to_dict(),
         }
 
 
@@ -161,12 +178,18 @@ def validate(
     latency_runs: int = 30,
     reference_path: str | os.PathLike[str] | None = None,
     candidate_path: str | os.PathLike[str] | None = None,
+    timing: TimingConfig | None = None,
 ) -> ValidationResult:
-    """Compare ``candidate`` with ``reference`` on ``dataset``: metrics per output, drop, figures, latency."""
+    """Compare ``candidate`` with ``reference`` on ``dataset``: metrics per output, drop, figures, latency.
+
+    Latency is timed by :mod:`onnxopt.timing` as set by ``timing`` (paired, interleaved runs until the ratio
+    is known to ±3% or the time cap); ``latency_runs`` is kept for old callers and no longer used.
+    """
     sessions = sessions or SessionFactory()
+    timing = timing or TimingConfig(threads=sessions.threads)
     if one_session_at_a_time(reference, candidate):
         return _validate_one_at_a_time(reference, candidate, dataset, sessions=sessions, metrics=metrics, progress=progress,
-                                       latency=latency, latency_runs=latency_runs, reference_path=reference_path,
+                                       latency=latency, timing=timing, reference_path=reference_path,
                                        candidate_path=candidate_path)
     ref_s = sessions.create(reference)
     cand_s = sessions.create(candidate)
@@ -176,18 +199,31 @@ def validate(
     result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path)
     if latency:
         one = latency_feed(dataset, reference)
-        task = progress.task("timing", total=2) if progress else None
-        # interleave reference and candidate so machine noise hits both alike
-        ref_times, cand_times = [], []
-        for _ in range(3):
-            ref_times.append(median_latency_ms(ref_s, one, runs=max(1, latency_runs // 3)))
-            cand_times.append(median_latency_ms(cand_s, one, runs=max(1, latency_runs // 3)))
-        result.reference.latency_ms = float(np.median(ref_times))
-        result.candidate.latency_ms = float(np.median(cand_times))
+        task = progress.task("timing (paired runs, % of the time cap)", total=100) if progress else None
+        done = [0]
+
+        def tick(share: float) -> None:
+            if task and int(share * 100) > done[0]:
+                task.advance(int(share * 100) - done[0])
+                done[0] = int(share * 100)
+
+        if timing.isolate:
+            del ref_s, cand_s  # the child makes its own sessions
+            with model_sources(reference, candidate) as sources:
+                comparison = compare_latency_isolated(sources[0], sources[1], one, timing,
+                                                      providers=sessions.providers, threads=sessions.threads, tick=tick)
+        else:
+            comparison = compare_latency(ref_s, cand_s, one, timing, tick=tick)
+        _set_latency(result, comparison)
         if task:
-            task.advance(2)
             task.close()
     return result
+
+
+def _set_latency(result: ValidationResult, comparison: LatencyComparison) -> None:
+    result.latency = comparison
+    result.reference.latency_ms = comparison.reference_ms
+    result.candidate.latency_ms = comparison.candidate_ms
 
 
 def _compare(
@@ -250,13 +286,14 @@ def _run_one_at_a_time(
     first_only: bool = False,
     progress: Progress | None = None,
     timing_feed: Mapping[str, np.ndarray] | None = None,
-    latency_runs: int = 30,
-) -> tuple[list[str], list[dict[str, np.ndarray]], list[float]]:
-    """Common output names, both models' outputs, and their latencies, with one ORT session alive at a time."""
+    timing: TimingConfig | None = None,
+) -> tuple[list[str], list[dict[str, np.ndarray]], list[np.ndarray]]:
+    """Common output names, both models' outputs, and their run times (ms), with one ORT session alive at a time."""
     wanted = {v.name for v in candidate.graph.outputs}
     names: list[str] = []
     outputs: list[dict[str, np.ndarray]] = []
-    times: list[float] = []
+    times: list[np.ndarray] = []
+    timing = timing or TimingConfig(threads=sessions.threads)
     for model, label in ((reference, "reference"), (candidate, "candidate")):
         session = sessions.create(model)
         if not names:
@@ -267,7 +304,9 @@ def _run_one_at_a_time(
             names = names[:1] if first_only else names
         outputs.append(collect_outputs(session, dataset, names, progress=progress, description=f"validating {label}"))
         if timing_feed is not None:
-            times.append(median_latency_ms(session, timing_feed, runs=max(1, latency_runs)))
+            # at least --repeat runs, else half the time cap each; no pairing is possible with one session alive
+            times.append(sample_latency_ms(session, timing_feed, warmup=timing.warmup, runs=timing.repeat,
+                                           seconds=timing.time_budget / 2))
         del session  # frees what ORT holds for this model before the next model's session is made
     return names, outputs, times
 
@@ -281,15 +320,15 @@ def _validate_one_at_a_time(
     metrics: Sequence[Metric],
     progress: Progress | None,
     latency: bool,
-    latency_runs: int,
+    timing: TimingConfig,
     reference_path: str | os.PathLike[str] | None,
     candidate_path: str | os.PathLike[str] | None,
 ) -> ValidationResult:
     """:func:`validate` with one session alive at a time (latency then cannot interleave the two models)."""
     feed = latency_feed(dataset, reference) if latency else None
     names, (ref, cand), times = _run_one_at_a_time(reference, candidate, dataset, sessions, progress=progress,
-                                                   timing_feed=feed, latency_runs=latency_runs)
+                                                   timing_feed=feed, timing=timing)
     result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path)
     if times:
-        result.reference.latency_ms, result.candidate.latency_ms = times
+        _set_latency(result, compare_unpaired(times[0], times[1], timing))
     return result

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["make_model", "conv_bn_relu", "gemm_chain", "init", "if_model", "loop_model", "scan_model", "SUBGRAPH_MODELS"]
+__all__ = ["make_model", "conv_bn_relu", "conv_stack", "gemm_chain", "init", "if_model", "loop_model", "scan_model",
+           "SUBGRAPH_MODELS"]
 
 OPSET = 18
 
@@ -134,3 +135,24 @@ def scan_model(width: int = 64, seed: int = 0) -> onnx.ModelProto:
 
 #: Builders of the models with subgraphs, by name.
 SUBGRAPH_MODELS = {"if": if_model, "loop": loop_model, "scan": scan_model}
+
+
+def conv_stack(width: int = 16, size: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """x[1,3,size,size] -> 3 x (Conv 3x3 pad 1 -> Relu) of ``width`` channels -> Conv 1x1 -> GlobalAveragePool -> y[1,8].
+
+    Twice the width is the same network with about four times the MACs: a model measurably slower by construction.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev, cin = [], [], "x", 3
+    for i in range(3):
+        inits += [init(f"w{i}", (rng.standard_normal((width, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)),
+                  init(f"b{i}", np.zeros(width, np.float32))]
+        nodes += [helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        prev, cin = f"r{i}", width
+    # a 1x1 Conv to 8 channels: both widths have the same output, so they can be validated against each other
+    inits.append(init("head", (rng.standard_normal((8, width, 1, 1)) / np.sqrt(width)).astype(np.float32)))
+    nodes += [helper.make_node("Conv", [prev, "head"], ["h"]),
+              helper.make_node("GlobalAveragePool", ["h"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)

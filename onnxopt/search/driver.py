@@ -7,6 +7,10 @@ workers (1 thread each, as a ratio to the reference timed in turns in the
 same worker, since parallel workers share the cores); the front members and
 the best are then timed again one at a time, in turns with the reference,
 and those serial figures are the ones reported and used for the fronts.
+Every latency figure is candidate ÷ reference with its interval
+(:mod:`onnxopt.timing`); candidates whose intervals overlap the fastest's
+count as equally fast, and none is called faster unless its interval is
+below 1.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from onnxopt.progress import Progress
 from onnxopt.search.evaluate import (
     Evaluator,
     WorkerSetup,
-    interleaved_latency,
+    latency_fields,
+    time_candidate,
 )
 from onnxopt.search.executor import Executor, make_executor
 from onnxopt.search.pareto import pareto_front
@@ -37,13 +42,15 @@ from onnxopt.search.recipe import Step, describe, recipe_from_json, recipe_to_js
 from onnxopt.search.space import PassSpace, base_pass, build_space, load_space_file, searchable_passes
 from onnxopt.search.state import SearchState, fingerprint
 from onnxopt.search.strategy import OBJECTIVES, Strategy, within_budget
+from onnxopt.timing import TimingConfig, format_ratio, sample_latency_ms
 
 __all__ = ["SearchResult", "search", "write_candidate", "rebuild_candidate", "mark_fronts", "pick_best", "SIZE_TIE",
            "LATENCY_TIE"]
 
 #: Sizes within this share of the smallest count as a tie, broken by latency (objective size).
 SIZE_TIE = 0.01
-#: Latencies within this share of the fastest count as a tie (timing noise), broken by size (objective latency).
+#: Latencies within this share of the fastest count as a tie (timing noise), broken by size (objective latency);
+#: candidates whose measured interval overlaps the fastest's interval count as a tie too.
 LATENCY_TIE = 0.03
 
 
@@ -82,9 +89,22 @@ def pick_best(candidates: Sequence[dict[str, Any]], max_drop: float, objective: 
         smallest = min(c["size_bytes"] for c in within)
         near = [c for c in within if c["size_bytes"] <= smallest * (1 + SIZE_TIE)]
         return min(near, key=lambda c: (c.get("latency_ms") or inf, c["size_bytes"], c["drop"]))
-    fastest = min(c.get("latency_ms") or inf for c in within)
-    near = [c for c in within if (c.get("latency_ms") or inf) <= fastest * (1 + LATENCY_TIE)]
+    fastest = min(within, key=lambda c: c.get("latency_ms") or inf)
+    top = fastest.get("latency_ms") or inf
+    # a candidate is as fast as the fastest when the timing cannot tell them apart: its interval (on the
+    # reference's time) starts below the fastest's upper end, or it is within LATENCY_TIE
+    top_high = top * (fastest.get("latency_high") or 0) / fastest["latency_ratio"] if fastest.get("latency_ratio") else top
+    near = [c for c in within if (c.get("latency_ms") or inf) <= max(top * (1 + LATENCY_TIE), top_high)
+            or _low_ms(c) <= top_high]
     return min(near, key=lambda c: (c["size_bytes"], c.get("latency_ms") or inf, c["drop"]))
+
+
+def _low_ms(c: dict[str, Any]) -> float:
+    """The lower end of a candidate's latency interval in ms (its latency when it has no interval)."""
+    ms, ratio, low = c.get("latency_ms"), c.get("latency_ratio"), c.get("latency_low")
+    if ms is None:
+        return float("inf")
+    return ms * low / ratio if ratio and low else ms
 
 
 def rebuild_candidate(evaluator: Evaluator, candidate: dict[str, Any]) -> ir.Model:
@@ -104,20 +124,21 @@ def _reference_figures(evaluator: Evaluator, model_path: Path) -> dict[str, Any]
 
 
 def _remeasure(evaluator: Evaluator, candidates: Sequence[dict[str, Any]], runs: int, progress: Progress) -> float:
-    """Time the given candidates one at a time, each in turns with the reference; returns the reference's median."""
+    """Time the given candidates one at a time, each paired with the reference; returns the reference's median."""
     refs = []
     task = progress.task("timing the front serially", total=len(candidates))
     for c in candidates:
         model = rebuild_candidate(evaluator, c)
-        session = evaluator.sessions.create(model)
-        ref_ms, ms = interleaved_latency([evaluator.ref_session, session], evaluator.feed, runs=runs, rounds=5)
-        refs.append(ref_ms)
-        c.update(latency_ms=ms, latency_ratio=ms / ref_ms if ref_ms > 0 else None, latency_source="serial",
-                 reference_latency_ms=ref_ms)
+        session = None if evaluator.timing.isolate else evaluator.sessions.create(model)
+        timed = time_candidate(evaluator.ref_session, session, evaluator.feed, evaluator.timing,
+                               reference=evaluator.reference, candidate=model, sessions=evaluator.sessions)
+        refs.append(timed.reference_ms)
+        c.update(latency_source="serial", **latency_fields(timed))
         task.advance()
     task.close()
-    ref = sorted(refs)[len(refs) // 2] if refs else interleaved_latency([evaluator.ref_session], evaluator.feed, runs=runs, rounds=5)[0]
-    return ref
+    if refs:
+        return sorted(refs)[len(refs) // 2]
+    return float(sample_latency_ms(evaluator.ref_session, evaluator.feed, runs=max(1, runs)).mean())
 
 
 def search(
@@ -143,6 +164,7 @@ def search(
     latency_batch: int = 1,
     progress: Progress | None = None,
     registry: Registry | None = None,
+    timing: TimingConfig | None = None,
 ) -> SearchResult:
     """Search pass settings for the smallest (or fastest) model within ``max_drop``; see the module docstring.
 
@@ -183,7 +205,8 @@ def search(
         setup = WorkerSetup(model=str(src.resolve()), eval_data=str(Path(eval_data).resolve()),
                             data=None if data is None else str(Path(data).resolve()), max_drop=max_drop,
                             budget_passes=budget_passes, seed=seed, threads=threads, cache_dir=str(cache_dir.resolve()),
-                            latency_runs=latency_runs, latency_batch=latency_batch)
+                            latency_runs=latency_runs, latency_batch=latency_batch,
+                            timing=timing or TimingConfig(threads=threads))
         # the driver's own evaluator: reference figures, serial timing, the final model (and the only one with --workers 1)
         local = Evaluator(setup)
         state.reference = _reference_figures(local, src.resolve())
@@ -329,8 +352,10 @@ def _finish(state: SearchState, local: Evaluator, candidates: list[dict[str, Any
     for c in candidates:
         if c.get("status") == "ok":
             c["within_budget"] = within_budget(c, max_drop)
-            c["size_ratio"] = ref["size_bytes"] / c["size_bytes"] if c.get("size_bytes") else None
-            c["speedup"] = 1.0 / c["latency_ratio"] if c.get("latency_ratio") else None
+            # one convention everywhere: candidate ÷ reference (below 1: smaller, faster)
+            c["size_ratio"] = c["size_bytes"] / ref["size_bytes"] if c.get("size_bytes") and ref.get("size_bytes") else None
+            c.pop("speedup", None)
+            c["latency_text"] = format_ratio(c.get("latency_ratio"), c.get("latency_low"), c.get("latency_high"))
             c["label"] = _label(c["recipe"], state)
     state.best = None if best is None else best["id"]
     return best

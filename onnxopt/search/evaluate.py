@@ -45,9 +45,11 @@ from onnxopt.search.recipe import (
     run_step,
 )
 from onnxopt.sessions import SessionFactory
+from onnxopt.timing import LatencyComparison, TimingConfig, compare_latency, compare_latency_isolated, model_sources
 from onnxopt.validate import collect_outputs, drop_between
 
-__all__ = ["WorkerSetup", "Evaluator", "init_worker", "evaluate_in_worker", "latency_feed", "interleaved_latency"]
+__all__ = ["WorkerSetup", "Evaluator", "init_worker", "evaluate_in_worker", "latency_feed", "interleaved_latency",
+           "time_candidate", "latency_fields", "SCREEN_SECONDS"]
 
 #: Chains kept in memory per worker, at most this many bytes of weights in all.
 MEMORY_CACHE_BYTES = 2**29
@@ -55,6 +57,8 @@ MEMORY_CACHE_BYTES = 2**29
 EARLY_TEST_MIN_SAMPLES = 200
 #: Standard errors by which the quarter's drop must exceed the budget to reject a candidate without the rest.
 EARLY_TEST_Z = 3.0
+#: Time cap (s) of the screening timing in the workers; the front and the pick are timed again with the full cap.
+SCREEN_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,9 @@ class WorkerSetup:
     threads: int = 1
     cache_dir: str | None = None
     early_test: bool = True
-    latency_runs: int = 30
+    latency_runs: int = 30  # kept for old JSON/callers; the timing is set by ``timing``
     latency_batch: int = 1
+    timing: TimingConfig | None = None
 
 
 def latency_feed(dataset: Dataset, model: ir.Model, batch: int = 1) -> dict[str, np.ndarray]:
@@ -83,12 +88,30 @@ def latency_feed(dataset: Dataset, model: ir.Model, batch: int = 1) -> dict[str,
 
 
 def interleaved_latency(sessions: Sequence[Any], feed: dict[str, np.ndarray], runs: int = 30, rounds: int = 3) -> list[float]:
-    """Median batch latency (ms) of each session, timed in turns so machine noise hits them alike."""
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for i, session in enumerate(sessions):
-            times[i].append(median_latency_ms(session, feed, warmup=3, runs=max(1, runs // rounds)))
-    return [float(np.median(t)) for t in times]
+    """Median batch latency (ms) of each session (old API: one session alone, or a reference and a candidate paired)."""
+    if len(sessions) == 2:
+        result = compare_latency(sessions[0], sessions[1], feed)
+        return [result.reference_ms, result.candidate_ms]
+    return [median_latency_ms(s, feed, warmup=3, runs=max(1, runs)) for s in sessions]
+
+
+def latency_fields(result: LatencyComparison) -> dict[str, Any]:
+    """A candidate's latency entries in the search JSON: candidate ÷ reference with its interval."""
+    return {"latency_ms": result.candidate_ms, "reference_latency_ms": result.reference_ms,
+            "latency_ratio": result.ratio, "latency_low": result.low, "latency_high": result.high,
+            "latency_pairs": result.pairs, "latency_capped": result.capped, "latency_warnings": result.warnings}
+
+
+def time_candidate(ref_session: Any, session: Any, feed: dict[str, np.ndarray], config: TimingConfig, *,
+                   reference: ir.Model | None = None, candidate: ir.Model | None = None,
+                   sessions: SessionFactory | None = None) -> LatencyComparison:
+    """Candidate against reference on :mod:`onnxopt.timing`; in a child process when ``config.isolate`` (models given)."""
+    if config.isolate and reference is not None and candidate is not None:
+        factory = sessions or SessionFactory(threads=config.threads)
+        with model_sources(reference, candidate) as sources:
+            return compare_latency_isolated(sources[0], sources[1], feed, config, providers=factory.providers,
+                                            threads=factory.threads)
+    return compare_latency(ref_session, session, feed, config)
 
 
 def _cache_name(key: str) -> str:
@@ -124,6 +147,7 @@ class Evaluator:
         self.output = self.ref_session.get_outputs()[0].name
         self.ref_outputs = collect_outputs(self.ref_session, self.evaluation, [self.output])[self.output]
         self.feed = latency_feed(self.evaluation, self.reference, setup.latency_batch)
+        self.timing = setup.timing or TimingConfig(threads=setup.threads)
         self._memory: OrderedDict[str, _Built] = OrderedDict()
         self.cache_dir = Path(setup.cache_dir) if setup.cache_dir else None
 
@@ -246,10 +270,11 @@ class Evaluator:
                     size = tensor_bytes(built.model)
                 shapes = {k: tuple(v.shape) for k, v in self.feed.items()}
                 macs = count_macs(built.model, shapes)
-                ref_ms, ms = interleaved_latency([self.ref_session, session], self.feed, runs=self.setup.latency_runs)
+                # screening: workers share the cores, so a short cap; the front is timed again serially
+                screen = self.timing.with_budget(min(self.timing.time_budget, SCREEN_SECONDS))
+                timed = time_candidate(self.ref_session, session, self.feed, screen)
                 out.update(size_bytes=size, parameters=count_parameters(built.model),
-                           macs=macs.total if not macs.unknown else None,
-                           latency_ms=ms, reference_latency_ms=ref_ms, latency_ratio=ms / ref_ms if ref_ms > 0 else None)
+                           macs=macs.total if not macs.unknown else None, **latency_fields(timed))
         except OnnxoptError as err:
             out.update(status="failed", error=str(err))
         except Exception as err:  # a pass's bug must not end the search: the candidate is marked failed

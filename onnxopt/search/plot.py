@@ -15,6 +15,7 @@ from typing import Any
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.search.state import SearchState
+from onnxopt.timing import format_ratio
 
 __all__ = ["plot_search"]
 
@@ -43,7 +44,7 @@ def plot_search(state: SearchState, path: str | os.PathLike[str]) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), sharey=True)
     batch, threads = state.settings.get("latency_batch", 1), state.settings.get("threads", 1)
-    timing = f"latency, ms per run (batch {batch}, {threads} thread{'s' if threads > 1 else ''})"
+    timing = f"latency, ms per run (batch {batch}, {threads} thread{'s' if threads > 1 else ''}; bars: 95% interval)"
     panels = (("latency", "latency_ms", timing, ref.get("latency_ms")),
               ("size", "size_bytes", "model file size, KB", ref.get("size_bytes")))
     for ax, (axis, attr, xlabel, ref_x) in zip(axes, panels):
@@ -53,6 +54,14 @@ def plot_search(state: SearchState, path: str | os.PathLike[str]) -> Path:
                    edgecolors="none", label="candidate within budget" if first else None)
         ax.scatter([c[attr] * scale for c in over], [y(c) for c in over], s=20, facecolors="none", edgecolors="#7f7f7f",
                    alpha=0.6, label="candidate over budget" if first else None)
+        if axis == "latency":  # the measured interval of each candidate, on its own ms scale
+            measured = [c for c in ok if c.get("latency_ratio") and c.get("latency_low") and c.get("latency_high")]
+            if measured:
+                xs_ = [c[attr] for c in measured]
+                lows = [c[attr] * (1 - c["latency_low"] / c["latency_ratio"]) for c in measured]
+                highs = [c[attr] * (c["latency_high"] / c["latency_ratio"] - 1) for c in measured]
+                ax.errorbar(xs_, [y(c) for c in measured], xerr=[lows, highs], fmt="none", ecolor="#7f7f7f",
+                            elinewidth=0.8, alpha=0.6, zorder=1)
         front = sorted((c for c in ok if c.get("front", {}).get(axis)), key=lambda c: c[attr])
         if front:
             ax.step([c[attr] * scale for c in front], [y(c) for c in front], where="post", color="#1f77b4", lw=1.4,
@@ -71,8 +80,13 @@ def plot_search(state: SearchState, path: str | os.PathLike[str]) -> Path:
             bx, by = best[attr] * scale, y(best)
             ax.scatter([bx], [by], s=260, facecolors="none", edgecolors="#d62728", linewidths=2.2, zorder=5,
                        label="pick" if first else None)
-            ratio = (ref_x / best[attr]) if ref_x else None
-            text = f"pick #{best['id']}: {ratio:.1f}x {'faster' if axis == 'latency' else 'smaller'}" if ratio else f"pick #{best['id']}"
+            if axis == "latency":  # candidate ÷ reference with its interval: "faster" only when it is below 1
+                text = f"pick #{best['id']}: " + format_ratio(best.get("latency_ratio"), best.get("latency_low"),
+                                                              best.get("latency_high"))
+            else:
+                ratio = (best[attr] / ref_x) if ref_x else None
+                text = f"pick #{best['id']}" + (f": {ratio:.2f}× size" if ratio else "") + \
+                    (f" ({1 / ratio:.1f}× smaller)" if ratio and ratio < 1 else "")
             ax.annotate(text, (bx, by), xytext=(14, -24), textcoords="offset points", fontsize=9, color="#d62728",
                         arrowprops={"arrowstyle": "-", "color": "#d62728", "lw": 0.8})
         xs = [c[attr] for c in ok] + ([ref_x] if ref_x else [])
