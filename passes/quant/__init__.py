@@ -30,6 +30,7 @@ from onnx_ir.passes import common as ir_passes
 from onnxopt import Pass, PassContext, PassResult, PassSkipped, hookimpl, option
 from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes
 from onnxopt.opset import ensure_opset
+from onnxopt.validate import latency_feed
 
 from onnxopt_passes.fold import FoldConfig, FoldPass
 from onnxopt_passes.quant.calibration import Method, collect_ranges
@@ -41,7 +42,8 @@ from onnxopt_passes.quant.handlers import ABSORBED_ACTIVATIONS, RULES, PlaceCont
 from onnxopt_passes.quant.kernels import ort_kernels
 from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
-from onnxopt_passes.quant.rewrites import fold_bias_add, fold_hardsigmoid
+from onnxopt_passes.quant.speed import latency_ratio, region_kinds
+from onnxopt_passes.quant.rewrites import collapse_float_activations, expand_activations, expansion_groups, fold_bias_add, fold_hardsigmoid
 from onnxopt_passes.quant.weight_only import WeightOnlyStats, quantize_int4_node
 
 __all__ = ["QuantConfig", "QuantPass", "onnxopt_register_passes"]
@@ -75,6 +77,13 @@ class QuantConfig:
     fallback_samples: int = option(64, "evaluation samples used to rank node sensitivity", unit="samples")
     fallback_steps: int = option(24, "most nodes the fallback returns to float", unit="nodes")
     check_kernels: bool = option(True, "read ONNX Runtime's optimized graph and report the integer kernels it runs")
+    speed_guard: Literal["revert", "warn", "off"] = option(
+        "revert", "time int8 against fp32 (paired, interleaved) after quantizing; revert: return to float the kinds of "
+                  "regions whose Q/DQ transitions cost more than their integer kernels win, and warn first thing if the "
+                  "model is still slower; warn: only warn; off: no timing")
+    speed_rounds: int = option(7, "interleaved rounds per latency comparison of the speed guard", unit="rounds")
+    rewrite_activations: bool = option(
+        True, "rebuild HardSwish/HardSigmoid/Swish from Add/Clip/Mul/Sigmoid so ONNX Runtime runs them as integer kernels")
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile <= 100:
@@ -83,6 +92,8 @@ class QuantConfig:
             raise ValueError(f"block_size {self.block_size} is not a power of two >= 16 (ONNX Runtime's MatMulNBits needs that)")
         if self.bins < 128:
             raise ValueError(f"bins {self.bins} is under 128")
+        if self.speed_rounds < 3:
+            raise ValueError(f"speed_rounds {self.speed_rounds} is under 3 (quartiles need a few rounds)")
         if self.fallback_samples < 1 or self.fallback_steps < 1:
             raise ValueError("fallback_samples and fallback_steps must be positive")
 
@@ -97,7 +108,8 @@ def _name_nodes(model: ir.Model) -> None:
         seen.add(node.name)
 
 
-def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContext, *, rewrite: bool = False) -> ir.Model:
+def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContext, *, rewrite: bool = False,
+             activations: bool = False) -> ir.Model:
     """Weights as initializers, opset high enough, constants and BatchNorm folded (the fold pass), every node
     named; for static mode also the float-exact rewrites that keep more of the graph in integer kernels."""
     ir_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
@@ -116,6 +128,11 @@ def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContex
         gates = fold_hardsigmoid(model)
         if gates:
             report.notes.append(f"{gates} HardSigmoid folded into the Conv/Gemm before them as Clip(0, 1) (runs in the integer Conv)")
+    if rewrite and activations:
+        expanded = expand_activations(model)
+        if expanded:
+            report.notes.append("rebuilt for integer kernels (QLinearAdd/QLinearMul/QLinearSigmoid): " + ", ".join(
+                f"{op} x{n}" for op, n in expanded.items()) + "; any left wholly float is put back as the single op")
     _name_nodes(model)
     return model
 
@@ -192,7 +209,7 @@ class QuantPass(Pass[QuantConfig]):
         reference = model.clone()
         pc = PlaceContext(config.activation_type, config.per_channel)
         prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
-                            rewrite=True)
+                            rewrite=True, activations=config.rewrite_activations)
         excluded = _explicit_exclusions(prepared, config, pc)
         anchors_total = Counter(n.op_type for n in iter_nodes(prepared) if n.op_type in _ANCHORS)
 
@@ -240,7 +257,10 @@ class QuantPass(Pass[QuantConfig]):
 
         def build(kept_float: frozenset[str]) -> tuple[ir.Model, Plan, InsertionStats]:
             clone = prepared.clone()
-            p = settle(clone, {k: "kept float by the accuracy fallback" for k in kept_float})
+            extra = {k: "kept float by the accuracy fallback or the speed guard" for k in kept_float}
+            p = settle(clone, extra)
+            if collapse_float_activations(clone, set(p.nodes)):
+                p = settle(clone, extra)  # the plan again, on the graph with the single ops back
             stats = insert_qdq(clone, p, ranges, config.activation_type, Names(clone))
             cleanup(clone)
             return clone, p, stats
@@ -254,6 +274,23 @@ class QuantPass(Pass[QuantConfig]):
                                     samples=config.fallback_samples, max_steps=config.fallback_steps)
             kept = frozenset(str(k["node"]) for k in fallback.kept_float)
             quantized, plan, stats = build(kept) if kept else (quantized, plan, stats)
+        else:
+            kept = frozenset()
+        speed: dict[str, Any] | None = None
+        if config.speed_guard != "off":
+            feed = latency_feed(data, reference)
+            speed = {"tried": []}
+            if config.speed_guard == "revert":
+                quantized, plan, stats, kept = self._revert_slow_regions(build, quantized, plan, stats, kept, feed,
+                                                                         config, ctx, speed, report)
+            final = latency_ratio(quantized, reference, feed, ctx.sessions, rounds=config.speed_rounds)
+            speed["int8_over_fp32"] = final.to_dict()
+            if final.median > 1.0:
+                report.warnings.append(
+                    f"the int8 model is SLOWER than fp32: {final.median:.2f}x the float latency (quartiles "
+                    f"{final.low:.2f}-{final.high:.2f}, {final.rounds} interleaved rounds, batch of one, this CPU); "
+                    + ("regions that did not pay are already back in float: " if speed["tried"] else "")
+                    + "consider keeping this model float or quantizing with --set quant.exclude_ops=...")
 
         for node, reason in [*((n, r) for n, r in plan.skipped.values())]:
             report.skip(f"{node.op_type} {node.name}", reason)
@@ -287,6 +324,8 @@ class QuantPass(Pass[QuantConfig]):
             if not fallback.within_budget:
                 report.notes.append(f"accuracy fallback could not reach the budget: drop {fallback.final_drop:.4f} after "
                                     f"{len(fallback.kept_float)} nodes back to float (raise fallback_steps or exclude more)")
+        if speed is not None:
+            figures["speed"] = speed
         self._kernels(quantized, config, ctx, figures, report)
         note = _no_kernel_note(quantized)
         if note:
@@ -298,8 +337,32 @@ class QuantPass(Pass[QuantConfig]):
                           f"{sum(quantized_ops.values()) - anchors_q} other ops quantized"
                           + (f"; ORT runs {sum(kernels.values())} integer kernels" if kernels else "")
                           + (f"; {len(fallback.kept_float)} kept float by fallback" if fallback and fallback.kept_float else ""))
+        if report.warnings:
+            report.summary = "SLOWER THAN FP32 - " + report.summary
         report.figures = figures
         return PassResult(quantized, True, report)
+
+    def _revert_slow_regions(self, build: Callable[[frozenset[str]], tuple[ir.Model, Plan, InsertionStats]],
+                             quantized: ir.Model, plan: Plan, stats: InsertionStats, kept: frozenset[str],
+                             feed: Mapping[str, Any], config: QuantConfig, ctx: PassContext, speed: dict[str, Any],
+                             report: Any) -> tuple[ir.Model, Plan, InsertionStats, frozenset[str]]:
+        """Return to float, one kind of region at a time, the quantized non-anchor regions whose removal is
+        measurably faster (the paired ratio's third quartile under 1), keeping each change that pays."""
+        kinds = region_kinds((p.node for p in plan.nodes.values()), expansion_groups(quantized))
+        with ctx.progress.task("quant: timing regions against float", total=len(kinds)) as task:
+            for kind, names in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+                task.advance()
+                trial = build(kept | frozenset(names))
+                ratio = latency_ratio(trial[0], quantized, feed, ctx.sessions, rounds=config.speed_rounds)
+                keep_float = ratio.high < 1.0
+                speed["tried"].append({"kind": kind, "nodes": len(names), "float_over_int8": ratio.to_dict(),
+                                       "returned_to_float": keep_float})
+                if keep_float:
+                    kept = kept | frozenset(names)
+                    quantized, plan, stats = trial
+                    report.notes.append(f"speed guard: {len(names)} {kind} nodes back to float "
+                                        f"({ratio.median:.2f}x the latency with them quantized)")
+        return quantized, plan, stats, kept
 
     def _kernels(self, model: ir.Model, config: QuantConfig, ctx: PassContext, figures: dict[str, Any], report: Any) -> None:
         if not config.check_kernels:
