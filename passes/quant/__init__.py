@@ -40,6 +40,7 @@ from onnxopt_passes.quant.exposure import if_of
 from onnxopt_passes.quant.fallback import run_fallback
 from onnxopt_passes.quant.handlers import ABSORBED_ACTIVATIONS, RULES, PlaceContext, place, rescale_factor
 from onnxopt_passes.quant.kernels import ort_kernels
+from onnxopt_passes.quant.outputs import output_exclusions
 from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
 from onnxopt_passes.quant.speed import latency_ratio, region_kinds
@@ -82,6 +83,9 @@ class QuantConfig:
                   "regions whose Q/DQ transitions cost more than their integer kernels win, and warn first thing if the "
                   "model is still slower; warn: only warn; off: no timing")
     speed_rounds: int = option(7, "interleaved rounds per latency comparison of the speed guard", unit="rounds")
+    keep_outputs_float: bool = option(
+        True, "keep float every node whose quantized output would reach a graph output (no shared 8-bit scale over an "
+              "output or over the parts a Concat joins into one)")
     rewrite_activations: bool = option(
         True, "rebuild HardSwish/HardSigmoid/Swish from Add/Clip/Mul/Sigmoid so ONNX Runtime runs them as integer kernels")
 
@@ -211,6 +215,9 @@ class QuantPass(Pass[QuantConfig]):
         prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
                             rewrite=True, activations=config.rewrite_activations)
         excluded = _explicit_exclusions(prepared, config, pc)
+        if config.keep_outputs_float:
+            for name, reason in output_exclusions(prepared, pc).items():
+                excluded.setdefault(name, reason)
         anchors_total = Counter(n.op_type for n in iter_nodes(prepared) if n.op_type in _ANCHORS)
 
         def plan_for(model_: ir.Model, extra: Mapping[str, str]) -> Plan:
