@@ -70,7 +70,8 @@ def matmul_model(k: int = 64, n: int = 16) -> onnx.ModelProto:
 def test_conv_relu_scales_match_numpy_and_fuse_to_qlinearconv() -> None:
     proto = conv_relu()
     x = RNG.uniform(-1.5, 2.5, (16, 3, 6, 6)).astype(np.float32)
-    result = _quant(proto, {"x": x}, keep_outputs_float=False)  # the output conv quantized too: its scales are checked
+    # the output conv quantized too, with the plain symmetric weight scales (no saturation widening): its scales are checked
+    result = _quant(proto, {"x": x}, keep_outputs_float=False, saturation="off")
     inits, qproto = _initializers(result.model)
     # input: uint8 asymmetric over [min, max] widened to 0
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
@@ -312,7 +313,7 @@ def test_config_rejects_bad_values() -> None:
 def test_per_tensor_weights_have_one_scale() -> None:
     proto = conv_relu()
     x = RNG.uniform(-1, 1, (16, 3, 6, 6)).astype(np.float32)
-    result = _quant(proto, {"x": x}, per_channel=False, keep_outputs_float=False)
+    result = _quant(proto, {"x": x}, per_channel=False, keep_outputs_float=False, saturation="off")
     inits, _ = _initializers(result.model)
     w = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "w"))
     assert inits["w_scale"].shape == () and np.isclose(inits["w_scale"], np.abs(w).max() / 127)

@@ -44,7 +44,7 @@ def test_activation_rewrite_is_float_exact(act: str) -> None:
 def test_rewritten_activation_runs_as_integer_kernels(act: str, kernels: set[str]) -> None:
     proto = activation_chain(act)
     data = {"x": (RNG.standard_normal((32, 3, 8, 8)) * 2).astype(np.float32)}
-    result = _quant(proto, data, speed_guard="off")
+    result = _quant(proto, data, speed_guard="off", keep_outputs_float=False)  # the last conv quantized too
     ops = _optimized_ops(result.model)
     assert kernels <= set(ops), ops
     # the activation between the two convs costs no conversion: one Quantize at the input, one Dequantize at the output
@@ -116,6 +116,6 @@ def test_speed_guard_records_every_region_kind_it_timed() -> None:
 def test_conv_after_a_float_hardswish_stays_quantized() -> None:
     proto = activation_chain("HardSwish")
     data = {"x": RNG.standard_normal((16, 3, 8, 8)).astype(np.float32)}
-    result = _quant(proto, data, speed_guard="off", exclude_nodes=("*__qexp_*",))
+    result = _quant(proto, data, speed_guard="off", exclude_nodes=("*__qexp_*",), keep_outputs_float=False)
     assert _optimized_ops(result.model).count("QLinearConv") == 2
     assert not [s for s in result.report.skipped if "Conv" in s.target], result.report.skipped

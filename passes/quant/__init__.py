@@ -83,6 +83,9 @@ class QuantConfig:
                   "regions whose Q/DQ transitions cost more than their integer kernels win, and warn first thing if the "
                   "model is still slower; warn: only warn; off: no timing")
     speed_rounds: int = option(7, "interleaved rounds per latency comparison of the speed guard", unit="rounds")
+    saturation: Literal["fix", "report", "off"] = option(
+        "fix", "u8 x s8 kernels on x86 CPUs without VNNI add weight pairs in int16 and saturate: fix widens, per layer "
+               "and channel, the weight scales just enough that no pair can overflow; report only lists the layers")
     keep_outputs_float: bool = option(
         True, "keep float every node whose quantized output would reach a graph output (no shared 8-bit scale over an "
               "output or over the parts a Concat joins into one)")
@@ -268,7 +271,7 @@ class QuantPass(Pass[QuantConfig]):
             p = settle(clone, extra)
             if collapse_float_activations(clone, set(p.nodes)):
                 p = settle(clone, extra)  # the plan again, on the graph with the single ops back
-            stats = insert_qdq(clone, p, ranges, config.activation_type, Names(clone))
+            stats = insert_qdq(clone, p, ranges, config.activation_type, Names(clone), saturation=config.saturation)
             cleanup(clone)
             return clone, p, stats
 
@@ -333,6 +336,15 @@ class QuantPass(Pass[QuantConfig]):
                                     f"{len(fallback.kept_float)} nodes back to float (raise fallback_steps or exclude more)")
         if speed is not None:
             figures["speed"] = speed
+        if config.saturation != "off":
+            figures["saturation"] = stats.saturation
+            if stats.saturation:
+                fixed = [s for s in stats.saturation if s["fixed"] and config.saturation == "fix"]
+                report.notes.append(
+                    f"{len(stats.saturation)} layers can saturate int16 weight pairs on CPUs without VNNI (vpmaddubsw)"
+                    + (f"; {len(fixed)} fixed by widening their weight scales (at most "
+                       f"{max(float(s['max_scale_widening']) for s in fixed):.2f}x)" if fixed else
+                       "; not fixed (quant.saturation=report): results differ between CPUs"))
         self._kernels(quantized, config, ctx, figures, report)
         note = _no_kernel_note(quantized)
         if note:
