@@ -27,7 +27,7 @@ from typing import Any, Literal
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
-from onnxopt import Pass, PassContext, PassResult, PassSkipped, hookimpl, option
+from onnxopt import OnnxoptError, Pass, PassContext, PassResult, PassSkipped, hookimpl, option
 from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes
 from onnxopt.opset import ensure_opset
 from onnxopt.validate import latency_feed
@@ -86,6 +86,9 @@ class QuantConfig:
     saturation: Literal["fix", "report", "off"] = option(
         "fix", "u8 x s8 kernels on x86 CPUs without VNNI add weight pairs in int16 and saturate: fix widens, per layer "
                "and channel, the weight scales just enough that no pair can overflow; report only lists the layers")
+    rounding: Literal["nearest", "gptq"] = option(
+        "nearest", "weight rounding: nearest; gptq: second-order (inverse-Hessian) rounding of int4 weight-only "
+                   "MatMul/Gemm from the --data activations")
     keep_outputs_float: bool = option(
         True, "keep float every node whose quantized output would reach a graph output (no shared 8-bit scale over an "
               "output or over the parts a Concat joins into one)")
@@ -436,24 +439,58 @@ class QuantPass(Pass[QuantConfig]):
                           f"{stats.int_weight_bytes / 1e6:.2f} MB")
         return PassResult(model, True, report)
 
+    def _gptq(self, model: ir.Model, targets: list[tuple[ir.Node, Any, Any]], config: QuantConfig, ctx: PassContext,
+              report: Any) -> dict[int, tuple[Any, Any]]:
+        """GPTQ-rounded int4 values and scales per target node id, from the input Hessians on --data."""
+        from onnxopt_passes.quant.gptq import gptq_blockwise, input_hessians
+
+        if ctx.calibration is None:
+            raise OnnxoptError("quant.rounding=gptq needs calibration data (the layer inputs' Hessians)",
+                               "give it with --data calib.npz, or use --set quant.rounding=nearest")
+        out: dict[int, tuple[Any, Any]] = {}
+        for chunk in _gptq_chunks(targets):  # bounded memory: a few K x K Hessians at a time
+            inputs = {str(node.inputs[0].name): int(weight.shape[0]) for node, weight, _ in chunk}
+            hessians = input_hessians(model, inputs, ctx.calibration, ctx.sessions, progress=ctx.progress)
+            for node, weight, _ in chunk:
+                out[id(node)] = gptq_blockwise(weight, hessians[str(node.inputs[0].name)], config.block_size)
+        report.notes.append(f"int4 weights of {len(out)} MatMul/Gemm rounded by GPTQ (inverse-Hessian updates from "
+                            f"{len(ctx.calibration)} --data samples)")
+        return out
+
     def _weight_only(self, model: ir.Model, config: QuantConfig, ctx: PassContext, report: Any) -> PassResult:
         model = _prepare(model, _INT4_OPSET, "int4 block-wise DequantizeLinear", report, ctx)
         targets = self._matmul_targets(model, config, report, "int4 weight-only covers MatMul/Gemm (ONNX Runtime has no int4 Conv)")
         if not targets:
             raise PassSkipped("nothing to quantize to int4: no MatMul/Gemm with a constant float32 weight matrix")
         names, stats = Names(model), WeightOnlyStats()
+        rounded = self._gptq(model, targets, config, ctx, report) if config.rounding == "gptq" else {}
         while targets:  # popped, as in _dynamic
             node, weight, bias = targets.pop(0)
-            quantize_int4_node(node, weight, bias, config.block_size, names, stats)
+            quantize_int4_node(node, weight, bias, config.block_size, names, stats, rounded.pop(id(node), None))
             report.items.append({"node": node.name, "op": node.op_type, "kernel": "MatMulNBits", "weight": list(weight.shape)})
         cleanup(model)
-        figures: dict[str, Any] = {"mode": "weight-only int4", "block_size": config.block_size, "quantized_nodes": stats.nodes,
+        figures: dict[str, Any] = {"mode": "weight-only int4", "block_size": config.block_size, "rounding": config.rounding,
+                                   "quantized_nodes": stats.nodes,
                                    "weight_bytes_float": stats.float_weight_bytes, "weight_bytes_int4": stats.int_weight_bytes}
         self._kernels(model, config, ctx, figures, report)
         report.figures = figures
         report.summary = (f"int4 weight-only (block {config.block_size}): {stats.nodes} MatMul/Gemm, weights "
                           f"{stats.float_weight_bytes / 1e6:.2f} MB -> {stats.int_weight_bytes / 1e6:.2f} MB")
         return PassResult(model, True, report)
+
+
+def _gptq_chunks(targets: list[tuple[ir.Node, Any, Any]], limit_bytes: int = 256 << 20) -> list[list[tuple[ir.Node, Any, Any]]]:
+    """Targets in groups whose Hessians (K x K float64 per distinct input) fit in ``limit_bytes`` together."""
+    chunks: list[list[tuple[ir.Node, Any, Any]]] = [[]]
+    used = 0
+    for target in targets:
+        k = int(target[1].shape[0])
+        if chunks[-1] and used + 8 * k * k > limit_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(target)
+        used += 8 * k * k
+    return [c for c in chunks if c]
 
 
 @hookimpl
