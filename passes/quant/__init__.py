@@ -31,7 +31,7 @@ from onnx_ir.passes import common as ir_passes
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, PassSkipped, hookimpl, option
 from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes
 from onnxopt.opset import ensure_opset
-from onnxopt.validate import latency_feed
+from onnxopt.validate import latency_feed, one_session_at_a_time
 
 from onnxopt_passes.fold import FoldConfig, FoldPass
 from onnxopt_passes.quant.calibration import Method, collect_ranges
@@ -296,7 +296,10 @@ class QuantPass(Pass[QuantConfig]):
         else:
             kept = frozenset()
         speed: dict[str, Any] | None = None
-        if config.speed_guard != "off":
+        if config.speed_guard != "off" and one_session_at_a_time(reference, quantized):
+            report.notes.append("speed guard skipped: the model is large enough that two sessions at once would double "
+                                "the memory (time it with onnxopt's validation instead)")
+        elif config.speed_guard != "off":
             feed = latency_feed(data, reference)
             speed = {"tried": []}
             if config.speed_guard == "revert":
