@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 from tests.graphs import init, make_model
 
-__all__ = ["mbv3_net", "yolo_head", "activation_chain", "transition_bound"]
+__all__ = ["mbv3_net", "yolo_head", "activation_chain", "transition_bound", "exported_hardswish_chain"]
 
 
 class _Builder:
@@ -108,3 +108,15 @@ def transition_bound(blocks: int = 12, channels: int = 4, size: int = 32, seed: 
     b.nodes[-1].output[0] = "y"
     return make_model(b.nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, size, size])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, size, size])], b.inits)
+
+
+def exported_hardswish_chain(channels: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """Conv -> x * Clip(x + 3, 0, 6) / 6 (hard-swish as Paddle and older exporters write it) -> Conv, opset 13."""
+    b = _Builder(seed)
+    a = b.conv("x", 3, channels, 3)
+    c = b.op("Clip", [b.op("Add", [a, b.const(np.array(3.0))]), b.const(np.array(0.0)), b.const(np.array(6.0))])
+    y = b.op("Div", [b.op("Mul", [a, c]), b.const(np.array(6.0))])
+    b.conv(y, channels, channels, 3)
+    b.nodes.append(helper.make_node("GlobalAveragePool", [b.nodes[-1].output[0]], ["y"], name="gap"))
+    return make_model(b.nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, 1, 1])], b.inits, opset=13)

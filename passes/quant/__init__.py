@@ -29,7 +29,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, PassSkipped, hookimpl, option
-from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes
+from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes, opset_version
 from onnxopt.opset import ensure_opset
 from onnxopt.validate import latency_feed, one_session_at_a_time
 
@@ -45,7 +45,8 @@ from onnxopt_passes.quant.outputs import output_exclusions
 from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
 from onnxopt_passes.quant.speed import latency_ratio, region_kinds
-from onnxopt_passes.quant.rewrites import collapse_float_activations, expand_activations, expansion_groups, fold_bias_add, fold_hardsigmoid
+from onnxopt_passes.quant.rewrites import (collapse_float_activations, expand_activations, expansion_groups, fold_bias_add,
+                                           fold_hardsigmoid, tag_hardswish_chains)
 from onnxopt_passes.quant.weight_only import WeightOnlyStats, quantize_int4_node
 
 __all__ = ["QuantConfig", "QuantPass", "onnxopt_register_passes"]
@@ -143,6 +144,17 @@ def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContex
         if gates:
             report.notes.append(f"{gates} HardSigmoid folded into the Conv/Gemm before them as Clip(0, 1) (runs in the integer Conv)")
     if rewrite and activations:
+        tagged = tag_hardswish_chains(model)
+        if tagged and opset_version(model) < 14:
+            try:  # HardSwish is opset 14: needed to put a chain left float back as one op
+                model, note = ensure_opset(model, 14, why="a hard-swish chain left float is put back as HardSwish")
+                if note:
+                    report.notes.append(note)
+            except OnnxoptError:
+                pass  # chains left float then stay as they are
+        if tagged:
+            report.notes.append(f"{tagged} exported hard-swish chains (Add/Clip/Mul/Div) recognised: each is judged with "
+                                "its Conv by the speed guard and put back as one HardSwish where left float")
         expanded = expand_activations(model)
         if expanded:
             report.notes.append("rebuilt for integer kernels (QLinearAdd/QLinearMul/QLinearSigmoid): " + ", ".join(
@@ -304,7 +316,8 @@ class QuantPass(Pass[QuantConfig]):
             speed = {"tried": []}
             if config.speed_guard == "revert":
                 quantized, plan, stats, kept = self._revert_slow_regions(build, quantized, plan, stats, kept, feed,
-                                                                         config, ctx, speed, report)
+                                                                         config, ctx, speed, report,
+                                                                         expansion_groups(prepared))
             final = latency_ratio(quantized, reference, feed, ctx.sessions, rounds=config.speed_rounds)
             speed["int8_over_fp32"] = final.to_dict()
             if final.median > 1.0:
@@ -393,13 +406,16 @@ class QuantPass(Pass[QuantConfig]):
     def _revert_slow_regions(self, build: Callable[[frozenset[str]], tuple[ir.Model, Plan, InsertionStats]],
                              quantized: ir.Model, plan: Plan, stats: InsertionStats, kept: frozenset[str],
                              feed: Mapping[str, Any], config: QuantConfig, ctx: PassContext, speed: dict[str, Any],
-                             report: Any) -> tuple[ir.Model, Plan, InsertionStats, frozenset[str]]:
+                             report: Any, expansions: Mapping[str, list[str]]
+                             ) -> tuple[ir.Model, Plan, InsertionStats, frozenset[str]]:
         """Return to float, one kind of region at a time, the quantized non-anchor regions whose removal is
         measurably faster (the paired ratio's third quartile under 1), keeping each change that pays."""
-        kinds = region_kinds((p.node for p in plan.nodes.values()), expansion_groups(quantized))
+        kinds = region_kinds((p.node for p in plan.nodes.values()), expansions)
         with ctx.progress.task("quant: timing regions against float", total=len(kinds)) as task:
             for kind, names in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
                 task.advance()
+                if set(names) <= kept:
+                    continue  # already float with a larger kind
                 trial = build(kept | frozenset(names))
                 ratio = latency_ratio(trial[0], quantized, feed, ctx.sessions, rounds=config.speed_rounds)
                 keep_float = ratio.high < 1.0

@@ -21,9 +21,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import Names, add_initializer, attribute, constant_array, iter_graphs, make_node, only_consumer, replace_input_weight, reroute
+from onnxopt.graph import (Names, add_initializer, attribute, constant_array, iter_graphs, make_node, only_consumer,
+                           opset_version, replace_input_weight, reroute)
 
-__all__ = ["fold_hardsigmoid", "fold_bias_add", "expand_activations", "collapse_float_activations", "expansion_groups"]
+__all__ = ["fold_hardsigmoid", "fold_bias_add", "expand_activations", "collapse_float_activations", "expansion_groups",
+           "tag_hardswish_chains"]
 
 
 def _scale_producer(node: ir.Node, alpha: float, beta: float, names: Names) -> bool:
@@ -232,24 +234,71 @@ def expansion_groups(model: ir.Model) -> dict[str, list[str]]:
     return {k: [n.name or "" for n in v] for k, v in _expansions(model).items()}
 
 
+def _non_constant(node: ir.Node) -> ir.Value | None:
+    return next((v for v in node.inputs if v is not None and constant_array(v) is None), None)
+
+
+def _const_is(value: ir.Value | None, target: float) -> bool:
+    c = constant_array(value)
+    return c is not None and c.size == 1 and c.dtype == np.float32 and abs(float(c.reshape(-1)[0]) - target) <= 1e-6 * abs(target)
+
+
+def tag_hardswish_chains(model: ir.Model) -> int:
+    """Name exported hard-swish chains ``Mul(x, Clip(Add(x, 3), 0, 6)) / 6`` like the expansions of
+    :func:`expand_activations`, so the speed guard can judge them with the Conv before them and a chain
+    left wholly float is put back as one HardSwish (which float ONNX Runtime fuses into that Conv)."""
+    names = Names(model)
+    count = 0
+    for graph in iter_graphs(model):
+        for clip in [n for n in graph if n.op_type == "Clip" and n.domain in ("", "ai.onnx")]:
+            if len(clip.inputs) < 3 or not (_const_is(clip.inputs[1], 0.0) and _const_is(clip.inputs[2], 6.0)):
+                continue
+            add = clip.inputs[0].producer() if clip.inputs[0] is not None else None
+            if add is None or add.op_type != "Add" or only_consumer(add.outputs[0]) is not clip:
+                continue
+            x = _non_constant(add)
+            if x is None or not any(_const_is(v, 3.0) for v in add.inputs if v is not x):
+                continue
+            mul = only_consumer(clip.outputs[0])
+            if mul is None or mul.op_type != "Mul" or {id(v) for v in mul.inputs} != {id(x), id(clip.outputs[0])}:
+                continue
+            scale = only_consumer(mul.outputs[0])
+            if scale is None or not ((scale.op_type == "Div" and _const_is(scale.inputs[1], 6.0)) or
+                                     (scale.op_type == "Mul" and any(_const_is(v, 1.0 / 6.0) for v in scale.inputs))):
+                continue
+            if any(n.name and _TAG in n.name for n in (add, clip, mul, scale)):
+                continue
+            base = names.fresh("HardSwish")
+            for node, role in ((add, "add"), (clip, "clip"), (mul, "mul"), (scale, "scale")):
+                node.name = names.fresh(f"{base}{_TAG}hswish_{role}")
+            count += 1
+    return count
+
+
 def collapse_float_activations(model: ir.Model, quantized: set[int]) -> int:
-    """Put back the single float op for every expansion none of whose nodes is quantized (ids in ``quantized``):
-    in float, one HardSwish is cheaper than four ops. Returns how many were put back."""
+    """Put back the single float op for every expansion (or tagged exported chain) none of whose nodes is
+    quantized (ids in ``quantized``): in float, one HardSwish is cheaper than four ops, and ONNX Runtime
+    fuses it into the Conv before it. Returns how many were put back."""
     names = Names(model)
     count = 0
     for key, nodes in _expansions(model).items():
         if any(id(n) in quantized for n in nodes):
             continue
         kind = key.rpartition(_TAG)[2]
-        by_role = {n.name.partition(_TAG)[2].split("_", 1)[1].rstrip("0123456789_") if n.name else "": n for n in nodes}
+        members = {id(n) for n in nodes}
+        # the last node: the one whose output no other member reads
+        ends = [n for n in nodes if not any(id(u) in members for u, _ in n.outputs[0].uses())]
+        firsts = [n for n in nodes if n.op_type == ("Sigmoid" if kind == "swish" else "Add")]
         graph = nodes[0].graph
-        assert graph is not None
-        last = by_role.get("mul") if kind in ("hswish", "swish") else by_role.get("scale")
-        first = by_role.get("sigmoid") if kind == "swish" else by_role.get("add")
-        if last is None or first is None or first.inputs[0] is None:
+        if len(ends) != 1 or len(firsts) != 1 or graph is None:
             continue
-        x = first.inputs[0]
+        last, first = ends[0], firsts[0]
+        x = _non_constant(first)
+        if x is None:
+            continue
         base = key.partition(_TAG)[0]
+        if kind == "hswish" and opset_version(model) < 14:
+            continue  # no HardSwish before opset 14: the chain stays as it is
         if kind == "hswish":
             op = make_node("HardSwish", [x], names=names, name_hint=base)
         elif kind == "swish":
