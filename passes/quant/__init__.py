@@ -29,7 +29,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, PassSkipped, hookimpl, option
-from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes, opset_version
+from onnxopt.graph import Names, cleanup, constant_array, is_onnx_op, iter_graphs, iter_nodes, opset_version
 from onnxopt.opset import ensure_opset
 from onnxopt.validate import latency_feed, one_session_at_a_time
 
@@ -41,6 +41,7 @@ from onnxopt_passes.quant.exposure import if_of
 from onnxopt_passes.quant.fallback import run_fallback
 from onnxopt_passes.quant.handlers import ABSORBED_ACTIVATIONS, RULES, PlaceContext, place, rescale_factor
 from onnxopt_passes.quant.kernels import ort_kernels
+from onnxopt_passes.quant.grid import grid_levels
 from onnxopt_passes.quant.outputs import output_exclusions
 from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
@@ -163,6 +164,29 @@ def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContex
     return model
 
 
+def _grid_storage(model: ir.Model, config: QuantConfig, report: Any) -> tuple[ir.Model, bool]:
+    """When some Conv/MatMul/Gemm weight is already on an int4 grid (``cluster.init=grid``), the model at opset 21
+    so those weights keep 4-bit storage; returns the model and whether int4 storage is on."""
+    pc = PlaceContext(config.activation_type, config.per_channel)
+    for node in iter_nodes(model):
+        placed = place(node, pc) if node.op_type in _ANCHORS else "not an anchor"
+        if isinstance(placed, str) or placed[1].weight is None:
+            continue
+        w = constant_array(node.inputs[placed[1].weight])
+        if w is not None and w.size >= 16 and grid_levels(w, placed[1].weight_axis) is not None:
+            break
+    else:
+        return model, False
+    try:
+        upgraded, note = ensure_opset(model, _INT4_OPSET, why="weights on an int4 grid keep 4-bit storage")
+    except OnnxoptError as err:
+        report.notes.append(f"weights on an int4 grid stored in 8 bits: {err}")
+        return model, False
+    if note:
+        report.notes.append(note)
+    return upgraded, True
+
+
 def _loop_bodies(model: ir.Model) -> list[ir.Graph]:
     """Loop/Scan bodies: calibration cannot read their per-iteration tensors."""
     out = []
@@ -236,6 +260,7 @@ class QuantPass(Pass[QuantConfig]):
         pc = PlaceContext(config.activation_type, config.per_channel)
         prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
                             rewrite=True, activations=config.rewrite_activations)
+        prepared, int4_grid = _grid_storage(prepared, config, report)
         excluded = _explicit_exclusions(prepared, config, pc)
         if config.keep_outputs_float:
             for name, reason in output_exclusions(prepared, pc).items():
@@ -290,7 +315,8 @@ class QuantPass(Pass[QuantConfig]):
             p = settle(clone, extra)
             if collapse_float_activations(clone, set(p.nodes)):
                 p = settle(clone, extra)  # the plan again, on the graph with the single ops back
-            stats = insert_qdq(clone, p, ranges, config.activation_type, Names(clone), saturation=config.saturation)
+            stats = insert_qdq(clone, p, ranges, config.activation_type, Names(clone), saturation=config.saturation,
+                               int4_grid=int4_grid)
             cleanup(clone)
             return clone, p, stats
 
@@ -348,6 +374,7 @@ class QuantPass(Pass[QuantConfig]):
             "anchor_ops_total": dict(anchors_total), "activation_qdq_pairs": stats.activation_pairs,
             "weights_quantized": stats.weights, "biases_int32": stats.biases,
             "weight_bytes_float": stats.float_weight_bytes, "weight_bytes_int8": stats.int_weight_bytes,
+            "weights_stored_int4": stats.int4_weights,
             "calibrated_tensors": len(ranges), "calibration_samples": len(data),
         }
         if fallback is not None:
