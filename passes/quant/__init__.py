@@ -173,7 +173,7 @@ def _grid_storage(model: ir.Model, config: QuantConfig, report: Any) -> tuple[ir
         if isinstance(placed, str) or placed[1].weight is None:
             continue
         w = constant_array(node.inputs[placed[1].weight])
-        if w is not None and w.size >= 16 and grid_levels(w, placed[1].weight_axis) is not None:
+        if w is not None and w.size >= 16 and np.any(w) and grid_levels(w, placed[1].weight_axis) is not None:
             break
     else:
         return model, False
