@@ -140,3 +140,20 @@ def test_exported_hardswish_chain_runs_integer_or_goes_back_to_one_hardswish() -
     for result in (quantized, floated):
         got = run_model(result.model, {"x": x})[0].ravel()
         assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.99
+
+
+def test_cli_prints_the_slower_warning_first_and_writes_it_to_the_json_report(tmp_path) -> None:
+    import json
+
+    import onnx
+
+    from tests.helpers import run_cli
+
+    onnx.save(transition_bound(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 4, 32, 32)).astype(np.float32))
+    proc = run_cli("apply", tmp_path / "m.onnx", "--pass", "quant", "--data", tmp_path / "calib.npz",
+                   "-o", tmp_path / "q.onnx", "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith("WARNING (quant): the int8 model is SLOWER than fp32")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passes"][0]["warnings"][0].startswith("the int8 model is SLOWER than fp32")
