@@ -7,8 +7,9 @@ ranges into one output (a detector's boxes in pixels next to its class
 scores in [0, 1]), one shared scale wipes out the small part entirely.
 
 So the nodes whose quantized output would reach a graph output through
-ops that only move or join data (Reshape, Transpose, Concat, ...) stay
-float. Each part then keeps whatever scale its own producer had (a box
+ops that only move or join data (Reshape, Transpose, Concat, ...), or
+through a score head's Sigmoid/Softmax or a shift/scale by a constant
+(whose output is an 8-bit input's 256 levels, mapped), stay float. Each part then keeps whatever scale its own producer had (a box
 Conv and a score Conv are quantized separately, their outputs dequantized
 before the join): outputs are float, and split by row group.
 MatMul/Gemm anchors are not affected: their integer kernels give float
@@ -27,6 +28,9 @@ __all__ = ["output_bound_values", "output_exclusions"]
 
 #: Ops whose output is their input's values moved or joined (what reaches the output is what came in).
 _TRANSPARENT = {op for op, rule in RULES.items() if rule.role == "passthrough"} | {"Concat", "Identity"}
+#: Elementwise maps whose output keeps the resolution of their input (score heads end in them).
+_SQUASHING = {"Sigmoid", "Softmax", "LogSoftmax", "Tanh"}
+_AFFINE = {"Add", "Sub", "Mul", "Div"}
 
 
 def output_bound_values(graph: ir.Graph) -> dict[int, str]:
@@ -43,6 +47,11 @@ def output_bound_values(graph: ir.Graph) -> dict[int, str]:
             continue
         if producer.op_type in _TRANSPARENT:
             slots = range(len(producer.inputs)) if producer.op_type == "Concat" else (0,)
+        elif producer.op_type in _SQUASHING or (producer.op_type in _AFFINE and len(producer.inputs) == 2 and
+                                                 sum(is_weight(v) for v in producer.inputs) == 1):
+            # a score head's Sigmoid/Softmax, or a shift/scale by a constant: the output is still a direct
+            # function of its input, so an 8-bit input would be an 8-bit output
+            slots = tuple(i for i, v in enumerate(producer.inputs) if v is not None and not is_weight(v))
         elif producer.op_type in ABSORBED_ACTIVATIONS:
             slots = (0,)  # a Relu/Clip folded into the kernel before it: that kernel's output is the output
         else:
