@@ -95,6 +95,9 @@ class QuantConfig:
     bias_correction: bool = option(
         False, "static int8: measure each quantized Conv/Gemm's mean output error per channel on --data and fold it "
                "into its bias, then quantize again")
+    smoothquant: float = option(
+        0.0, "SmoothQuant migration strength alpha for static int8: activation outliers after a LayerNormalization "
+             "move into the MatMul/Gemm weights reading it (0 = off; 0.5 is the usual choice)")
     keep_outputs_float: bool = option(
         True, "keep float every node whose quantized output would reach a graph output (no shared 8-bit scale over an "
               "output or over the parts a Concat joins into one)")
@@ -108,6 +111,8 @@ class QuantConfig:
             raise ValueError(f"block_size {self.block_size} is not a power of two >= 16 (ONNX Runtime's MatMulNBits needs that)")
         if self.bins < 128:
             raise ValueError(f"bins {self.bins} is under 128")
+        if not 0.0 <= self.smoothquant <= 1.0:
+            raise ValueError(f"smoothquant {self.smoothquant} is not in [0, 1]")
         if self.speed_rounds < 3:
             raise ValueError(f"speed_rounds {self.speed_rounds} is under 3 (quartiles need a few rounds)")
         if self.fallback_samples < 1 or self.fallback_steps < 1:
@@ -260,6 +265,12 @@ class QuantPass(Pass[QuantConfig]):
         pc = PlaceContext(config.activation_type, config.per_channel)
         prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
                             rewrite=True, activations=config.rewrite_activations)
+        if config.smoothquant > 0:
+            from onnxopt_passes.quant.smooth import smooth_layernorms
+
+            smoothed = smooth_layernorms(prepared, data, ctx.sessions, config.smoothquant, progress=ctx.progress)
+            report.notes.append(f"SmoothQuant (alpha {config.smoothquant}): {smoothed} LayerNormalization outputs "
+                                "had their outlier channels moved into the weights reading them")
         prepared, int4_grid = _grid_storage(prepared, config, report)
         excluded = _explicit_exclusions(prepared, config, pc)
         if config.keep_outputs_float:
