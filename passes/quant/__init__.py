@@ -14,6 +14,16 @@ Modes:
 What must stay exact is excluded automatically with a reason (:mod:`exact`).
 The report counts which QDQ groups ONNX Runtime actually ran as integer
 kernels (:mod:`kernels`).
+
+Static mode also: rebuilds HardSwish/HardSigmoid/Swish from ops ORT runs as
+integer kernels (:mod:`rewrites`); keeps outputs and their parts off a
+shared 8-bit scale (:mod:`outputs`); widens weight scales where u8 x s8
+pairs could saturate on CPUs without VNNI (:mod:`saturation`); keeps
+weights already on an int4 grid in 4 bits (:mod:`grid`); optionally
+corrects biases (:mod:`bias_correction`) and migrates LayerNorm outliers
+(:mod:`smooth`); and times int8 against fp32, returning to float the kinds
+of regions that do not pay and warning first thing when the model is
+still slower (:mod:`speed`). int4 weight-only can round by GPTQ (:mod:`gptq`).
 """
 
 from __future__ import annotations
