@@ -86,6 +86,8 @@ class PassReport:
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: what the user must not miss (an int8 model slower than fp32, ...): printed first, before everything else
+    warnings: list[str] = field(default_factory=list)
 
     def skip(self, target: str, reason: str) -> None:
         self.skipped.append(Skip(target, reason))
@@ -100,6 +102,7 @@ class PassReport:
             "items": self.items,
             "skipped": [{"target": s.target, "reason": s.reason} for s in self.skipped],
             "notes": self.notes,
+            "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
         }
 

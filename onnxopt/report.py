@@ -131,6 +131,9 @@ def _fmt(value: Any) -> str:
 def print_report(report: RunReport, console: Console | None = None) -> None:
     """Tables: passes, per-output metrics, model figures; then the verdict."""
     console = console or Console(soft_wrap=True)
+    for p in report.passes:  # first, so they cannot be missed
+        for warning in p.warnings:
+            console.print(f"[bold red]WARNING ({p.pass_name}): {escape(warning)}[/bold red]")
     for note in report.load_notes:
         console.print(f"[dim]load: {escape(note)}[/dim]")
     table = Table(title="passes", title_justify="left")

@@ -70,7 +70,8 @@ def matmul_model(k: int = 64, n: int = 16) -> onnx.ModelProto:
 def test_conv_relu_scales_match_numpy_and_fuse_to_qlinearconv() -> None:
     proto = conv_relu()
     x = RNG.uniform(-1.5, 2.5, (16, 3, 6, 6)).astype(np.float32)
-    result = _quant(proto, {"x": x})
+    # the output conv quantized too, with the plain symmetric weight scales (no saturation widening): its scales are checked
+    result = _quant(proto, {"x": x}, keep_outputs_float=False, saturation="off")
     inits, qproto = _initializers(result.model)
     # input: uint8 asymmetric over [min, max] widened to 0
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
@@ -241,7 +242,7 @@ def test_dsp_front_end_stays_float() -> None:
              init("eps", np.array(1e-3, np.float32))]
     proto = make_model(nodes, [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["N", "samples"])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "frames"])], inits)
-    result = _quant(proto, {"audio": RNG.standard_normal((4, 4096)).astype(np.float32)})
+    result = _quant(proto, {"audio": RNG.standard_normal((4, 4096)).astype(np.float32)}, keep_outputs_float=False)
     reasons = {s.target: s.reason for s in result.report.skipped}
     assert "DSP front end" in reasons["Conv stft_conv"] and "DSP front end" in reasons["Conv mel_conv"]
     assert [i["node"] for i in result.report.items if i["op"] == "Conv"] == ["learned_conv"]
@@ -287,7 +288,7 @@ def test_static_without_calibration_data_is_a_clear_error() -> None:
 
 def test_wrong_shape_calibration_data_is_a_clear_error() -> None:
     with pytest.raises(OnnxoptError, match="ONNX Runtime failed while running the model"):
-        _quant(conv_relu(), {"x": RNG.standard_normal((4, 5, 6, 6)).astype(np.float32)})
+        _quant(conv_relu(), {"x": RNG.standard_normal((4, 5, 6, 6)).astype(np.float32)}, keep_outputs_float=False)
 
 
 def test_nothing_to_quantize_is_reported_not_failed() -> None:
@@ -312,7 +313,7 @@ def test_config_rejects_bad_values() -> None:
 def test_per_tensor_weights_have_one_scale() -> None:
     proto = conv_relu()
     x = RNG.uniform(-1, 1, (16, 3, 6, 6)).astype(np.float32)
-    result = _quant(proto, {"x": x}, per_channel=False)
+    result = _quant(proto, {"x": x}, per_channel=False, keep_outputs_float=False, saturation="off")
     inits, _ = _initializers(result.model)
     w = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "w"))
     assert inits["w_scale"].shape == () and np.isclose(inits["w_scale"], np.abs(w).max() / 127)

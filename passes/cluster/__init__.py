@@ -53,7 +53,8 @@ class ClusterConfig:
     granularity: Literal["tensor", "channel"] = option(
         "tensor", "one codebook per weight tensor, or one per output channel (used where each channel has at least "
         f"{MIN_VALUES_PER_CENTROID}·k weights)")
-    init: Init = option("kmeans++", "kmeans++ (D² seeding), linear (evenly spaced), density (quantiles), or optimal "
+    init: Init = option("kmeans++", "kmeans++ (D² seeding), linear (evenly spaced), density (quantiles), grid (a uniform "
+                        "symmetric grid per row: k=16 is the int4 grid quant then stores in 4 bits), or optimal "
                         "(exact 1-D k-means by dynamic programming where affordable, never worse than kmeans++)")
     min_size: int = option(256, "leave weights with fewer elements alone (biases and norm scales are never clustered)",
                            unit="elements")
@@ -67,6 +68,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if not 2 <= self.k <= 256:
             raise ValueError(f"k {self.k} is not in 2..256 (indices are stored in at most 8 bits)")
+        if self.init == "grid" and self.k not in (4, 8, 16):
+            raise ValueError(f"init=grid takes k 4, 8 or 16 (a symmetric grid quant can store in 4 bits), not {self.k}")
         if self.min_size < 0 or self.iterations < 1:
             raise ValueError("min_size must be >= 0 and iterations >= 1")
         unknown = [op for op in self.ops if op not in WEIGHT_SLOTS]
@@ -179,7 +182,9 @@ class ClusterPass(Pass[ClusterConfig]):
         clustering = cluster_rows(as_rows(weight, axis), config.k, config.init, config.iterations, ctx.rng)
         seconds = time.perf_counter() - start
         reference = weight.astype(np.float64)
-        codebook, decoded, error = _store(clustering, reference, weight.dtype, config.codebook_dtype, shape, axis)
+        # a grid's codebook stays float32: float16 levels would no longer be exact multiples of one step
+        choice = "float32" if config.init == "grid" and weight.dtype == np.float32 else config.codebook_dtype
+        codebook, decoded, error = _store(clustering, reference, weight.dtype, choice, shape, axis)
         energy = float(np.square(reference).sum())
         relative = error / energy if energy > 0 else (0.0 if error == 0 else 1.0)
         k = codebook.shape[1]

@@ -19,9 +19,9 @@ import numpy as np
 
 from onnxopt_passes.cluster.optimal import optimal_centroids
 
-__all__ = ["Init", "INITS", "SortedRows", "Clustering", "cluster_rows", "assign", "count_below", "row_keys", "lloyd"]
+__all__ = ["Init", "INITS", "SortedRows", "Clustering", "cluster_rows", "grid_rows", "assign", "count_below", "row_keys", "lloyd"]
 
-Init = Literal["kmeans++", "linear", "density", "optimal"]
+Init = Literal["kmeans++", "linear", "density", "optimal", "grid"]
 
 #: kmeans++ seeding costs k passes over its points: it runs on evenly spaced order statistics of each row
 #: (a quantile sketch of at least k points per row) so that rows × points × k stays near this; Lloyd's iterations
@@ -268,6 +268,18 @@ def _distinct_values(data: SortedRows, k: int) -> np.ndarray:
     return centroids
 
 
+def grid_rows(rows: np.ndarray, k: int) -> Clustering:
+    """Each row on a uniform symmetric grid of ``k`` levels, ``step * (-k/2 .. k/2 - 1)`` with
+    ``step = max|row| / (k/2 - 1)``: the values a symmetric int4 (k = 16) weight takes, so quantization after
+    clustering stores them exactly in 4 bits. No Lloyd iterations: they would move the levels off the grid."""
+    half = k // 2
+    absmax = np.abs(rows).max(axis=1).astype(np.float64)
+    step = np.where(absmax > 0, absmax / max(half - 1, 1), 1.0)
+    labels = np.clip(np.rint(rows / step[:, None]), -half, half - 1) + half
+    centroids = step[:, None] * (np.arange(k, dtype=np.float64) - half)[None, :]
+    return Clustering(centroids, labels.astype(np.uint8), "grid")
+
+
 def cluster_rows(rows: np.ndarray, k: int, init: Init, iterations: int, rng: np.random.Generator) -> Clustering:
     """Cluster each row of ``rows`` [R, n] into at most ``k`` values; rows with <= k distinct values stay exact.
 
@@ -277,6 +289,8 @@ def cluster_rows(rows: np.ndarray, k: int, init: Init, iterations: int, rng: np.
     has the smaller error (kmeans++ alone when even the sketch is over
     budget): it is never worse than kmeans++. ``method`` says which ran.
     """
+    if init == "grid":
+        return grid_rows(rows, k)
     data = SortedRows.of(rows)
     distinct = int(data.distinct().max())
     if distinct <= k:

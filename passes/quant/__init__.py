@@ -14,6 +14,16 @@ Modes:
 What must stay exact is excluded automatically with a reason (:mod:`exact`).
 The report counts which QDQ groups ONNX Runtime actually ran as integer
 kernels (:mod:`kernels`).
+
+Static mode also: rebuilds HardSwish/HardSigmoid/Swish from ops ORT runs as
+integer kernels (:mod:`rewrites`); keeps outputs and their parts off a
+shared 8-bit scale (:mod:`outputs`); widens weight scales where u8 x s8
+pairs could saturate on CPUs without VNNI (:mod:`saturation`); keeps
+weights already on an int4 grid in 4 bits (:mod:`grid`); optionally
+corrects biases (:mod:`bias_correction`) and migrates LayerNorm outliers
+(:mod:`smooth`); and times int8 against fp32, returning to float the kinds
+of regions that do not pay and warning first thing when the model is
+still slower (:mod:`speed`). int4 weight-only can round by GPTQ (:mod:`gptq`).
 """
 
 from __future__ import annotations
@@ -24,12 +34,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
-from onnxopt import Pass, PassContext, PassResult, PassSkipped, PassSpace, hookimpl, option
-from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes, name_nodes
+from onnxopt import OnnxoptError, Pass, PassContext, PassResult, PassSkipped, PassSpace, hookimpl, option
+from onnxopt.graph import Names, cleanup, constant_array, is_onnx_op, iter_graphs, iter_nodes, name_nodes, opset_version
 from onnxopt.opset import ensure_opset
+from onnxopt.validate import latency_feed, one_session_at_a_time
 
 from onnxopt_passes.fold import FoldConfig, FoldPass
 from onnxopt_passes.quant.calibration import Method, collect_ranges
@@ -39,9 +51,13 @@ from onnxopt_passes.quant.exposure import if_of
 from onnxopt_passes.quant.fallback import run_fallback
 from onnxopt_passes.quant.handlers import ABSORBED_ACTIVATIONS, RULES, PlaceContext, place, rescale_factor
 from onnxopt_passes.quant.kernels import ort_kernels
+from onnxopt_passes.quant.grid import grid_levels
+from onnxopt_passes.quant.outputs import output_exclusions
 from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
-from onnxopt_passes.quant.rewrites import fold_bias_add, fold_hardsigmoid
+from onnxopt_passes.quant.speed import latency_ratio, region_kinds
+from onnxopt_passes.quant.rewrites import (collapse_float_activations, expand_activations, expansion_groups, fold_bias_add,
+                                           fold_hardsigmoid, tag_hardswish_chains)
 from onnxopt_passes.quant.weight_only import WeightOnlyStats, quantize_int4_node
 
 __all__ = ["QuantConfig", "QuantPass", "onnxopt_register_passes"]
@@ -75,6 +91,28 @@ class QuantConfig:
     fallback_samples: int = option(64, "evaluation samples used to rank node sensitivity", unit="samples")
     fallback_steps: int = option(24, "most nodes the fallback returns to float", unit="nodes")
     check_kernels: bool = option(True, "read ONNX Runtime's optimized graph and report the integer kernels it runs")
+    speed_guard: Literal["revert", "warn", "off"] = option(
+        "revert", "time int8 against fp32 (paired, interleaved) after quantizing; revert: return to float the kinds of "
+                  "regions whose Q/DQ transitions cost more than their integer kernels win, and warn first thing if the "
+                  "model is still slower; warn: only warn; off: no timing")
+    speed_rounds: int = option(7, "interleaved rounds per latency comparison of the speed guard", unit="rounds")
+    saturation: Literal["fix", "report", "off"] = option(
+        "fix", "u8 x s8 kernels on x86 CPUs without VNNI add weight pairs in int16 and saturate: fix widens, per layer "
+               "and channel, the weight scales just enough that no pair can overflow; report only lists the layers")
+    rounding: Literal["nearest", "gptq"] = option(
+        "nearest", "weight rounding: nearest; gptq: second-order (inverse-Hessian) rounding of int4 weight-only "
+                   "MatMul/Gemm from the --data activations")
+    bias_correction: bool = option(
+        False, "static int8: measure each quantized Conv/Gemm's mean output error per channel on --data and fold it "
+               "into its bias, then quantize again")
+    smoothquant: float = option(
+        0.0, "SmoothQuant migration strength alpha for static int8: activation outliers after a LayerNormalization "
+             "move into the MatMul/Gemm weights reading it (0 = off; 0.5 is the usual choice)")
+    keep_outputs_float: bool = option(
+        True, "keep float every node whose quantized output would reach a graph output (no shared 8-bit scale over an "
+              "output or over the parts a Concat joins into one)")
+    rewrite_activations: bool = option(
+        True, "rebuild HardSwish/HardSigmoid/Swish from Add/Clip/Mul/Sigmoid so ONNX Runtime runs them as integer kernels")
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile <= 100:
@@ -83,11 +121,16 @@ class QuantConfig:
             raise ValueError(f"block_size {self.block_size} is not a power of two >= 16 (ONNX Runtime's MatMulNBits needs that)")
         if self.bins < 128:
             raise ValueError(f"bins {self.bins} is under 128")
+        if not 0.0 <= self.smoothquant <= 1.0:
+            raise ValueError(f"smoothquant {self.smoothquant} is not in [0, 1]")
+        if self.speed_rounds < 3:
+            raise ValueError(f"speed_rounds {self.speed_rounds} is under 3 (quartiles need a few rounds)")
         if self.fallback_samples < 1 or self.fallback_steps < 1:
             raise ValueError("fallback_samples and fallback_steps must be positive")
 
 
-def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContext, *, rewrite: bool = False) -> ir.Model:
+def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContext, *, rewrite: bool = False,
+             activations: bool = False) -> ir.Model:
     """Weights as initializers, opset high enough, constants and BatchNorm folded (the fold pass), every node
     named; for static mode also the float-exact rewrites that keep more of the graph in integer kernels."""
     ir_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
@@ -106,8 +149,47 @@ def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContex
         gates = fold_hardsigmoid(model)
         if gates:
             report.notes.append(f"{gates} HardSigmoid folded into the Conv/Gemm before them as Clip(0, 1) (runs in the integer Conv)")
+    if rewrite and activations:
+        tagged = tag_hardswish_chains(model)
+        if tagged and opset_version(model) < 14:
+            try:  # HardSwish is opset 14: needed to put a chain left float back as one op
+                model, note = ensure_opset(model, 14, why="a hard-swish chain left float is put back as HardSwish")
+                if note:
+                    report.notes.append(note)
+            except OnnxoptError:
+                pass  # chains left float then stay as they are
+        if tagged:
+            report.notes.append(f"{tagged} exported hard-swish chains (Add/Clip/Mul/Div) recognised: each is judged with "
+                                "its Conv by the speed guard and put back as one HardSwish where left float")
+        expanded = expand_activations(model)
+        if expanded:
+            report.notes.append("rebuilt for integer kernels (QLinearAdd/QLinearMul/QLinearSigmoid): " + ", ".join(
+                f"{op} x{n}" for op, n in expanded.items()) + "; any left wholly float is put back as the single op")
     name_nodes(model)
     return model
+
+
+def _grid_storage(model: ir.Model, config: QuantConfig, report: Any) -> tuple[ir.Model, bool]:
+    """When some Conv/MatMul/Gemm weight is already on an int4 grid (``cluster.init=grid``), the model at opset 21
+    so those weights keep 4-bit storage; returns the model and whether int4 storage is on."""
+    pc = PlaceContext(config.activation_type, config.per_channel)
+    for node in iter_nodes(model):
+        placed = place(node, pc) if node.op_type in _ANCHORS else "not an anchor"
+        if isinstance(placed, str) or placed[1].weight is None:
+            continue
+        w = constant_array(node.inputs[placed[1].weight])
+        if w is not None and w.size >= 16 and np.any(w) and grid_levels(w, placed[1].weight_axis) is not None:
+            break
+    else:
+        return model, False
+    try:
+        upgraded, note = ensure_opset(model, _INT4_OPSET, why="weights on an int4 grid keep 4-bit storage")
+    except OnnxoptError as err:
+        report.notes.append(f"weights on an int4 grid stored in 8 bits: {err}")
+        return model, False
+    if note:
+        report.notes.append(note)
+    return upgraded, True
 
 
 def _loop_bodies(model: ir.Model) -> list[ir.Graph]:
@@ -190,8 +272,18 @@ class QuantPass(Pass[QuantConfig]):
         reference = model.clone()
         pc = PlaceContext(config.activation_type, config.per_channel)
         prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
-                            rewrite=True)
+                            rewrite=True, activations=config.rewrite_activations)
+        if config.smoothquant > 0:
+            from onnxopt_passes.quant.smooth import smooth_layernorms
+
+            smoothed = smooth_layernorms(prepared, data, ctx.sessions, config.smoothquant, progress=ctx.progress)
+            report.notes.append(f"SmoothQuant (alpha {config.smoothquant}): {smoothed} LayerNormalization outputs "
+                                "had their outlier channels moved into the weights reading them")
+        prepared, int4_grid = _grid_storage(prepared, config, report)
         excluded = _explicit_exclusions(prepared, config, pc)
+        if config.keep_outputs_float:
+            for name, reason in output_exclusions(prepared, pc).items():
+                excluded.setdefault(name, reason)
         anchors_total = Counter(n.op_type for n in iter_nodes(prepared) if n.op_type in _ANCHORS)
 
         def plan_for(model_: ir.Model, extra: Mapping[str, str]) -> Plan:
@@ -238,12 +330,18 @@ class QuantPass(Pass[QuantConfig]):
 
         def build(kept_float: frozenset[str]) -> tuple[ir.Model, Plan, InsertionStats]:
             clone = prepared.clone()
-            p = settle(clone, {k: "kept float by the accuracy fallback" for k in kept_float})
-            stats = insert_qdq(clone, p, ranges, config.activation_type, Names(clone))
+            extra = {k: "kept float by the accuracy fallback or the speed guard" for k in kept_float}
+            p = settle(clone, extra)
+            if collapse_float_activations(clone, set(p.nodes)):
+                p = settle(clone, extra)  # the plan again, on the graph with the single ops back
+            stats = insert_qdq(clone, p, ranges, config.activation_type, Names(clone), saturation=config.saturation,
+                               int4_grid=int4_grid)
             cleanup(clone)
             return clone, p, stats
 
         quantized, plan, stats = build(frozenset())
+        if config.bias_correction and self._correct_biases(prepared, quantized, plan, data, ctx, report):
+            quantized, plan, stats = build(frozenset())
         fallback = None
         if config.fallback and ctx.evaluation is not None and ctx.max_drop is not None:
             candidates = [(p.node.name or "", p.node.op_type) for p in plan.nodes.values()
@@ -252,6 +350,28 @@ class QuantPass(Pass[QuantConfig]):
                                     samples=config.fallback_samples, max_steps=config.fallback_steps)
             kept = frozenset(str(k["node"]) for k in fallback.kept_float)
             quantized, plan, stats = build(kept) if kept else (quantized, plan, stats)
+        else:
+            kept = frozenset()
+        speed: dict[str, Any] | None = None
+        if config.speed_guard != "off" and one_session_at_a_time(reference, quantized):
+            report.notes.append("speed guard skipped: the model is large enough that two sessions at once would double "
+                                "the memory (time it with onnxopt's validation instead)")
+        elif config.speed_guard != "off":
+            feed = latency_feed(data, reference)
+            speed = {"tried": []}
+            if config.speed_guard == "revert":
+                quantized, plan, stats, kept = self._revert_slow_regions(build, quantized, plan, stats, kept, feed,
+                                                                         config, ctx, speed, report,
+                                                                         expansion_groups(prepared))
+            final = latency_ratio(quantized, reference, feed, ctx.sessions, rounds=config.speed_rounds)
+            speed["int8_over_fp32"] = final.to_dict()
+            if final.median > 1.0:
+                verdict = "SLOWER than fp32" if final.low > 1.0 else "SLOWER than fp32 by its median (not beyond timing noise)"
+                report.warnings.append(
+                    f"the int8 model is {verdict}: {final.median:.2f}x the float latency (quartiles "
+                    f"{final.low:.2f}-{final.high:.2f}, {final.rounds} interleaved rounds, batch of one, this CPU); "
+                    + ("regions that did not pay are already back in float: " if speed["tried"] else "")
+                    + "consider keeping this model float or quantizing with --set quant.exclude_ops=...")
 
         for node, reason in [*((n, r) for n, r in plan.skipped.values())]:
             report.skip(f"{node.op_type} {node.name}", reason)
@@ -273,6 +393,7 @@ class QuantPass(Pass[QuantConfig]):
             "anchor_ops_total": dict(anchors_total), "activation_qdq_pairs": stats.activation_pairs,
             "weights_quantized": stats.weights, "biases_int32": stats.biases,
             "weight_bytes_float": stats.float_weight_bytes, "weight_bytes_int8": stats.int_weight_bytes,
+            "weights_stored_int4": stats.int4_weights,
             "calibrated_tensors": len(ranges), "calibration_samples": len(data),
         }
         if fallback is not None:
@@ -285,6 +406,17 @@ class QuantPass(Pass[QuantConfig]):
             if not fallback.within_budget:
                 report.notes.append(f"accuracy fallback could not reach the budget: drop {fallback.final_drop:.4f} after "
                                     f"{len(fallback.kept_float)} nodes back to float (raise fallback_steps or exclude more)")
+        if speed is not None:
+            figures["speed"] = speed
+        if config.saturation != "off":
+            figures["saturation"] = stats.saturation
+            if stats.saturation:
+                fixed = [s for s in stats.saturation if s["fixed"] and config.saturation == "fix"]
+                report.notes.append(
+                    f"{len(stats.saturation)} layers can saturate int16 weight pairs on CPUs without VNNI (vpmaddubsw)"
+                    + (f"; {len(fixed)} fixed by widening their weight scales (at most "
+                       f"{max(float(s['max_scale_widening']) for s in fixed):.2f}x)" if fixed else
+                       "; not fixed (quant.saturation=report): results differ between CPUs"))
         self._kernels(quantized, config, ctx, figures, report)
         note = _no_kernel_note(quantized)
         if note:
@@ -296,8 +428,51 @@ class QuantPass(Pass[QuantConfig]):
                           f"{sum(quantized_ops.values()) - anchors_q} other ops quantized"
                           + (f"; ORT runs {sum(kernels.values())} integer kernels" if kernels else "")
                           + (f"; {len(fallback.kept_float)} kept float by fallback" if fallback and fallback.kept_float else ""))
+        if report.warnings:
+            report.summary = "SLOWER THAN FP32 - " + report.summary
         report.figures = figures
         return PassResult(quantized, True, report)
+
+    def _correct_biases(self, prepared: ir.Model, quantized: ir.Model, plan: Plan, data: Any, ctx: PassContext,
+                        report: Any) -> bool:
+        """Fold the quantized layers' mean output errors into the float biases of ``prepared``; True if any moved."""
+        from onnxopt_passes.quant.bias_correction import apply_corrections, bias_corrections
+
+        names = {p.node.name for p in plan.nodes.values() if p.node.op_type in ("Conv", "Gemm")}
+        layers = [n for n in prepared.graph if n.name in names and n.op_type in ("Conv", "Gemm")]
+        shifts = bias_corrections(prepared, quantized, layers, data, ctx.sessions, progress=ctx.progress)
+        corrected = apply_corrections(prepared, layers, shifts)
+        if not corrected:
+            return False
+        worst = max(float(np.abs(v).max()) for v in shifts.values())
+        report.notes.append(f"bias correction: {corrected} Conv/Gemm biases shifted by their mean int8 output error "
+                            f"per channel on --data (largest shift {worst:.3g})")
+        return True
+
+    def _revert_slow_regions(self, build: Callable[[frozenset[str]], tuple[ir.Model, Plan, InsertionStats]],
+                             quantized: ir.Model, plan: Plan, stats: InsertionStats, kept: frozenset[str],
+                             feed: Mapping[str, Any], config: QuantConfig, ctx: PassContext, speed: dict[str, Any],
+                             report: Any, expansions: Mapping[str, list[str]]
+                             ) -> tuple[ir.Model, Plan, InsertionStats, frozenset[str]]:
+        """Return to float, one kind of region at a time, the quantized non-anchor regions whose removal is
+        measurably faster (the paired ratio's third quartile under 1), keeping each change that pays."""
+        kinds = region_kinds((p.node for p in plan.nodes.values()), expansions)
+        with ctx.progress.task("quant: timing regions against float", total=len(kinds)) as task:
+            for kind, names in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+                task.advance()
+                if set(names) <= kept:
+                    continue  # already float with a larger kind
+                trial = build(kept | frozenset(names))
+                ratio = latency_ratio(trial[0], quantized, feed, ctx.sessions, rounds=config.speed_rounds)
+                keep_float = ratio.high < 1.0
+                speed["tried"].append({"kind": kind, "nodes": len(names), "float_over_int8": ratio.to_dict(),
+                                       "returned_to_float": keep_float})
+                if keep_float:
+                    kept = kept | frozenset(names)
+                    quantized, plan, stats = trial
+                    report.notes.append(f"speed guard: {len(names)} {kind} nodes back to float "
+                                        f"({ratio.median:.2f}x the latency with them quantized)")
+        return quantized, plan, stats, kept
 
     def _kernels(self, model: ir.Model, config: QuantConfig, ctx: PassContext, figures: dict[str, Any], report: Any) -> None:
         if not config.check_kernels:
@@ -352,24 +527,58 @@ class QuantPass(Pass[QuantConfig]):
                           f"{stats.int_weight_bytes / 1e6:.2f} MB")
         return PassResult(model, True, report)
 
+    def _gptq(self, model: ir.Model, targets: list[tuple[ir.Node, Any, Any]], config: QuantConfig, ctx: PassContext,
+              report: Any) -> dict[int, tuple[Any, Any]]:
+        """GPTQ-rounded int4 values and scales per target node id, from the input Hessians on --data."""
+        from onnxopt_passes.quant.gptq import gptq_blockwise, input_hessians
+
+        if ctx.calibration is None:
+            raise OnnxoptError("quant.rounding=gptq needs calibration data (the layer inputs' Hessians)",
+                               "give it with --data calib.npz, or use --set quant.rounding=nearest")
+        out: dict[int, tuple[Any, Any]] = {}
+        for chunk in _gptq_chunks(targets):  # bounded memory: a few K x K Hessians at a time
+            inputs = {str(node.inputs[0].name): int(weight.shape[0]) for node, weight, _ in chunk}
+            hessians = input_hessians(model, inputs, ctx.calibration, ctx.sessions, progress=ctx.progress)
+            for node, weight, _ in chunk:
+                out[id(node)] = gptq_blockwise(weight, hessians[str(node.inputs[0].name)], config.block_size)
+        report.notes.append(f"int4 weights of {len(out)} MatMul/Gemm rounded by GPTQ (inverse-Hessian updates from "
+                            f"{len(ctx.calibration)} --data samples)")
+        return out
+
     def _weight_only(self, model: ir.Model, config: QuantConfig, ctx: PassContext, report: Any) -> PassResult:
         model = _prepare(model, _INT4_OPSET, "int4 block-wise DequantizeLinear", report, ctx)
         targets = self._matmul_targets(model, config, report, "int4 weight-only covers MatMul/Gemm (ONNX Runtime has no int4 Conv)")
         if not targets:
             raise PassSkipped("nothing to quantize to int4: no MatMul/Gemm with a constant float32 weight matrix")
         names, stats = Names(model), WeightOnlyStats()
+        rounded = self._gptq(model, targets, config, ctx, report) if config.rounding == "gptq" else {}
         while targets:  # popped, as in _dynamic
             node, weight, bias = targets.pop(0)
-            quantize_int4_node(node, weight, bias, config.block_size, names, stats)
+            quantize_int4_node(node, weight, bias, config.block_size, names, stats, rounded.pop(id(node), None))
             report.items.append({"node": node.name, "op": node.op_type, "kernel": "MatMulNBits", "weight": list(weight.shape)})
         cleanup(model)
-        figures: dict[str, Any] = {"mode": "weight-only int4", "block_size": config.block_size, "quantized_nodes": stats.nodes,
+        figures: dict[str, Any] = {"mode": "weight-only int4", "block_size": config.block_size, "rounding": config.rounding,
+                                   "quantized_nodes": stats.nodes,
                                    "weight_bytes_float": stats.float_weight_bytes, "weight_bytes_int4": stats.int_weight_bytes}
         self._kernels(model, config, ctx, figures, report)
         report.figures = figures
         report.summary = (f"int4 weight-only (block {config.block_size}): {stats.nodes} MatMul/Gemm, weights "
                           f"{stats.float_weight_bytes / 1e6:.2f} MB -> {stats.int_weight_bytes / 1e6:.2f} MB")
         return PassResult(model, True, report)
+
+
+def _gptq_chunks(targets: list[tuple[ir.Node, Any, Any]], limit_bytes: int = 256 << 20) -> list[list[tuple[ir.Node, Any, Any]]]:
+    """Targets in groups whose Hessians (K x K float64 per distinct input) fit in ``limit_bytes`` together."""
+    chunks: list[list[tuple[ir.Node, Any, Any]]] = [[]]
+    used = 0
+    for target in targets:
+        k = int(target[1].shape[0])
+        if chunks[-1] and used + 8 * k * k > limit_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(target)
+        used += 8 * k * k
+    return [c for c in chunks if c]
 
 
 @hookimpl

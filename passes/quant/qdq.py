@@ -13,13 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import Names, add_initializer, constant_array, is_weight, make_node, reroute
+from onnxopt.graph import Names, add_initializer, attribute, constant_array, is_weight, make_node, reroute
 
 from onnxopt_passes.quant.handlers import Placement, rescale_factor
+from onnxopt_passes.quant.grid import grid_levels
 from onnxopt_passes.quant.plan import NodePlan, Plan
+from onnxopt_passes.quant.saturation import check_weight, pair_safe_scale, reduction_rows
 from onnxopt_passes.quant.scheme import QParams, activation_params, quantize, quantize_bias, weight_params
 
 __all__ = ["InsertionStats", "group_params", "insert_qdq"]
@@ -35,6 +38,10 @@ class InsertionStats:
     float_weight_bytes: int = 0
     int_weight_bytes: int = 0
     params: dict[str, QParams] = field(default_factory=dict)
+    #: weights stored in 4 bits (already on an int4 grid, see :mod:`grid`)
+    int4_weights: int = 0
+    #: layers whose u8 x s8 pairs can saturate int16 on CPUs without VNNI (see :mod:`saturation`)
+    saturation: list[dict[str, object]] = field(default_factory=list)
 
 
 def group_params(plan: Plan, ranges: Mapping[str, tuple[float, float]], activation_type: str) -> dict[str, QParams]:
@@ -55,9 +62,11 @@ def group_params(plan: Plan, ranges: Mapping[str, tuple[float, float]], activati
 class _Writer:
     """Creates Q/DQ nodes and quantized initializers in the right graph, with fresh names."""
 
-    def __init__(self, names: Names, stats: InsertionStats) -> None:
+    def __init__(self, names: Names, stats: InsertionStats, saturation: str = "off", int4_grid: bool = False) -> None:
         self.names = names
         self.stats = stats
+        self.saturation = saturation
+        self.int4_grid = int4_grid
         self._weights: dict[tuple[int, int | None, float], ir.Value] = {}
 
     def const(self, graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
@@ -142,7 +151,13 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
     w = constant_array(w_value)
     assert w is not None
     axis = placement.weight_axis
-    w_scale = weight_params(w, axis)
+    grid = grid_levels(w, axis) if writer.int4_grid else None
+    w_scale = grid if grid is not None else weight_params(w, axis)
+    rows = None
+    if writer.saturation != "off" and input_params.dtype == "uint8":
+        rows = reduction_rows(w, node.op_type, bool(attribute(node, "transB", 0)))
+        if writer.saturation == "fix":
+            w_scale = pair_safe_scale(rows, w_scale)
     if placement.bias is not None:
         b = constant_array(node.inputs[placement.bias])
         assert b is not None
@@ -158,14 +173,56 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
         node.replace_input_with(placement.weight, writer._weights[key])
         return
     w_q = quantize(w, w_scale, 0, "int8", axis)
+    if rows is not None:
+        _record_saturation(node, w, w_q, weight_params(w, axis), w_scale, writer)
     zero = np.zeros(w_scale.shape, np.int8)
-    out = writer.dequantize(graph, w_q, w_scale, zero, axis, w_value.name or "weight")  # type: ignore[union-attr]
+    four_bit = grid is not None and np.array_equal(w_scale, grid) and int(w_q.min(initial=0)) >= -8 and int(w_q.max(initial=0)) <= 7
+    if four_bit:  # int4 on disk, widened to int8 by a Cast ORT folds at load (so QLinearConv still fuses)
+        hint = w_value.name or "weight"  # type: ignore[union-attr]
+        packed = writer.const(graph, ir.Tensor(w_q.astype(ml_dtypes.int4), dtype=ir.DataType.INT4), f"{hint}_int4")
+        cast = make_node("Cast", [packed], {"to": ir.DataType.INT8}, names=writer.names, name_hint=f"{hint}_to_int8")
+        graph.append(cast)
+        inputs = [cast.outputs[0], writer.const(graph, w_scale, f"{hint}_scale"), writer.const(graph, zero, f"{hint}_zero_point")]
+        attrs = {"axis": axis} if axis is not None and w_scale.ndim == 1 else {}
+        dq = make_node("DequantizeLinear", inputs, attrs, names=writer.names, name_hint=f"{hint}_DequantizeLinear")
+        graph.append(dq)
+        out = dq.outputs[0]
+        writer.stats.int4_weights += 1
+    else:
+        out = writer.dequantize(graph, w_q, w_scale, zero, axis, w_value.name or "weight")  # type: ignore[union-attr]
     node.replace_input_with(placement.weight, out)
     if key is not None:
         writer._weights[key] = out
     writer.stats.weights += 1
     writer.stats.float_weight_bytes += w.nbytes
-    writer.stats.int_weight_bytes += w_q.nbytes
+    writer.stats.int_weight_bytes += (w_q.size + 1) // 2 if four_bit else w_q.nbytes
+
+
+def _record_saturation(node: ir.Node, w: np.ndarray, w_q: np.ndarray, plain_scale: np.ndarray, scale: np.ndarray,
+                       writer: _Writer) -> None:
+    """Check the int8 weight as the kernels will pair it; with a fix, also what the plain scale would have risked."""
+    trans_b = bool(attribute(node, "transB", 0))
+    after = check_weight(reduction_rows(w_q, node.op_type, trans_b))
+    before = after
+    if writer.saturation == "fix":
+        before = check_weight(reduction_rows(quantize(w, plain_scale, 0, "int8", _axis_of(plain_scale, w, node)),
+                                             node.op_type, trans_b))
+    if before.can_overflow or after.can_overflow:
+        widened = float(np.max(np.asarray(scale) / np.asarray(plain_scale)))
+        writer.stats.saturation.append({
+            "node": node.name, "op": node.op_type, "worst_pair": before.worst_pair, "channels": before.channels,
+            "overflowing_channels": before.overflowing_channels, "fixed": not after.can_overflow,
+            "worst_pair_after": after.worst_pair, "max_scale_widening": round(widened, 4)})
+
+
+def _axis_of(scale: np.ndarray, w: np.ndarray, node: ir.Node) -> int | None:
+    if np.ndim(scale) == 0:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    return w.ndim - 1
 
 
 def _group_params_of_node(planned: NodePlan, params: Mapping[str, QParams]) -> QParams | None:
@@ -175,10 +232,15 @@ def _group_params_of_node(planned: NodePlan, params: Mapping[str, QParams]) -> Q
 
 
 def insert_qdq(model: ir.Model, plan: Plan, ranges: Mapping[str, tuple[float, float]], activation_type: str,
-               names: Names) -> InsertionStats:
-    """Edit ``model`` in place following ``plan``; every planned tensor must have a range."""
+               names: Names, *, saturation: str = "off", int4_grid: bool = False) -> InsertionStats:
+    """Edit ``model`` in place following ``plan``; every planned tensor must have a range.
+
+    ``saturation``: ``fix`` widens weight scales where u8 x s8 int16 pairs could saturate, ``report`` only
+    records those layers, ``off`` neither (see :mod:`~onnxopt_passes.quant.saturation`). ``int4_grid``: weights
+    already on an int4 grid are stored in 4 bits (needs opset 21; see :mod:`~onnxopt_passes.quant.grid`).
+    """
     stats = InsertionStats()
-    writer = _Writer(names, stats)
+    writer = _Writer(names, stats, saturation, int4_grid)
     params = group_params(plan, ranges, activation_type)
     _rescaled_params(plan, params)
     stats.params = params

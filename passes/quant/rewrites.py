@@ -9,6 +9,11 @@
 - Add of a per-channel constant after a Conv/Gemm (exporters that write the
   bias as a separate Add): folded into the producer's bias, so the integer
   Conv adds it instead of a QLinearAdd after it.
+- HardSwish, HardSigmoid (with other readers of its input) and Swish, which
+  ONNX Runtime has no integer kernel for, rebuilt from Add/Clip/Mul/Sigmoid,
+  which its QDQ fusion runs as QLinearAdd/QLinearMul/QLinearSigmoid
+  (:func:`expand_activations`). Where the quantizer leaves such an expansion
+  wholly float, :func:`collapse_float_activations` puts the single op back.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import Names, add_initializer, attribute, constant_array, iter_graphs, make_node, only_consumer, replace_input_weight, reroute
+from onnxopt.graph import (Names, add_initializer, attribute, constant_array, iter_graphs, make_node, only_consumer,
+                           opset_version, replace_input_weight, reroute)
 
-__all__ = ["fold_hardsigmoid", "fold_bias_add"]
+__all__ = ["fold_hardsigmoid", "fold_bias_add", "expand_activations", "collapse_float_activations", "expansion_groups",
+           "tag_hardswish_chains"]
 
 
 def _scale_producer(node: ir.Node, alpha: float, beta: float, names: Names) -> bool:
@@ -128,4 +135,183 @@ def fold_bias_add(model: ir.Model) -> int:
                 graph.remove(node, safe=True)
                 count += 1
                 break
+    return count
+
+
+# -- activations ORT has no integer kernel for, rebuilt from ops its QDQ fusion does run ----------------------------
+
+#: Marks the nodes an activation expansion made, so :func:`collapse_float_activations` finds them again.
+_TAG = "__qexp_"
+
+
+def _scalar(graph: ir.Graph, value: float, names: Names, hint: str) -> ir.Value:
+    return add_initializer(graph, np.array(value, np.float32), names.fresh(hint))
+
+
+def _expand_hard_gate(graph: ir.Graph, node: ir.Node, x: ir.Value, alpha: float, beta: float, names: Names,
+                      kind: str) -> list[ir.Node]:
+    """``Clip(alpha*x + beta, 0, 1)`` as ``Clip(x + beta/alpha, 0, 1/alpha) * alpha`` (alpha > 0): an Add that
+    runs as QLinearAdd, a Clip folded into its quantized output range, and a Mul by a constant that the
+    quantizer folds into the next scale (no kernel at all)."""
+    base = f"{node.name or node.op_type}{_TAG}{kind}"
+    add = make_node("Add", [x, _scalar(graph, beta / alpha, names, f"{base}_shift")], names=names, name_hint=f"{base}_add")
+    clip = make_node("Clip", [add.outputs[0], _scalar(graph, 0.0, names, f"{base}_lo"),
+                              _scalar(graph, 1.0 / alpha, names, f"{base}_hi")], names=names, name_hint=f"{base}_clip")
+    scale = make_node("Mul", [clip.outputs[0], _scalar(graph, alpha, names, f"{base}_alpha")], names=names,
+                      name_hint=f"{base}_scale")
+    if x.dtype is not None:
+        for new in (add, clip, scale):
+            new.outputs[0].dtype, new.outputs[0].shape = x.dtype, x.shape
+    return [add, clip, scale]
+
+
+def expand_activations(model: ir.Model) -> dict[str, int]:
+    """Rewrite activations ONNX Runtime leaves float into ops its QDQ fusion turns into integer kernels.
+
+    - ``HardSwish(x) = x * Clip(x + 3, 0, 6) * (1/6)``: QLinearAdd, the Clip folded into the quantized
+      range, the ``1/6`` folded into a scale, QLinearMul;
+    - ``HardSigmoid(x)`` whose input has other readers (``x * HardSigmoid(x)`` exporters; a HardSigmoid that
+      alone reads a Conv/Gemm is folded into it by :func:`fold_hardsigmoid`): the same gate without the Mul by x;
+    - ``Swish(x; alpha=1) = x * Sigmoid(x)``: QLinearSigmoid and QLinearMul.
+
+    The rewrites are equal in float up to rounding (one ulp-level difference from evaluation order).
+    Returns how many of each op were rewritten.
+    """
+    names = Names(model)
+    counts: dict[str, int] = {}
+    for graph in iter_graphs(model):
+        for node in [n for n in graph if n.domain in ("", "ai.onnx") and n.op_type in ("HardSwish", "HardSigmoid", "Swish")]:
+            x = node.inputs[0]
+            if x is None or x.dtype not in (ir.DataType.FLOAT, None):
+                continue
+            if node.op_type == "HardSigmoid":
+                alpha, beta = float(attribute(node, "alpha", 0.2)), float(attribute(node, "beta", 0.5))
+                if alpha <= 0 or only_consumer(x) is node and x.producer() is not None \
+                        and x.producer().op_type in ("Conv", "Gemm"):
+                    continue  # fold_hardsigmoid's case, or a decreasing gate
+                new = _expand_hard_gate(graph, node, x, alpha, beta, names, "hsig")
+            elif node.op_type == "HardSwish":
+                gate = _expand_hard_gate(graph, node, x, 1.0 / 6.0, 0.5, names, "hswish")
+                mul = make_node("Mul", [x, gate[-1].outputs[0]], names=names, name_hint=f"{node.name or 'HardSwish'}{_TAG}hswish_mul")
+                new = [*gate, mul]
+            else:
+                if float(attribute(node, "alpha", 1.0)) != 1.0:
+                    continue
+                sig = make_node("Sigmoid", [x], names=names, name_hint=f"{node.name or 'Swish'}{_TAG}swish_sigmoid")
+                mul = make_node("Mul", [x, sig.outputs[0]], names=names, name_hint=f"{node.name or 'Swish'}{_TAG}swish_mul")
+                new = [sig, mul]
+            _swap(graph, node, new)
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _swap(graph: ir.Graph, node: ir.Node, new: list[ir.Node]) -> None:
+    """Put ``new`` where ``node`` is; the last new node's output takes over ``node``'s output."""
+    graph.insert_after(node, new)
+    old, result = node.outputs[0], new[-1].outputs[0]
+    if old.dtype is not None:
+        result.dtype, result.shape = old.dtype, old.shape
+    name = old.name
+    reroute(old, result)
+    graph.remove(node, safe=True)
+    if not result.is_graph_output():  # the tensor keeps its name: calibrated ranges and exclusions find it
+        old.name, result.name = None, name
+
+
+def _expansions(model: ir.Model) -> dict[str, list[ir.Node]]:
+    """Nodes of each activation expansion, by the name of the op it replaced (plus its kind)."""
+    groups: dict[str, list[ir.Node]] = {}
+    for graph in iter_graphs(model):
+        for node in graph:
+            if node.name and _TAG in node.name:
+                head, _, tail = node.name.partition(_TAG)
+                groups.setdefault(f"{head}{_TAG}{tail.split('_')[0]}", []).append(node)
+    return groups
+
+
+def expansion_groups(model: ir.Model) -> dict[str, list[str]]:
+    """Node names of each activation expansion (key: the replaced op's name and kind)."""
+    return {k: [n.name or "" for n in v] for k, v in _expansions(model).items()}
+
+
+def _non_constant(node: ir.Node) -> ir.Value | None:
+    return next((v for v in node.inputs if v is not None and constant_array(v) is None), None)
+
+
+def _const_is(value: ir.Value | None, target: float) -> bool:
+    c = constant_array(value)
+    return c is not None and c.size == 1 and c.dtype == np.float32 and abs(float(c.reshape(-1)[0]) - target) <= 1e-6 * abs(target)
+
+
+def tag_hardswish_chains(model: ir.Model) -> int:
+    """Name exported hard-swish chains ``Mul(x, Clip(Add(x, 3), 0, 6)) / 6`` like the expansions of
+    :func:`expand_activations`, so the speed guard can judge them with the Conv before them and a chain
+    left wholly float is put back as one HardSwish (which float ONNX Runtime fuses into that Conv)."""
+    names = Names(model)
+    count = 0
+    for graph in iter_graphs(model):
+        for clip in [n for n in graph if n.op_type == "Clip" and n.domain in ("", "ai.onnx")]:
+            if len(clip.inputs) < 3 or not (_const_is(clip.inputs[1], 0.0) and _const_is(clip.inputs[2], 6.0)):
+                continue
+            add = clip.inputs[0].producer() if clip.inputs[0] is not None else None
+            if add is None or add.op_type != "Add" or only_consumer(add.outputs[0]) is not clip:
+                continue
+            x = _non_constant(add)
+            if x is None or not any(_const_is(v, 3.0) for v in add.inputs if v is not x):
+                continue
+            mul = only_consumer(clip.outputs[0])
+            if mul is None or mul.op_type != "Mul" or {id(v) for v in mul.inputs} != {id(x), id(clip.outputs[0])}:
+                continue
+            scale = only_consumer(mul.outputs[0])
+            if scale is None or not ((scale.op_type == "Div" and _const_is(scale.inputs[1], 6.0)) or
+                                     (scale.op_type == "Mul" and any(_const_is(v, 1.0 / 6.0) for v in scale.inputs))):
+                continue
+            if any(n.name and _TAG in n.name for n in (add, clip, mul, scale)):
+                continue
+            base = names.fresh("HardSwish")
+            for node, role in ((add, "add"), (clip, "clip"), (mul, "mul"), (scale, "scale")):
+                node.name = names.fresh(f"{base}{_TAG}hswish_{role}")
+            count += 1
+    return count
+
+
+def collapse_float_activations(model: ir.Model, quantized: set[int]) -> int:
+    """Put back the single float op for every expansion (or tagged exported chain) none of whose nodes is
+    quantized (ids in ``quantized``): in float, one HardSwish is cheaper than four ops, and ONNX Runtime
+    fuses it into the Conv before it. Returns how many were put back."""
+    names = Names(model)
+    count = 0
+    for key, nodes in _expansions(model).items():
+        if any(id(n) in quantized for n in nodes):
+            continue
+        kind = key.rpartition(_TAG)[2]
+        members = {id(n) for n in nodes}
+        # the last node: the one whose output no other member reads
+        ends = [n for n in nodes if not any(id(u) in members for u, _ in n.outputs[0].uses())]
+        firsts = [n for n in nodes if n.op_type == ("Sigmoid" if kind == "swish" else "Add")]
+        graph = nodes[0].graph
+        if len(ends) != 1 or len(firsts) != 1 or graph is None:
+            continue
+        last, first = ends[0], firsts[0]
+        x = _non_constant(first)
+        if x is None:
+            continue
+        base = key.partition(_TAG)[0]
+        if kind == "hswish" and opset_version(model) < 14:
+            continue  # no HardSwish before opset 14: the chain stays as it is
+        if kind == "hswish":
+            op = make_node("HardSwish", [x], names=names, name_hint=base)
+        elif kind == "swish":
+            op = make_node("Swish", [x], names=names, name_hint=base)
+        else:
+            shift, alpha = constant_array(first.inputs[1]), constant_array(last.inputs[1])
+            if shift is None or alpha is None:
+                continue
+            a = float(alpha)
+            op = make_node("HardSigmoid", [x], {"alpha": a, "beta": float(shift) * a}, names=names, name_hint=base)
+        _swap(graph, last, [op])
+        for node in reversed(nodes):  # graph order, reversed: each is unread when removed
+            if node is not last and node.graph is not None:
+                graph.remove(node, safe=True)
+        count += 1
     return count

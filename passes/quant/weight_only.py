@@ -11,6 +11,9 @@ added with Sum, which ORT leaves alone (see below).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -26,12 +29,16 @@ WeightOnlyStats = RewriteStats
 
 
 def quantize_int4_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | None, block_size: int, names: Names,
-                       stats: RewriteStats) -> None:
-    """Replace ``node`` (MatMul, or Gemm given as its [K, N] weight and bias) by DQ(int4) -> MatMul (+ Add)."""
+                       stats: RewriteStats, rounded: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Replace ``node`` (MatMul, or Gemm given as its [K, N] weight and bias) by DQ(int4) -> MatMul (+ Add).
+
+    ``rounded``: the int4 values and block scales already chosen (GPTQ); else round to nearest.
+    """
     graph = node.graph
     assert graph is not None and node.inputs[0] is not None
     hint = node.name or node.op_type
-    q, scale = quantize_blockwise(weight, block_size, bits=4)
+    q, scale = rounded if rounded is not None else quantize_blockwise(weight, block_size, bits=4)
+    q = q.astype(ml_dtypes.int4, copy=False)
     q_value = add_initializer(graph, ir.Tensor(q, dtype=ir.DataType.INT4), names.fresh(f"{hint}_weight_int4"))
     s_value = add_initializer(graph, scale, names.fresh(f"{hint}_weight_scale"))
     dq = make_node("DequantizeLinear", [q_value, s_value], {"axis": 0, "block_size": block_size}, names=names,

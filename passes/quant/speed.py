@@ -1,0 +1,115 @@
+"""Does the int8 model pay? Paired latency of a candidate against a reference, and the regions worth timing.
+
+All timing goes through :func:`latency_ratio`, one small function, so the
+project's shared timing helper can replace its body without touching the
+callers. It interleaves the two sessions round by round (so a machine that
+slows down mid-run slows both) and returns the median of the per-round
+ratios with their quartiles.
+
+Regions: every quantized node that is not a Conv/MatMul/Gemm anchor
+belongs to a *kind* (the op types of its connected group of quantized
+followers: HardSwish expansions, squeeze-excite gates, residual Adds, ...).
+The guard in the quant pass returns one kind at a time to float and keeps
+the change when the paired ratio says it is faster; the report lists what
+was tried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.measure import median_latency_ms
+from onnxopt.sessions import SessionFactory
+
+__all__ = ["Ratio", "latency_ratio", "region_kinds"]
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """candidate / reference latency: the median of the per-round ratios and their quartiles."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"median": round(self.median, 4), "q1": round(self.low, 4), "q3": round(self.high, 4), "rounds": self.rounds}
+
+
+def latency_ratio(candidate: ir.Model, reference: ir.Model, feed: Mapping[str, np.ndarray], sessions: SessionFactory,
+                  *, rounds: int = 7, runs: int = 10) -> Ratio:
+    """Paired, interleaved latency ratio of ``candidate`` over ``reference`` on one feed."""
+    cand, ref = sessions.create(candidate), sessions.create(reference)
+    for session in (cand, ref):  # warm-up outside the rounds
+        median_latency_ms(session, feed, warmup=3, runs=1)
+    ratios = []
+    for i in range(rounds):
+        order = (cand, ref) if i % 2 == 0 else (ref, cand)  # alternate who goes first
+        times = {id(s): median_latency_ms(s, feed, warmup=0, runs=runs) for s in order}
+        ratios.append(times[id(cand)] / max(times[id(ref)], 1e-9))
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    return Ratio(float(med), float(q1), float(q3), rounds)
+
+
+def _source(value: ir.Value | None) -> ir.Node | None:
+    """The node computing ``value``, looking through the Q/DQ pair (and a folded Relu/Clip) inserted after it."""
+    node = value.producer() if value is not None else None
+    while node is not None and node.op_type in ("DequantizeLinear", "QuantizeLinear", "Relu", "Clip") and node.inputs \
+            and node.inputs[0] is not None and node.inputs[0].producer() is not None:
+        node = node.inputs[0].producer()
+    return node
+
+
+def region_kinds(nodes: Iterable[ir.Node], expansions: Mapping[str, list[str]],
+                 anchors: frozenset[str] = frozenset({"Conv", "MatMul", "Gemm"})) -> dict[str, list[str]]:
+    """Kinds of quantized regions the speed guard may return to float, each as the node names it covers.
+
+    - ``HardSwish`` (and the other expanded activations): every expansion made by
+      :func:`~onnxopt_passes.quant.rewrites.expand_activations` that is quantized;
+    - ``Conv+HardSwish``: the same with the anchor that feeds each expansion (float ONNX Runtime fuses
+      the activation into that Conv, so the pair may be cheaper in float than both in integer);
+    - the other quantized non-anchor nodes, by connected region (linked through the Relu/Clip folded
+      into a kernel), named by their sorted op types (``Add``, ``GlobalAveragePool+Mul``, ...).
+    """
+    quantized = {n.name: n for n in nodes if n.name}
+    kinds: dict[str, list[str]] = {}
+    in_expansion: set[str] = set()
+    for key, members in expansions.items():
+        names = [m for m in members if m in quantized]
+        if not names:
+            continue
+        op = {"hswish": "HardSwish", "hsig": "HardSigmoid", "swish": "Swish"}.get(key.rpartition("__qexp_")[2], "activation")
+        in_expansion.update(names)
+        kinds.setdefault(op, []).extend(names)
+        feeders = {_source(v) for m in names for v in quantized[m].inputs}
+        with_anchor = [f.name for f in feeders if f is not None and f.name in quantized and f.op_type in anchors]
+        if with_anchor:
+            kinds.setdefault(f"{quantized[with_anchor[0]].op_type}+{op}", []).extend([*with_anchor, *names])
+    members = {id(n): n for n in quantized.values() if n.op_type not in anchors and n.name not in in_expansion}
+    parent = {k: k for k in members}
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for key, node in members.items():
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and producer.op_type in ("Relu", "Clip") and producer.inputs and producer.inputs[0] is not None:
+                producer = producer.inputs[0].producer() if id(producer) not in members else producer
+            if producer is not None and id(producer) in members:
+                parent[root(id(producer))] = root(key)
+    groups: dict[int, list[ir.Node]] = {}
+    for key, node in members.items():
+        groups.setdefault(root(key), []).append(node)
+    for group in groups.values():
+        kind = "+".join(sorted({n.op_type for n in group}))
+        kinds.setdefault(kind, []).extend(n.name or "" for n in group)
+    return {k: list(dict.fromkeys(v)) for k, v in kinds.items()}

@@ -1,0 +1,54 @@
+"""cluster.init=grid then quant: weights on an int4 grid keep 4-bit storage and still run as integer kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxopt import PassContext
+from onnxopt.data import Dataset
+from onnxopt.io import serialize_model
+from onnxopt_passes.cluster import ClusterConfig, ClusterPass
+from onnxopt_passes.cluster.kmeans import grid_rows
+from onnxopt_passes.quant import QuantConfig, QuantPass
+from onnxopt_passes.quant.grid import grid_levels
+
+from tests.graphs_quant import mbv3_net
+from tests.helpers import run_model, to_ir
+from tests.test_quant import _optimized_ops
+
+RNG = np.random.default_rng(0)
+
+
+def test_grid_rows_are_found_again_with_their_step() -> None:
+    rows = RNG.standard_normal((6, 40))
+    clustering = grid_rows(rows, 16)
+    decoded = np.take_along_axis(clustering.centroids, clustering.labels.astype(np.intp), axis=1).astype(np.float32)
+    step = grid_levels(decoded, 0)
+    assert step is not None
+    np.testing.assert_allclose(step, np.abs(rows).max(axis=1) / 7, rtol=1e-6)
+    assert grid_levels(rows.astype(np.float32), 0) is None  # unclustered weights are not on a grid
+
+
+def test_cluster_grid_then_quant_stores_int4_and_runs_integer() -> None:
+    proto = mbv3_net(width=8, blocks=1, size=16)
+    clustered = ClusterPass().apply(to_ir(proto), ClusterConfig(init="grid", k=16, granularity="channel", min_size=64),
+                                    PassContext())
+    calib = Dataset("calib", {"x": RNG.standard_normal((16, 3, 16, 16)).astype(np.float32)}, batch_size=8)
+    results = {grid: QuantPass().apply(model, QuantConfig(speed_guard="off"), PassContext(calibration=calib))
+               for grid, model in (("grid", clustered.model), ("plain", to_ir(proto)))}
+    stored = results["grid"].report.figures["weights_stored_int4"]
+    assert stored >= 3 and results["plain"].report.figures["weights_stored_int4"] == 0
+    proto_q = onnx.ModelProto()
+    proto_q.ParseFromString(serialize_model(results["grid"].model))
+    assert sum(t.data_type == onnx.TensorProto.INT4 for t in proto_q.graph.initializer) == stored
+    ops = _optimized_ops(results["grid"].model)
+    assert ops.count("QLinearConv") >= stored - 1 and "Cast" not in ops  # the Cast is folded at load
+    # 4-bit weights are half the bytes of the int8 ones
+    assert results["grid"].report.figures["weight_bytes_int8"] < 0.75 * results["plain"].report.figures["weight_bytes_int8"]
+    # quantizing grid weights adds no weight error: the int8 model tracks the clustered model as closely as
+    # plain int8 tracks the float one
+    x = RNG.standard_normal((16, 3, 16, 16)).astype(np.float32)
+    ref = run_model(clustered.model, {"x": x})[0].ravel()
+    got = run_model(results["grid"].model, {"x": x})[0].ravel()
+    assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999

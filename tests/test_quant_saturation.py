@@ -1,0 +1,92 @@
+"""quant: the u8 x s8 int16 pair saturation of CPUs without VNNI, emulated in numpy, detected and fixed per layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnxopt import PassContext
+from onnxopt.data import Dataset
+from onnxopt_passes.quant import QuantConfig, QuantPass
+from onnxopt_passes.quant.saturation import PAIR_LIMIT, check_weight, pair_safe_scale, reduction_rows, saturating_dot
+from onnxopt_passes.quant.scheme import quantize, weight_params
+
+from tests.graphs import init, make_model
+from tests.helpers import to_ir
+from tests.test_quant import _initializers
+
+RNG = np.random.default_rng(0)
+
+
+def _exact(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return a.astype(np.int64) @ w.astype(np.int64).T
+
+
+def test_emulation_saturates_only_same_sign_pairs_past_the_limit() -> None:
+    a = np.full((1, 4), 255, np.uint8)
+    over = np.array([[127, 2, 0, 0]], np.int8)        # 255 * 129 > 32767
+    at = np.array([[127, 1, 0, 0]], np.int8)          # 255 * 128 = 32640 fits
+    opposite = np.array([[127, -127, 0, 0]], np.int8)  # opposite signs never overflow with a >= 0
+    assert saturating_dot(a, over)[0, 0] == 32767 != _exact(a, over)[0, 0]
+    assert saturating_dot(a, at)[0, 0] == _exact(a, at)[0, 0]
+    assert saturating_dot(a, opposite)[0, 0] == _exact(a, opposite)[0, 0]
+    assert check_weight([over]).can_overflow and not check_weight([at]).can_overflow
+    assert not check_weight([opposite]).can_overflow
+
+
+def test_pair_safe_scale_makes_every_input_exact() -> None:
+    # a conv-like weight [C, K] whose channels have large same-sign neighbours
+    w = RNG.standard_normal((16, 72)).astype(np.float32)
+    w[:, 1::2] = np.abs(w[:, 1::2]) * np.sign(w[:, ::2])  # neighbours share a sign
+    plain = weight_params(w, 0)
+    q_plain = quantize(w, plain, 0, "int8", 0)
+    assert check_weight([q_plain]).can_overflow
+    safe = pair_safe_scale([w], plain)
+    q_safe = quantize(w, safe, 0, "int8", 0)
+    check = check_weight([q_safe])
+    assert not check.can_overflow and check.worst_pair <= PAIR_LIMIT
+    assert np.all(safe >= plain) and np.all(safe <= 2 * plain * 1.0001)  # at most one bit lost
+    for a in (np.full((1, 72), 255, np.uint8), RNG.integers(0, 256, (64, 72)).astype(np.uint8)):
+        assert np.array_equal(saturating_dot(a, q_safe), _exact(a, q_safe))
+    worst = np.full((1, 72), 255, np.uint8)
+    assert not np.array_equal(saturating_dot(worst, q_plain), _exact(worst, q_plain))
+
+
+def _conv_model() -> onnx.ModelProto:
+    w = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w[:, :, :, 1] = np.abs(w[:, :, :, 1]) * np.sign(w[:, :, :, 0])  # adjacent taps along kw share a sign
+    w[0, 0, 0, :2] = [2.5, 2.5]  # channel 0: two adjacent maximal weights
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                      [init("w", w), init("fc", RNG.standard_normal((3, 8)).astype(np.float32))])
+
+
+def _conv_weight_int8(model) -> np.ndarray:
+    inits, proto = _initializers(model)
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and inits[n.input[0]].ndim == 4)
+    return inits[dq.input[0]]
+
+
+def test_pass_fixes_the_layer_and_reports_it() -> None:
+    proto = _conv_model()
+    calib = Dataset("calib", {"x": RNG.standard_normal((16, 4, 6, 6)).astype(np.float32)}, batch_size=8)
+    results = {mode: QuantPass().apply(to_ir(proto), QuantConfig(saturation=mode, speed_guard="off"),
+                                       PassContext(calibration=calib)) for mode in ("fix", "report")}
+    worst = np.full((1, 36), 255, np.uint8)  # every activation at the top of the uint8 range
+    for mode, result in results.items():
+        w_q = _conv_weight_int8(result.model)
+        rows = reduction_rows(w_q, "Conv")  # NCHW and NHWC reduction orders
+        flagged = {s["node"]: s for s in result.report.figures["saturation"]}
+        assert "conv" in flagged and flagged["conv"]["overflowing_channels"] >= 1
+        exact_everywhere = all(np.array_equal(saturating_dot(worst, r), _exact(worst, r)) for r in rows)
+        if mode == "fix":
+            assert flagged["conv"]["fixed"] and exact_everywhere
+            assert any("fixed by widening" in n for n in result.report.notes)
+        else:
+            assert not flagged["conv"]["fixed"] and not exact_everywhere
+            assert any("not fixed" in n for n in result.report.notes)
