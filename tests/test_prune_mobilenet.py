@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxopt import PassContext
+from onnxopt.data import Dataset
 from onnxopt.io import load_model
 from onnxopt_passes.prune import PruneConfig, PrunePass
 
@@ -39,16 +40,34 @@ def test_mnv3_test_model_is_small_and_accurate() -> None:
     assert (run_model(MNV3, feed)[0].argmax(1) == labels).mean() > 0.95
 
 
-def test_five_percent_l1_keeps_ninety_percent_agreement_on_mnv3() -> None:
+def _agreement(config: PruneConfig, ctx: PassContext) -> tuple[float, float, int]:
+    """Top-1 agreement and mean cosine of the pruned model's logits with the dense ones on eval.npz; channels removed."""
     feed, _ = _eval_feed()
     model = load_model(MNV3)
-    result = PrunePass().apply(model, PruneConfig(ratio=0.05, saliency="l1"), PassContext())
-    assert result.report.figures["channels_removed"] > 0
+    result = PrunePass().apply(model, config, ctx)
     dense, pruned = run_model(model, feed)[0], run_model(result.model, feed)[0]
-    agreement = (dense.argmax(1) == pruned.argmax(1)).mean()
-    cosine = ((dense * pruned).sum(1) / np.linalg.norm(dense, axis=1) / np.linalg.norm(pruned, axis=1)).mean()
-    assert agreement >= 0.90, (agreement, cosine)
-    assert cosine > 0.95, (agreement, cosine)
+    agreement = float((dense.argmax(1) == pruned.argmax(1)).mean())
+    cosine = float(((dense * pruned).sum(1) / np.linalg.norm(dense, axis=1) / np.linalg.norm(pruned, axis=1)).mean())
+    return agreement, cosine, int(result.report.figures["channels_removed"])
+
+
+def test_five_percent_l1_with_default_alignment_keeps_ninety_percent_agreement() -> None:
+    """``ratio=0.05`` as a user types it; the per-layer alignment leaves most MobileNet groups whole (about 2% go)."""
+    agreement, cosine, removed = _agreement(PruneConfig(ratio=0.05, saliency="l1"), PassContext())
+    assert removed > 0
+    assert agreement >= 0.90 and cosine > 0.95, (agreement, cosine, removed)
+
+
+def test_true_five_percent_l1_holds_with_refit_on_data() -> None:
+    """A true 5% (``round_to=1``, 77 of 1536 channels) by l1 wrecks this net alone (about 0.5 agreement: each
+    layer's output shrinks and the folded BatchNorm statistics no longer fit, compounding over the blocks);
+    the least-squares refit on --data restores it. It fits on train.npz samples, and is judged on eval.npz."""
+    train = np.load(ROOT / "examples" / "digits" / "train.npz")["x"][:256]
+    calib = Dataset("train[:256]", arrays={"x": np.repeat(np.repeat(train, 4, axis=2), 4, axis=3).astype(np.float32)})
+    config = PruneConfig(ratio=0.05, round_to=1, saliency="l1", reconstruct=True)
+    agreement, cosine, removed = _agreement(config, PassContext(calibration=calib))
+    assert removed >= 70
+    assert agreement >= 0.90 and cosine > 0.95, (agreement, cosine, removed)
 
 
 def _dead_channel_model(pad: int) -> onnx.ModelProto:

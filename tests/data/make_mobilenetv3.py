@@ -9,14 +9,11 @@ The net has what makes MobileNetV3 hard to prune: HardSwish, depthwise
 convs, BatchNorm after every conv, and squeeze-excite blocks
 (GlobalAvgPool -> 1x1 conv -> ReLU -> 1x1 conv -> HardSigmoid -> Mul). It
 is trained on examples/digits/train.npz, upsampled from 8x8 to 32x32 (6
-epochs, seed 0). ``python tests/data/make_mobilenetv3.py 1e-3`` adds an L1
-penalty on the BatchNorm scales (network slimming), under which channels
-die to a near-constant output, as in long-trained nets (not committed).
+epochs, seed 0), and exported with BatchNorm folded into the convs.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +21,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-OUT = Path(__file__).with_name("mnv3_digits.onnx" if len(sys.argv) < 2 else "mnv3_digits_slim.onnx")
-SLIMMING = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0  # the committed model: 0
+OUT = Path(__file__).with_name("mnv3_digits.onnx")
 
 
 def upsample(x: np.ndarray) -> np.ndarray:
@@ -108,9 +104,6 @@ def main() -> None:
             idx = perm[i : i + 64]
             xb = x[idx] + 0.1 * torch.randn_like(x[idx])
             loss = nn.functional.cross_entropy(model(xb), y[idx])
-            # network slimming (L1 on BatchNorm scales): as in long-trained nets, many channels end up with a
-            # near-zero scale, so their output is a constant act(beta) that the next layers rely on
-            loss = loss + SLIMMING * sum(m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
             opt.zero_grad()
             loss.backward()
             opt.step()
