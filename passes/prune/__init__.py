@@ -7,6 +7,8 @@ How it is built, one idea per module:
 - :mod:`.saliency` scores channels (L1/L2, activations, share of the next layer's output);
 - :mod:`.selection` picks channels greedily by least-squares cost on Gram matrices (``saliency=reconstruct``);
 - :mod:`.distribution` and :mod:`.cost` decide how many each group keeps (uniform, sensitivity, targets);
+- :mod:`.compensate` folds what removed channels add whatever the input (a BatchNorm shift through the
+  activation) into the readers' biases;
 - :mod:`.surgery` removes them physically, so the model is smaller and faster on any runtime;
 - :mod:`.design` and :mod:`.reconstruct` refit the layers that read pruned channels on calibration data.
 """
@@ -25,7 +27,9 @@ from onnxopt.data import Dataset
 from onnxopt.graph import cleanup, is_onnx_op, is_weight, name_nodes
 from onnxopt.io import infer_shapes
 from onnxopt.measure import count_macs, count_parameters
+from onnxopt.sessions import SessionFactory
 
+from .compensate import compensate, constant_parts
 from .constants import fold_constant_chains, fold_reshape_targets
 from .cost import CostModel
 from .distribution import (
@@ -77,6 +81,9 @@ class PruneConfig:
     attention_heads: bool = option(False, "prune whole attention heads (Q/K/V projections split by a Reshape)")
     exclude: tuple[str, ...] = option((), "node-name globs (fnmatch) whose channel groups are left alone")
     ridge: float = option(1e-3, "ridge term of the refit, relative to the mean input energy")
+    compensate: bool = option(False, "fold each removed channel's constant part (what it outputs with its filters "
+                                    "zeroed: a BatchNorm shift through the activation) into the readers' biases, measured "
+                                    "on one zero input (needs static input dims, --data or --shape)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -153,8 +160,29 @@ def _orders(model: ir.Model, cg: ChannelGraph, groups: list[Group], config: Prun
     return ranking(groups, energy_scores(cg, stats))  # the plan's sizes; greedy selection refines the order after
 
 
+def _compensated(model: ir.Model, cg: ChannelGraph, keep: np.ndarray, config: PruneConfig, sessions: SessionFactory,
+                 shapes: Mapping[str, tuple[int, ...]] | None) -> tuple[ChannelGraph, list[str]]:
+    """Fold the removed channels' constant parts into their readers' biases; the channel graph to cut with, and notes.
+
+    Discovery runs again after: a bias made here (a Conv had none) must be
+    sliced with its layer's outputs; the ids come out the same, so ``keep`` holds.
+    """
+    parts = constant_parts(model, cg, keep, sessions, shapes)
+    if parts is None:
+        return cg, ["constant parts of removed channels not folded: an input dim other than the batch is unknown "
+                    "(give --data or --shape)"]
+    if not parts:
+        return cg, []
+    done, left = compensate(cg, parts, Names(model))
+    notes = [f"constant parts of removed channels folded into {done} reader bias(es)"] if done else []
+    if left:
+        notes.append(f"constant parts not folded into {len(left)} reader(s) without a bias to hold them: {', '.join(left[:5])}")
+    return (discover(model, attention_heads=config.attention_heads) if done else cg), notes
+
+
 def _pruned_copy(model: ir.Model, config: PruneConfig, order: Mapping[str, np.ndarray], counts: Mapping[str, int],
-                 protect: set[str], grams: dict[str, np.ndarray] | None) -> ir.Model:
+                 protect: set[str], grams: dict[str, np.ndarray] | None, sessions: SessionFactory,
+                 shapes: Mapping[str, tuple[int, ...]] | None) -> ir.Model:
     """A pruned clone (discovery on a clone gives the same channel ids, so ``order`` still applies).
 
     With ``grams`` (the refit is on) the readers are refit from them, so the
@@ -163,7 +191,10 @@ def _pruned_copy(model: ir.Model, config: PruneConfig, order: Mapping[str, np.nd
     clone = model.clone()
     cg = discover(clone, attention_heads=config.attention_heads)
     groups = cg.groups(exclude=config.exclude, protect=sorted(protect))
-    log = apply_surgery(clone, cg, build_keep(cg, groups, order, counts))
+    keep = build_keep(cg, groups, order, counts)
+    if config.compensate:
+        cg, _ = _compensated(clone, cg, keep, config, sessions, shapes)
+    log = apply_surgery(clone, cg, keep)
     if grams:
         refit_from_grams(model, clone, cg.consumers, log, grams, config.ridge)
     return clone
@@ -203,7 +234,8 @@ def _plan(model: ir.Model, cg: ChannelGraph, groups: list[Group], order: Mapping
             by_layer = input_grams(model, cg.consumers, data.take(SCAN_SAMPLES), ctx.sessions, ctx.rng, ctx.progress)
             grams = {c.node.name or "": g for c, g in by_layer.items()}
         curves = scan_sensitivity(model, groups, order, limits, data, ctx.sessions,
-                                  lambda m, counts: _pruned_copy(m, config, order, counts, protect, grams), ctx.progress)
+                                  lambda m, counts: _pruned_copy(m, config, order, counts, protect, grams, ctx.sessions, shapes),
+                                  ctx.progress)
         ratio_for = sensitivity_plan(groups, curves)
     counts, reached = plan_for_target(cg, groups, order, cost, target, dense, limits, ratio_for)
     return _Round(counts, reached)
@@ -250,7 +282,11 @@ def prune_model(model: ir.Model, config: PruneConfig, ctx: PassContext) -> tuple
             removals = {g.key: g.size - planned.counts.get(g.key, g.size) for g in groups}
             order.update(greedy_orders(cg, groups, grams, config.ridge, removals))
         kept_now.update({g.key: planned.counts.get(g.key, g.size) for g in groups})
-        log = apply_surgery(model, cg, build_keep(cg, groups, order, planned.counts))
+        keep = build_keep(cg, groups, order, planned.counts)
+        if config.compensate:
+            cg, folded_notes = _compensated(model, cg, keep, config, ctx.sessions, shapes)
+            notes.extend(n for n in folded_notes if n not in notes)
+        log = apply_surgery(model, cg, keep)
         compose_log(origin, log)
         if config.refit and dense is not None and data is not None:
             rows, refit_notes = refit_consumers(dense, model, cg.consumers, origin, data, ctx.sessions, ctx.rng,
