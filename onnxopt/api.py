@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnxopt.activations import bounded_batches
 from onnxopt.data import Dataset, input_specs, load_dataset, synthetic_dataset
 from onnxopt.errors import OnnxoptError
-from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, external_data_files, has_external_data, load_model, refuse_overwriting,
+from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, check_model_output, external_data_files, has_external_data, load_model, refuse_overwriting,
                         same_file, save_model, serialize_model, tensor_bytes)
 from onnxopt.manager import plan_passes, run_passes
 from onnxopt.pass_api import PassContext
@@ -98,6 +98,7 @@ def apply(
     refuse_overwriting([("the input model", src), ("the --data file", data), ("the --eval file", eval_data)], writes)
     if output is not None and report is not None and same_file(output, report):
         raise OnnxoptError(f"--report {report} is the output model's path", "write the report to a .json file of its own")
+    check_model_output(output, "-o")
     for flag, target in (("-o", output), ("--report", report)):
         # fail before the work, not after it: a run can take minutes
         if target is not None and not Path(target).resolve().parent.is_dir():

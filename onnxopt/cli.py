@@ -7,6 +7,7 @@ traceback unless ``--debug``); a result over ``--max-drop`` exits 3.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import warnings
@@ -86,9 +87,15 @@ def _progress(quiet: bool) -> Progress:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
+@click.option("--no-plugins", is_flag=True,
+              help="Load no third-party plugin, only onnxopt's own passes (same as ONNXOPT_PLUGINS=none).")
 @click.version_option(package_name="onnxopt", message="onnxopt %(version)s")
-def cli(debug: bool) -> None:
+def cli(debug: bool, no_plugins: bool) -> None:
     """Compress ONNX models and prove on ONNX Runtime what each pass cost and won."""
+    if no_plugins:
+        from onnxopt.plugins import ALLOW_ENV
+
+        os.environ[ALLOW_ENV] = "none"  # the environment, so that search's worker processes load none either
 
 
 @cli.command()
@@ -123,8 +130,13 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
         names, merged = load_recipe(recipe)
     if passes:
         names = [p.strip() for p in passes.split(",") if p.strip()]
+    from_recipe = set(merged)
     for pass_name, values in parse_settings(settings).items():
         merged.setdefault(pass_name, {}).update(values)
+    stray = [k for k in merged if k in from_recipe and k not in names]
+    if stray and names:  # the generic error would point at --set, which the user never typed
+        raise OnnxoptError(f"recipe {recipe} has a [{stray[0]}] table, but {stray[0]} is not in the chain {','.join(names)}",
+                           f"add {stray[0]} to --pass, or remove the [{stray[0]}] table from {recipe}")
     if max_drop is not None and not 0 <= max_drop <= 1:
         raise OnnxoptError(f"--max-drop {max_drop} is not a share between 0 and 1", "e.g. --max-drop 0.01 for 1 pt")
     with _progress(quiet) as progress:
@@ -132,7 +144,10 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
                         max_drop=max_drop, force=force, report=report_path,
                         providers=providers.split(",") if providers else None, threads=threads,
                         external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress)
-    print_report(run, Console(soft_wrap=True))
+    console = Console(soft_wrap=True)
+    print_report(run, console)
+    if output is None:
+        console.print("[bold]no file written[/bold]: no -o was given (add -o out.onnx to write the result)")
     if run.gate_passed is False:
         click.echo(f"error: measured drop {run.validation.drop:.4f} is over --max-drop {max_drop}"  # type: ignore[union-attr]
                    + ("" if force else "; nothing written (use --force to write anyway)"), err=True)

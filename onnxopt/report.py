@@ -88,6 +88,12 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path = Path(path)
@@ -97,6 +103,7 @@ def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
         raise OnnxoptError(f"cannot write the report {path}: {err.strerror or err}",
                            "give --report a path in a folder that exists and that you can write to") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets the mode any new file would
         with os.fdopen(fd, "w") as fh:
             json.dump(_json_safe(data), fh, indent=2, allow_nan=False)
             fh.write("\n")
@@ -128,6 +135,33 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: Past this many outputs the metrics table turns: one row per output, one column per metric.
+_OUTPUTS_AS_COLUMNS = 3
+
+
+def _print_metrics(console: Console, v: ValidationResult) -> None:
+    """Per-output metrics, never cut: rows fold long names, and the table may run wider than the terminal."""
+    metric_names = sorted({m for row in v.outputs.values() for m in row})
+    title = f"validation on {escape(v.dataset)} ({v.samples} samples{', fidelity only' if v.fidelity_only else ''})"
+    table = Table(title=title, title_justify="left")
+    if len(v.outputs) <= _OUTPUTS_AS_COLUMNS:
+        cells = {name: [_fmt(row.get(m)) for m in metric_names] for name, row in v.outputs.items()}
+        table.add_column("metric", no_wrap=True)
+        for name, column in cells.items():
+            table.add_column(escape(name), overflow="fold", min_width=max(len(c) for c in column) if column else None)
+        for i, m in enumerate(metric_names):
+            table.add_row(m, *(cells[name][i] for name in cells))
+    else:
+        table.add_column("output", overflow="fold", min_width=min(24, max(len(n) for n in v.outputs)))
+        for m in metric_names:
+            table.add_column(m, no_wrap=True, min_width=max(len(_fmt(row.get(m))) for row in v.outputs.values()))
+        for name, row in v.outputs.items():
+            table.add_row(escape(name), *(_fmt(row.get(m)) for m in metric_names))
+    # a table wider than the terminal is printed at its own width (the terminal wraps it) instead of cut with "…"
+    needed = console.measure(table).minimum
+    console.print(table, width=max(console.width, needed))
+
+
 def print_report(report: RunReport, console: Console | None = None) -> None:
     """Tables: passes, per-output metrics, model figures; then the verdict."""
     console = console or Console(soft_wrap=True)
@@ -146,19 +180,12 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     if v is None:
         console.print(f"validation: {escape(report.validation_note or 'not run')}")
     else:
-        metric_names = sorted({m for row in v.outputs.values() for m in row})
-        table = Table(title=f"validation on {escape(v.dataset)} ({v.samples} samples{', fidelity only' if v.fidelity_only else ''})",
-                      title_justify="left")
-        table.add_column("metric")
-        for name in v.outputs:
-            table.add_column(escape(name))
-        for m in metric_names:
-            table.add_row(m, *(_fmt(row.get(m)) for row in v.outputs.values()))
-        console.print(table)
+        _print_metrics(console, v)
         figures = Table(title="model", title_justify="left")
         for col in ("", "reference", "candidate", "ratio"):
             figures.add_column(col)
-        rows = [("size", "size_bytes", format_bytes), ("parameters", "parameters", _fmt), ("MACs", "macs", _fmt),
+        rows = [("size", "size_bytes", format_bytes), ("parameters", "parameters", _fmt),
+                ("weights stored", "weight_bytes", format_bytes), ("MACs", "macs", _fmt),
                 (f"latency ms ({v.threads} thread{'s' if v.threads > 1 else ''})", "latency_ms", _fmt)]
         for label, attr, fmt in rows:
             ratio = v.ratio(attr)

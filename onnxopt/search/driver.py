@@ -22,7 +22,8 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.io import refuse_overwriting, same_file, save_model
+from onnxopt.sessions import check_threads
+from onnxopt.io import check_model_output, refuse_overwriting, same_file, save_model
 from onnxopt.measure import count_macs, count_parameters, file_size
 from onnxopt.plugins import Registry, load_registry
 from onnxopt.progress import Progress
@@ -159,9 +160,11 @@ def search(
         raise OnnxoptError(f"--max-drop {max_drop} is not a share between 0 and 1", "e.g. --max-drop 0.01 for 1 pt")
     if objective not in OBJECTIVES:
         raise OnnxoptError(f"--objective {objective} is not one of {', '.join(OBJECTIVES)}", "use size or latency")
+    check_threads(threads)
     if max_candidates < 1 or workers < 1 or latency_batch < 1:
         raise OnnxoptError("--max-candidates, --workers and --latency-batch must be at least 1",
                            "e.g. --workers 2 --max-candidates 40")
+    check_model_output(output, "-o")
     out_path, report_path, plot_path = (Path(p) if p is not None else None for p in (output, report, plot))
     writes = [("output", out_path), ("report", report_path), ("plot", plot_path)]
     refuse_overwriting([("the input model", src), ("the --data file", data), ("the --eval file", eval_data)], writes)
@@ -331,6 +334,7 @@ def write_candidate(report: str | os.PathLike[str], candidate_id: int, output: s
     The model and data are the ones the JSON names; they must be unchanged
     (the fingerprint is checked), so the model is the one that was measured.
     """
+    check_model_output(output, "-o")
     report, output = Path(report), Path(output)
     if not report.is_file():
         raise OnnxoptError(f"--report {report}: no such file", "give the JSON of a finished search")
