@@ -11,6 +11,7 @@ import os
 import platform
 import tempfile
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.pass_api import PassReport
 from onnxopt.validate import ValidationResult
 
-__all__ = ["RunReport", "environment", "write_json", "print_report", "format_bytes"]
+__all__ = ["RunReport", "environment", "write_json", "write_report", "report_paths", "is_html", "print_report", "format_bytes"]
 
 
 def environment() -> dict[str, str]:
@@ -94,23 +95,56 @@ def _umask() -> int:
     return mask
 
 
-def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
+def _write_text(text: str, path: Path, what: str) -> None:
+    """Write atomically (temp file in the same folder, then rename), with the mode any new file gets here."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     except OSError as err:
-        raise OnnxoptError(f"cannot write the report {path}: {err.strerror or err}",
+        raise OnnxoptError(f"cannot write the {what} {path}: {err.strerror or err}",
                            "give --report a path in a folder that exists and that you can write to") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets the mode any new file would
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_json_safe(data), fh, indent=2, allow_nan=False)
-            fh.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    _write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n", Path(path), "report")
+
+
+#: ``--report`` names ending so get the HTML page; any other name gets the JSON.
+HTML_SUFFIXES = (".html", ".htm")
+
+
+def is_html(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() in HTML_SUFFIXES
+
+
+def report_paths(report: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None) -> list[Path]:
+    """``--report`` as a list of paths (it may be given twice: JSON and HTML); two of one format is an error."""
+    if report is None:
+        return []
+    paths = [Path(report)] if isinstance(report, (str, os.PathLike)) else [Path(p) for p in report]
+    for kind, same in (("HTML", [p for p in paths if is_html(p)]), ("JSON", [p for p in paths if not is_html(p)])):
+        if len(same) > 1:
+            raise OnnxoptError(f"--report is given {len(same)} {kind} paths ({', '.join(map(str, same))})",
+                               "give at most one .json and one .html")
+    return paths
+
+
+def write_report(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """The report at ``path``: the HTML page for a ``.html`` name, else JSON; both from the same dict."""
+    if is_html(path):
+        from onnxopt.report_html import render_html
+
+        _write_text(render_html(_json_safe(data)), Path(path), "report")
+    else:
+        write_json(data, path)
 
 
 def format_bytes(n: float | None) -> str:

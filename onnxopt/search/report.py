@@ -41,6 +41,6 @@ def print_search(result: SearchResult, console: Console | None = None) -> None:
     console.print(f"best ({state.settings.get('objective')}): #{best['id']} {escape(best.get('label', ''))}")
     console.print(f"  {format_bytes(ref['size_bytes'])} -> {format_bytes(best['size_bytes'])} ({best.get('size_ratio') or 0:.1f}x smaller), "
                   f"{ref.get('latency_ms') or 0:.4f} -> {best['latency_ms']:.4f} ms ({best.get('speedup') or 0:.2f}x faster, "
-                  f"{state.settings.get('threads', 1)} thread(s), batch {state.settings.get('latency_batch', 1)}), drop {best['drop'] * 100:.2f} pt{acc}")
+                  f"{state.settings.get('threads', 1)} thread{'' if state.settings.get('threads', 1) == 1 else 's'}, batch {state.settings.get('latency_batch', 1)}), drop {best['drop'] * 100:.2f} pt{acc}")
     if state.output:
         console.print(f"wrote {escape(state.output)}")
