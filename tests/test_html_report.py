@@ -17,10 +17,20 @@ from pathlib import Path
 import pytest
 
 from onnxopt.report_html import interval, render_html
+from tests.conftest import unavailable
 from tests.helpers import run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture()
+def chromium() -> str:
+    if CHROMIUM is None:
+        unavailable("chromium", "chromium is not installed (apt-get install chromium)")
+    return CHROMIUM
+
+
+needs_chromium = pytest.mark.usefixtures("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
