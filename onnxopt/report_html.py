@@ -417,7 +417,10 @@ def _layers_matrix(passes: Sequence[Mapping[str, Any]]) -> str:
                 continue
             bits = [f"{k} {_fmt(v) if not interval(v) else _fmt(interval(v)[0])}" for k, v in item.items()
                     if k not in LAYER_KEYS and (not isinstance(v, (Mapping, list)) or interval(v))][:4]
-            matrix.setdefault(layer, {})[str(p.get("pass"))] = ", ".join(bits) or "changed"
+            cells = matrix.setdefault(layer, {})
+            text = ", ".join(bits) or "changed"
+            name = str(p.get("pass"))
+            cells[name] = f"{cells[name]}; {text}" if name in cells else text  # a pass may list a layer twice
         for skip in p.get("skipped") or []:
             if isinstance(skip, Mapping) and skip.get("target"):
                 matrix.setdefault(str(skip["target"]), {})[str(p.get("pass"))] = f"skipped: {skip.get('reason', '')}"
