@@ -152,3 +152,15 @@ def test_the_browser_check_catches_errors_and_undrawn_charts(tmp_path: Path) -> 
     page.write_text(good.replace("<main>", '<main><svg class="chart"><rect class="mark" width="0" height="0"/></svg>'))
     with pytest.raises(AssertionError, match="chart not drawn|charts drew"):
         check_in_browser(page, tmp_path)
+
+
+def test_report_paths_one_of_each_format(tmp_path: Path) -> None:
+    from onnxopt.errors import OnnxoptError
+    from onnxopt.report import is_html, report_paths
+
+    assert [is_html(p) for p in report_paths([tmp_path / "a.json", tmp_path / "a.HTML"])] == [False, True]
+    assert report_paths(None) == [] and report_paths(tmp_path / "r.json") == [tmp_path / "r.json"]
+    with pytest.raises(OnnxoptError, match="2 HTML paths"):
+        report_paths([tmp_path / "a.html", tmp_path / "b.htm"])
+    with pytest.raises(OnnxoptError, match="2 JSON paths"):
+        report_paths([tmp_path / "a.json", tmp_path / "b.txt"])
