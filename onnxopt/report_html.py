@@ -199,7 +199,8 @@ def bar_chart(title: str, labels: Sequence[str], values: Sequence[Any], *, unit:
                      f'fill="{color}" rx="2"><title>{_e(lab)}: {_e(_fmt(v))}{_e(unit)}</title></rect>')
         if iv is not None:
             parts.append(f'<line x1="{x(iv[1]):.1f}" x2="{x(iv[2]):.1f}" y1="{y + 8}" y2="{y + 8}" stroke="#2f3542" stroke-width="1.5"/>')
-        parts.append(f'<text x="{max(x1, x0) + 4:.1f}" y="{y + 12}">{_e(_fmt(v))}{_e(unit)}</text>')
+        after = max(x1, x(iv[2])) if iv is not None else x1  # the label clears the error bar
+        parts.append(f'<text x="{after + 4:.1f}" y="{y + 12}">{_e(_fmt(v))}{_e(unit)}</text>')
     axis_y = top + row_h * len(points) + 2
     parts.append(f'<line x1="{x(0.0):.1f}" x2="{x(0.0):.1f}" y1="{top}" y2="{axis_y}" stroke="#a4b0be"/>')
     if line is not None:
@@ -400,6 +401,12 @@ def _ledger(passes: Sequence[Mapping[str, Any]], ledger: Any) -> str:
                                                 for i, c in enumerate(cols[:6])) + "</div>"
     elif ledger is not None:
         out += "<h3>Ledger</h3>" + _any(ledger)
+    extra = [c for c in _columns(rows) if c not in ("pass", "result", "layers", "skipped", "seconds")
+             and any(_scalar(r.get(c)) is not None for r in rows)]
+    if extra:  # per-pass figures a newer report carries (drop, size, latency, with intervals): a chart each
+        out += '<div class="charts">' + "".join(bar_chart(f"{c} per pass", [str(r["pass"]) for r in rows],
+                                                          [r.get(c) for r in rows], color=PALETTE[(i + 4) % 8])
+                                                for i, c in enumerate(extra[:6])) + "</div>"
     charted = [r for r in rows if _is_num(r.get("seconds"))]
     if len(charted) > 1:
         out += bar_chart("seconds per pass", [r["pass"] for r in charted], [r["seconds"] for r in charted], unit=" s",
