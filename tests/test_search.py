@@ -263,3 +263,22 @@ def test_search_on_ray(digits: Path, tmp_path: Path) -> None:
     assert len(result.candidates) == 3 and all(c["status"] == "ok" for c in result.candidates)
     assert os.getpid() not in workers  # evaluated by Ray actors, not in this process
     assert result.best is not None and result.best["size_bytes"] < result.state.reference["size_bytes"] / 3
+
+
+def test_search_on_a_ray_instance_the_test_started(digits: Path, tmp_path: Path) -> None:
+    """A Ray instance already running (started here, local) is used as it is, and left running for its owner."""
+    try:
+        import ray
+    except ImportError:
+        unavailable("ray", "Ray is not installed (pip install -e '.[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        node = ray.get_runtime_context().get_node_id()
+        space = {"quant": PassSpace("alternatives", ({"method": "minmax"},))}
+        result = search(digits / "mlp.onnx", eval_data=digits / "eval.npz", data=digits / "calib.npz", max_drop=0.01,
+                        passes="quant", space=space, executor="ray", workers=2)
+        assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node  # not shut down under its owner
+        assert len(result.candidates) == 2 and all(c["status"] == "ok" for c in result.candidates)
+        assert os.getpid() not in {c["worker"] for c in result.candidates}
+    finally:
+        ray.shutdown()
