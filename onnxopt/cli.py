@@ -248,7 +248,8 @@ def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: t
         for line in format_comparison(arm):
             console.print(escape(line))
     for path in reports:
-        write_report({**run.to_dict(), **({"target": arm.to_dict()} if arm is not None else {})}, path)
+        write_report({**run.to_dict(), "candidate": str(candidate), **({"target": arm.to_dict()} if arm is not None else {})},
+                     path)
     if run.gate_passed is False:
         sys.exit(GATE_EXIT_CODE)
 

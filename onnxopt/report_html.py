@@ -315,7 +315,7 @@ _FIGURES = (("size", "size_bytes", _bytes), ("parameters", "parameters", _fmt), 
             ("MACs", "macs", _fmt), ("latency ms", "latency_ms", _fmt))
 _PASS_KEYS = {"pass", "summary", "config", "modified", "figures", "items", "skipped", "notes", "seconds"}
 _RUN_KEYS = {"input", "output", "written", "load_notes", "passes", "validation", "validation_note", "max_drop",
-             "gate_passed", "notes", "environment", "command"}
+             "gate_passed", "notes", "environment", "command", "candidate"}
 
 
 def _card(label: str, value: str, cls: str = "") -> str:
@@ -335,6 +335,8 @@ def _run_summary(data: Mapping[str, Any]) -> str:
     written = data.get("written")
     out = data.get("output")
     where = (f"wrote <b>{_e(out)}</b>" if written else f"<b class=bad>did not write {_e(out)}</b>") if out else "no file written"
+    if data.get("candidate"):  # validate: two files compared, nothing written
+        where = f"candidate <b>{_e(data['candidate'])}</b>"
     cards = []
     if v:
         cards.append(_card(f"drop ({v.get('drop_basis', '')})", f"{(_scalar(v.get('drop')) or 0.0) * 100:.2f} pt",

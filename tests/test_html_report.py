@@ -95,7 +95,7 @@ def test_apply_and_validate_pages_render_in_chromium(apply_pages: Path, tmp_path
     assert drawn >= 5
     assert "Layers" in dom and "node_Conv_120" in dom
     drawn, dom = check_in_browser(apply_pages / "v.html", tmp_path)
-    assert drawn >= 1 and "Metrics per output" in dom
+    assert drawn >= 1 and "Metrics per output" in dom and f"candidate <b>{apply_pages / 'c.onnx'}</b>" in dom
 
 
 def test_new_fields_render_generically() -> None:
