@@ -232,3 +232,24 @@ def test_broken_plugin_does_not_stop_other_passes(model: Path, tmp_path: Path) -
         "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("warning:")))
     proc = run_cli("--no-plugins", "apply", model, "--pass", "fold", env=env)
     assert proc.returncode == 0 and "warning" not in proc.stderr
+
+
+# --- README: --providers ----------------------------------------------------------------------------------
+
+def test_providers_as_the_readme_says(digits: Path, tmp_path: Path) -> None:
+    """PyPI's onnxruntime has no XNNPACK: one line naming what this build has; a provider it has is used."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if "XnnpackExecutionProvider" not in have:
+        proc = run_cli("validate", digits / "mlp.onnx", digits / "mlp.onnx", "--eval", digits / "eval.npz", "--providers", "xnnpack")
+        assert proc.returncode == 2
+        line = _one_line(proc.stderr)
+        assert "XnnpackExecutionProvider is not offered by this onnxruntime build" in line and all(p in line for p in have)
+    other = next((p for p in have if p != "CPUExecutionProvider"), None)
+    if other is None:
+        pytest.skip("this onnxruntime build has no provider besides CPU")
+    proc = run_cli("validate", digits / "mlp.onnx", digits / "mlp.onnx", "--eval", digits / "eval.npz", "--providers", other,
+                   "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["validation"]["providers"] == [other, "CPUExecutionProvider"]
