@@ -13,13 +13,13 @@ import onnx_ir as ir
 from onnxopt.activations import bounded_batches
 from onnxopt.data import Dataset, input_specs, load_dataset, synthetic_dataset
 from onnxopt.errors import OnnxoptError
-from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, external_data_files, has_external_data, load_model, refuse_overwriting,
+from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, check_model_output, external_data_files, has_external_data, load_model, refuse_overwriting,
                         same_file, save_model, serialize_model, tensor_bytes)
 from onnxopt.manager import plan_passes, run_passes
 from onnxopt.pass_api import PassContext
 from onnxopt.plugins import Registry, load_registry
 from onnxopt.progress import Progress
-from onnxopt.report import RunReport, write_json
+from onnxopt.report import RunReport, report_paths, write_report
 from onnxopt.sessions import SessionFactory, resolve_providers
 from onnxopt.timing import TimingConfig
 from onnxopt.validate import ValidationResult, one_session_at_a_time, validate
@@ -78,7 +78,7 @@ def apply(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     max_drop: float | None = None,
     force: bool = False,
-    report: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     providers: Sequence[str] | None = None,
     threads: int = 1,
     external_data: bool | None = None,
@@ -95,12 +95,15 @@ def apply(
     ``max_drop`` (unless ``force``); the input file is never modified.
     """
     src = Path(model)
-    writes = [("output", output), ("report", report),
+    reports = report_paths(report)
+    writes = [("output", output), *(("report", r) for r in reports),
               ("output data file", None if output is None else Path(output).with_name(Path(output).name + ".data"))]
     refuse_overwriting([("the input model", src), ("the --data file", data), ("the --eval file", eval_data)], writes)
-    if output is not None and report is not None and same_file(output, report):
-        raise OnnxoptError(f"--report {report} is the output model's path", "write the report to a .json file of its own")
-    for flag, target in (("-o", output), ("--report", report)):
+    for r in reports:
+        if output is not None and same_file(output, r):
+            raise OnnxoptError(f"--report {r} is the output model's path", "write the report to a .json file of its own")
+    check_model_output(output, "-o")
+    for flag, target in (("-o", output), *(("--report", r) for r in reports)):
         # fail before the work, not after it: a run can take minutes
         if target is not None and not Path(target).resolve().parent.is_dir():
             raise OnnxoptError(f"{flag} {target}: folder {Path(target).parent} does not exist", "create it first or choose another path")
@@ -147,8 +150,8 @@ def apply(
             from onnxopt.measure import file_size
 
             run.validation.candidate.size_bytes = file_size(output)
-    if report is not None:
-        write_json(run.to_dict(), report)
+    for path in reports:
+        write_report(run.to_dict(), path)
     return run
 
 

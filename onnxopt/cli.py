@@ -7,6 +7,7 @@ traceback unless ``--debug``); a result over ``--max-drop`` exits 3.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import warnings
@@ -24,7 +25,7 @@ from onnxopt.config import config_fields, load_recipe, parse_settings
 from onnxopt.data import parse_shape
 from onnxopt.errors import OnnxoptError
 from onnxopt.progress import Progress
-from onnxopt.report import format_bytes, print_report, write_json
+from onnxopt.report import format_bytes, is_html, print_report, report_paths, write_json, write_report
 
 __all__ = ["main", "cli"]
 
@@ -80,6 +81,13 @@ def _shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     return dict(parse_shape(s) for s in items)
 
 
+def _check_folders(paths: list[Path]) -> None:
+    # before the work, not after it
+    for path in paths:
+        if not (path.parent if str(path.parent) else Path(".")).is_dir():
+            raise OnnxoptError(f"--report {path}: folder {path.parent} does not exist", "create it first or choose another path")
+
+
 def _progress(quiet: bool) -> Progress:
     return Progress(enabled=not quiet and sys.stderr.isatty())
 
@@ -103,9 +111,15 @@ def _timing(repeat: int, time_budget: float, isolate: bool, threads: int) -> Any
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
+@click.option("--no-plugins", is_flag=True,
+              help="Load no third-party plugin, only onnxopt's own passes (same as ONNXOPT_PLUGINS=none).")
 @click.version_option(package_name="onnxopt", message="onnxopt %(version)s")
-def cli(debug: bool) -> None:
+def cli(debug: bool, no_plugins: bool) -> None:
     """Compress ONNX models and prove on ONNX Runtime what each pass cost and won."""
+    if no_plugins:
+        from onnxopt.plugins import ALLOW_ENV
+
+        os.environ[ALLOW_ENV] = "none"  # the environment, so that search's worker processes load none either
 
 
 @cli.command()
@@ -119,8 +133,9 @@ def cli(debug: bool) -> None:
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2..", help="Synthetic inputs of this shape (fidelity only).")
 @click.option("--max-drop", type=float, default=None, help="Accuracy budget (0.01 = 1 pt); past it nothing is written.")
 @click.option("--force", is_flag=True, help="Write the model even when it is over --max-drop.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
-@click.option("--providers", default=None, help="Execution providers for validation, e.g. xnnpack (CPU is always added).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), multiple=True,
+              help="Write the report here: JSON, or a self-contained HTML page for a .html name (repeatable: one of each).")
+@click.option("--providers", default=None, help="Execution providers for validation, e.g. dnnl (CPU is always added).")
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT intra-op threads for validation and latency.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights in a .data file next to the output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
@@ -130,7 +145,7 @@ def cli(debug: bool) -> None:
 @_guarded
 def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[str, ...], recipe: Path | None,
           data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None, force: bool,
-          report_path: Path | None, providers: str | None, threads: int, external_data: bool | None, seed: int,
+          report_path: tuple[Path, ...], providers: str | None, threads: int, external_data: bool | None, seed: int,
           no_validate: bool, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
     """Run passes on MODEL, validate against it on ONNX Runtime, and write the result to -o."""
     from onnxopt.api import GATE_EXIT_CODE, apply as run_apply
@@ -141,17 +156,25 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
         names, merged = load_recipe(recipe)
     if passes:
         names = [p.strip() for p in passes.split(",") if p.strip()]
+    from_recipe = set(merged)
     for pass_name, values in parse_settings(settings).items():
         merged.setdefault(pass_name, {}).update(values)
+    stray = [k for k in merged if k in from_recipe and k not in names]
+    if stray and names:  # the generic error would point at --set, which the user never typed
+        raise OnnxoptError(f"recipe {recipe} has a [{stray[0]}] table, but {stray[0]} is not in the chain {','.join(names)}",
+                           f"add {stray[0]} to --pass, or remove the [{stray[0]}] table from {recipe}")
     if max_drop is not None and not 0 <= max_drop <= 1:
         raise OnnxoptError(f"--max-drop {max_drop} is not a share between 0 and 1", "e.g. --max-drop 0.01 for 1 pt")
     with _progress(quiet) as progress:
         run = run_apply(model, names, output, settings=merged, data=data, eval_data=eval_data, shapes=_shapes(shapes),
-                        max_drop=max_drop, force=force, report=report_path,
+                        max_drop=max_drop, force=force, report=list(report_path),
                         providers=providers.split(",") if providers else None, threads=threads,
                         external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress,
                         timing=_timing(repeat, time_budget, isolate, threads))
-    print_report(run, Console(soft_wrap=True))
+    console = Console(soft_wrap=True)
+    print_report(run, console)
+    if output is None:
+        console.print("[bold]no file written[/bold]: no -o was given (add -o out.onnx to write the result)")
     if run.gate_passed is False:
         click.echo(f"error: measured drop {run.validation.drop:.4f} is over --max-drop {max_drop}"  # type: ignore[union-attr]
                    + ("" if force else "; nothing written (use --force to write anyway)"), err=True)
@@ -207,22 +230,25 @@ def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
 @click.option("--providers", default=None, help="Execution providers, e.g. xnnpack (CPU is always added).")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--max-drop", type=float, default=None, help="Exit 3 when the drop is over this budget.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write JSON here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), multiple=True,
+              help="Write the report here: JSON, or an HTML page for a .html name (repeatable).")
 @click.option("--target", type=click.Choice(["host", "arm64"]), default="host", show_default=True,
               help="arm64: also run both models on the aarch64 onnxruntime under emulation (scripts/setup_arm64.sh).")
 @_timing_options
 @click.option("-q", "--quiet", is_flag=True)
 @_guarded
 def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: tuple[str, ...], providers: str | None,
-             threads: int, max_drop: float | None, report_path: Path | None, target: str, repeat: int, time_budget: float,
+             threads: int, max_drop: float | None, report_path: tuple[Path, ...], target: str, repeat: int, time_budget: float,
              isolate: bool, quiet: bool) -> None:
     """Compare CANDIDATE with REFERENCE on ONNX Runtime: metrics, drop, size, latency."""
     from onnxopt.api import GATE_EXIT_CODE, validate_models
     from onnxopt.io import refuse_overwriting
     from onnxopt.report import RunReport
 
+    reports = report_paths(report_path)
     refuse_overwriting([("the reference model", reference), ("the candidate model", candidate), ("the --eval file", eval_data)],
-                       [("report", report_path)])
+                       [("report", r) for r in reports])
+    _check_folders(reports)
     arm = None
     if target == "arm64":  # --providers then name the aarch64 build's providers; x86 runs on CPU as the baseline
         from onnxopt.arm import find_runtime, format_comparison, validate_on_arm64
@@ -242,8 +268,9 @@ def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: t
     if arm is not None:
         for line in format_comparison(arm):
             console.print(escape(line))
-    if report_path is not None:
-        write_json({**run.to_dict(), **({"target": arm.to_dict()} if arm is not None else {})}, report_path)
+    for path in reports:
+        write_report({**run.to_dict(), "candidate": str(candidate), **({"target": arm.to_dict()} if arm is not None else {})},
+                     path)
     if run.gate_passed is False:
         sys.exit(GATE_EXIT_CODE)
 
@@ -291,8 +318,9 @@ def list_passes(as_json: bool) -> None:
 @click.option("--max-drop", type=float, default=0.01, show_default=True, help="Accuracy budget (0.01 = 1 pt).")
 @click.option("--passes", default=None, help="Passes to search over, e.g. prune,quant [default: every installed pass that declares a search space].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the best model within budget here.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
-              help="JSON of every candidate, written after each one; rerunning with it resumes.")
+@click.option("--report", "report_paths_given", type=click.Path(path_type=Path), multiple=True,
+              help="JSON of every candidate, written after each one; rerunning with it resumes. "
+                   "A .html name (alone or besides the JSON) gets a page with the Pareto fronts at the end.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Pareto plot (PNG; needs onnxopt[plot]).")
 @click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
               help="Best = smallest file (then fastest), or fastest (then smallest).")
@@ -312,7 +340,7 @@ def list_passes(as_json: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_guarded
 def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: float, passes: str | None, output: Path | None,
-                   report_path: Path | None, plot_path: Path | None, objective: str, workers: int, executor: str,
+                   report_paths_given: tuple[Path, ...], plot_path: Path | None, objective: str, workers: int, executor: str,
                    max_candidates: int, space: Path | None, threads: int, latency_batch: int, seed: int,
                    keep_models: bool, restart: bool, pick: int | None, repeat: int, time_budget: float, isolate: bool,
                    quiet: bool) -> None:
@@ -321,6 +349,15 @@ def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: fl
     from onnxopt.search.driver import search, write_candidate
     from onnxopt.search.report import print_search
 
+    reports = report_paths(report_paths_given)
+    report_path = next((r for r in reports if not is_html(r)), None)  # the resumable state
+    html_paths = [r for r in reports if is_html(r)]
+    if html_paths:
+        from onnxopt.io import refuse_overwriting
+
+        refuse_overwriting([("the input model", model), ("the --eval file", eval_data), ("the --data file", data)],
+                           [("report", r) for r in html_paths])
+        _check_folders(html_paths)
     if pick is not None:
         if report_path is None or output is None:
             raise OnnxoptError("--pick needs the search's --report and an -o to write to", "e.g. --report s.json --pick 12 -o m.onnx")
@@ -341,6 +378,8 @@ def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: fl
         click.echo(f"interrupted: {where}", err=True)
         sys.exit(INTERRUPTED_EXIT)
     print_search(result, Console(soft_wrap=True, highlight=False))
+    for path in html_paths:
+        write_report(result.state.to_dict(), path)
     if result.best is None:
         sys.exit(GATE_EXIT_CODE)
 

@@ -233,8 +233,12 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
         shape = tuple(int(d) for d in dims.lower().split("x")) if sep else ()
     except ValueError:
         shape = ()
-    if not sep or not name or not shape or any(d <= 0 for d in shape):
+    if not sep or not name or not shape:
         raise OnnxoptError(f"--shape {text!r} is not NAME=D1xD2x...", "for example --shape x=1x3x224x224")
+    bad = [f"{d} (dim {i})" for i, d in enumerate(shape) if d <= 0]
+    if bad:
+        raise OnnxoptError(f"--shape {text!r}: every dim must be at least 1, got {', '.join(bad)}",
+                           f"give a size for it, e.g. --shape {name}={'x'.join(str(d if d > 0 else 1) for d in shape)}")
     return name, shape
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "has_external_data",
     "same_file",
     "refuse_overwriting",
+    "check_model_output",
     "external_data_files",
     "iter_tensor_protos",
     "MappedTensor",
@@ -509,6 +510,26 @@ def refuse_overwriting(
             if source.exists() and same_file(source, target):
                 raise OnnxoptError(f"{write_what} {target} is {read_what} ({source})",
                                    "write to another path; onnxopt never overwrites what it reads")
+
+
+def check_model_output(path: str | os.PathLike[str] | None, flag: str = "-o") -> None:
+    """Refuse, before any work, an output model path that is a folder, has no ``.onnx`` name, or whose folder is missing.
+
+    A run can take minutes; a path that cannot take the model must fail before it, not after.
+    """
+    if path is None:
+        return
+    raw = os.fspath(path)
+    target = Path(raw)
+    if raw.endswith(("/", os.sep)) or target.is_dir():
+        raise OnnxoptError(f"{flag} {raw} is a folder, not a model file name",
+                           f"give a file in it, e.g. {flag} {target / 'model.onnx'}")
+    if target.suffix.lower() != ".onnx":
+        raise OnnxoptError(f"{flag} {raw} does not end in .onnx, and onnxopt writes an ONNX model there",
+                           f"name it e.g. {flag} {target.with_suffix('.onnx') if target.suffix else raw + '.onnx'}")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OnnxoptError(f"{flag} {raw}: folder {parent} does not exist", "create it first or choose another path")
 
 
 def save_model(

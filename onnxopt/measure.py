@@ -22,6 +22,7 @@ __all__ = [
     "MacsResult",
     "WeightStorage",
     "count_parameters",
+    "stored_weight_bytes",
     "count_macs",
     "op_histogram",
     "weight_storage",
@@ -34,16 +35,76 @@ __all__ = [
 DEFAULT_FREE_DIM = 224
 
 
+#: Index and shape tensors: not weights, whether stored or computed.
+_INDEX_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
+
+
 def count_parameters(model: ir.Model) -> int:
-    """Elements held by initializers, excluding int64/int32 index and shape tensors."""
-    total = 0
-    for graph in iter_graphs(model):
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if tensor is None or tensor.dtype in (ir.DataType.INT64, ir.DataType.INT32):
+    """Logical parameters: elements of the weights the compute nodes consume, however they are stored.
+
+    A weight decoded in the graph from something smaller (cluster's codebook
+    and packed indices, a DequantizeLinear of int8, int4 MatMulNBits blocks)
+    counts as the weight it decodes to, so a pass that only changes storage
+    leaves this figure alone; :func:`stored_weight_bytes` measures storage.
+    A value is a weight when it is computed from initializers alone and used
+    by a node that also takes runtime data (or is a graph output); int64/int32
+    index and shape tensors are not counted.
+    """
+    constant: set[ir.Value] = {v for g in iter_graphs(model) for v in g.initializers.values() if v.const_value is not None}
+    nodes = list(iter_nodes(model))
+    for node in nodes:  # topological order: a node of constants computes constants
+        if not _has_subgraph(node) and all(v is None or v in constant for v in node.inputs):
+            constant.update(node.outputs)
+    weights: dict[ir.Value, int] = {}
+    for node in nodes:
+        if all(v is None or v in constant for v in node.inputs) and not _has_subgraph(node):
+            continue
+        for i, value in enumerate(node.inputs):
+            if value is None or value not in constant or value in weights or value.dtype in _INDEX_TYPES:
                 continue
-            total += int(np.prod(tensor.shape.numpy())) if tensor.shape.dims else 1
-    return total
+            if node.domain == "com.microsoft" and node.op_type == "MatMulNBits" and i == 1:
+                weights[value] = int(attribute(node, "K", 0)) * int(attribute(node, "N", 0))
+            else:
+                weights[value] = _elements(value)
+    for graph in iter_graphs(model):
+        for value in graph.outputs:
+            if value in constant and value not in weights and value.dtype not in _INDEX_TYPES:
+                weights[value] = _elements(value)
+    return sum(weights.values())
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
+def _elements(value: ir.Value) -> int:
+    """Elements of a constant value: its tensor, its known shape, else the largest initializer it is computed from.
+
+    The fallback fits the decoders whose output has the size of their largest input (DequantizeLinear,
+    Cast, a Mul by a scale); every decoder onnxopt writes without one sets the output's shape.
+    """
+    if value.const_value is not None:
+        return int(np.prod(value.const_value.shape.numpy())) if value.const_value.shape.dims else 1
+    shape = static_shape(value)
+    if shape is not None:
+        return int(np.prod(shape, dtype=np.int64))
+    largest, seen, stack = 0, set(), [value]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v.const_value is not None:
+            if v.dtype not in _INDEX_TYPES:
+                largest = max(largest, int(np.prod(v.const_value.shape.numpy())) if v.const_value.shape.dims else 1)
+        elif v.producer() is not None:
+            stack.extend(x for x in v.producer().inputs if x is not None)
+    return largest
+
+
+def stored_weight_bytes(model: ir.Model) -> int:
+    """Bytes the initializers take as stored (packed indices, codebooks, int8 and scales as they are)."""
+    return sum(v.const_value.nbytes for g in iter_graphs(model) for v in g.initializers.values() if v.const_value is not None)
 
 
 def op_histogram(model: ir.Model) -> dict[str, int]:

@@ -1,13 +1,19 @@
-"""Plugin discovery and the registries of passes and metrics built from it."""
+"""Plugin discovery and the registries of passes and metrics built from it.
+
+Which plugins load: every entry point of the ``onnxopt`` group (onnxopt's own passes included), less those
+named in ``$ONNXOPT_DISABLE_PLUGINS``; with ``$ONNXOPT_PLUGINS`` (``--no-plugins`` sets it empty) only the
+third-party plugins it names. A plugin that cannot be imported is skipped with a warning, not fatal.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-from collections.abc import Callable
 
 import pluggy
 
@@ -16,10 +22,16 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.metrics import BUILTIN_METRICS, Metric
 from onnxopt.pass_api import Pass
 
-__all__ = ["DISABLE_ENV", "Registered", "Registry", "call_hook", "get_plugin_manager", "load_registry", "notify"]
+__all__ = ["DISABLE_ENV", "ALLOW_ENV", "CORE_DISTRIBUTION", "InstalledPlugin", "Registered", "Registry",
+           "call_hook", "installed_plugins", "get_plugin_manager", "load_registry", "notify"]
 
-#: Comma-separated plugin (entry point) names not to load.
+#: Comma-separated plugins not to load: entry point names or distribution names.
 DISABLE_ENV = "ONNXOPT_DISABLE_PLUGINS"
+#: When set, the only third-party plugins to load (entry point or distribution names); empty or "none": none.
+#: onnxopt's own passes come through the same entry point group and always load (unless disabled by name).
+ALLOW_ENV = "ONNXOPT_PLUGINS"
+#: The distribution whose entry points are the built-in passes.
+CORE_DISTRIBUTION = "onnxopt"
 
 
 class _CoreMetrics:
@@ -31,37 +43,93 @@ class _CoreMetrics:
             register(metric)
 
 
-def get_plugin_manager(*, entry_points: bool = True, disabled: list[str] | None = None) -> pluggy.PluginManager:
-    """A fresh plugin manager: core metrics plus every plugin installed under the ``onnxopt`` group.
+def _norm(name: str) -> str:
+    # distribution names compare the way pip compares them: case, "-", "_" and "." do not matter
+    return re.sub(r"[-_.]+", "-", name).lower()
 
-    Plugins named in ``$ONNXOPT_DISABLE_PLUGINS`` (or ``disabled``) are blocked.
+
+@dataclass(frozen=True)
+class InstalledPlugin:
+    """One entry point of the ``onnxopt`` group: its name and the distribution that installed it."""
+
+    name: str
+    distribution: str
+    version: str
+
+    @property
+    def core(self) -> bool:
+        return _norm(self.distribution) == CORE_DISTRIBUTION
+
+    def matches(self, names: set[str]) -> bool:
+        return _norm(self.name) in names or _norm(self.distribution) in names
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.distribution} {self.version})"
+
+
+def installed_plugins() -> list[InstalledPlugin]:
+    """Every entry point of the ``onnxopt`` group, in the order pluggy would load them."""
+    import importlib.metadata
+
+    found = []
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == hookspecs.PROJECT:
+                found.append(InstalledPlugin(ep.name, dist.metadata["Name"] or "?", dist.version))
+    return found
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def get_plugin_manager(*, entry_points: bool = True, disabled: list[str] | None = None,
+                       allowed: list[str] | None = None) -> pluggy.PluginManager:
+    """A fresh plugin manager: core metrics plus the plugins installed under the ``onnxopt`` group.
+
+    Plugins named in ``$ONNXOPT_DISABLE_PLUGINS`` (or ``disabled``), by entry point or distribution name,
+    are blocked; when ``$ONNXOPT_PLUGINS`` (or ``allowed``) is given, third-party plugins outside it are too.
+    A name that matches no installed plugin is a warning. A plugin that fails to import is skipped with a
+    warning naming it (the passes of the others still work); asking for one of its passes is then an error
+    that names it.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    blocked = [n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()] + list(disabled or [])
-    for name in blocked:
-        pm.set_blocked(name)
     pm.register(_CoreMetrics(), name="onnxopt.metrics")
-    if entry_points:
+    pm.onnxopt_failed = {}  # type: ignore[attr-defined]  # entry point name -> why it did not load
+    if not entry_points:
+        for name in _names(os.environ.get(DISABLE_ENV, "")) + list(disabled or []):
+            pm.set_blocked(name)
+        return pm
+    installed = installed_plugins()
+    blocked_names = _names(os.environ.get(DISABLE_ENV, "")) + list(disabled or [])
+    allow_text = os.environ.get(ALLOW_ENV) if allowed is None else ",".join(allowed)
+    allow_names = None if allow_text is None else [n for n in _names(allow_text) if n.lower() != "none"]
+    known = {_norm(p.name) for p in installed} | {_norm(p.distribution) for p in installed}
+    for env, given in ((DISABLE_ENV, blocked_names), (ALLOW_ENV, allow_names or [])):
+        unknown = [n for n in given if _norm(n) not in known]
+        if unknown:
+            names = ", ".join(str(p) for p in installed if not p.core) or "none besides onnxopt's own"
+            warnings.warn(f"{env} names {', '.join(unknown)}, which no installed plugin is called (installed: {names})",
+                          stacklevel=2)
+    blocked = {_norm(n) for n in blocked_names}
+    allow = None if allow_names is None else {_norm(n) for n in allow_names}
+    for plugin in installed:
+        if plugin.matches(blocked) or (allow is not None and not plugin.core and not plugin.matches(allow)):
+            pm.set_blocked(plugin.name)
+    for plugin in installed:
+        if pm.is_blocked(plugin.name) or pm.has_plugin(plugin.name):
+            continue
         try:
-            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-        except Exception as err:  # an import error inside someone's plugin
-            name, distribution = _first_unloaded(pm)
-            raise OnnxoptError(f"plugin {name} ({distribution}) failed to load: {type(err).__name__}: "
-                               f"{' '.join(str(err).split())[:300]}",
-                               f"fix or uninstall it, or block it with {DISABLE_ENV}={name}") from None
+            pm.load_setuptools_entrypoints(hookspecs.PROJECT, name=plugin.name)
+        except Exception as err:  # an import error inside someone's plugin: the others still work
+            why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            pm.onnxopt_failed[plugin.name] = f"{plugin} failed to load: {why}"  # type: ignore[attr-defined]
+            pm.set_blocked(plugin.name)
+            warnings.warn(f"plugin {plugin} failed to load and is skipped: {why} "
+                          f"(fix or uninstall it, or silence this with {DISABLE_ENV}={plugin.name} or --no-plugins)",
+                          stacklevel=2)
     return pm
-
-
-def _first_unloaded(pm: pluggy.PluginManager) -> tuple[str, str]:
-    """The entry point pluggy stopped at: it loads them in this order and stops at the first that fails."""
-    import importlib.metadata
-
-    for dist in importlib.metadata.distributions():
-        for ep in dist.entry_points:
-            if ep.group == hookspecs.PROJECT and not pm.has_plugin(ep.name) and not pm.is_blocked(ep.name):
-                return ep.name, f"{dist.metadata['Name']} {dist.version}"
-    return "<unknown>", "(unknown distribution)"
 
 
 @dataclass(frozen=True)
@@ -80,6 +148,8 @@ class Registry:
     metrics: dict[str, Metric] = field(default_factory=dict)
     origins: dict[str, Registered] = field(default_factory=dict)
     pm: pluggy.PluginManager | None = None
+    #: plugins that failed to load: entry point name -> why (they were skipped)
+    failed: dict[str, str] = field(default_factory=dict)
 
     def get_pass(self, name: str) -> type[Pass[Any]]:
         if name.startswith("ir:") and name not in self.passes:  # an onnx-ir pass class by its import path
@@ -87,6 +157,11 @@ class Registry:
 
             return pass_from_path(name)
         if name not in self.passes:
+            if self.failed:  # the pass may well be the broken plugin's: say so rather than "unknown"
+                first = next(iter(self.failed))
+                raise OnnxoptError(f"no pass {name!r}; plugin {'; '.join(self.failed.values())}",
+                                   f"fix or reinstall it (or, if {name!r} is not its pass, check the name; "
+                                   f"{DISABLE_ENV}={first} silences it)")
             known = ", ".join(sorted(self.passes)) or "none (is onnxopt installed? run `pip install -e .`)"
             raise OnnxoptError(f"unknown pass {name!r}", f"available passes: {known}")
         return self.passes[name]
@@ -171,7 +246,7 @@ def call_hook(pm: pluggy.PluginManager, hook_name: str, what: str, **kwargs: Any
 def load_registry(pm: pluggy.PluginManager | None = None) -> Registry:
     """Ask every plugin to register its passes and metrics; a name claimed twice is an error naming both."""
     pm = pm or get_plugin_manager()
-    registry = Registry(pm=pm)
+    registry = Registry(pm=pm, failed=dict(getattr(pm, "onnxopt_failed", {})))
 
     def add_pass(cls: Any, origin: Registered) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Pass)) or not getattr(cls, "name", None):

@@ -11,6 +11,7 @@ import os
 import platform
 import tempfile
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.pass_api import PassReport
 from onnxopt.validate import ValidationResult
 
-__all__ = ["RunReport", "environment", "write_json", "print_report", "format_bytes"]
+__all__ = ["RunReport", "environment", "write_json", "write_report", "report_paths", "is_html", "print_report", "format_bytes"]
 
 
 def environment() -> dict[str, str]:
@@ -88,22 +89,62 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _write_text(text: str, path: Path, what: str) -> None:
+    """Write atomically (temp file in the same folder, then rename), with the mode any new file gets here."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     except OSError as err:
-        raise OnnxoptError(f"cannot write the report {path}: {err.strerror or err}",
+        raise OnnxoptError(f"cannot write the {what} {path}: {err.strerror or err}",
                            "give --report a path in a folder that exists and that you can write to") from None
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_json_safe(data), fh, indent=2, allow_nan=False)
-            fh.write("\n")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets the mode any new file would
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    _write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n", Path(path), "report")
+
+
+#: ``--report`` names ending so get the HTML page; any other name gets the JSON.
+HTML_SUFFIXES = (".html", ".htm")
+
+
+def is_html(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() in HTML_SUFFIXES
+
+
+def report_paths(report: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None) -> list[Path]:
+    """``--report`` as a list of paths (it may be given twice: JSON and HTML); two of one format is an error."""
+    if report is None:
+        return []
+    paths = [Path(report)] if isinstance(report, (str, os.PathLike)) else [Path(p) for p in report]
+    for kind, same in (("HTML", [p for p in paths if is_html(p)]), ("JSON", [p for p in paths if not is_html(p)])):
+        if len(same) > 1:
+            raise OnnxoptError(f"--report is given {len(same)} {kind} paths ({', '.join(map(str, same))})",
+                               "give at most one .json and one .html")
+    return paths
+
+
+def write_report(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """The report at ``path``: the HTML page for a ``.html`` name, else JSON; both from the same dict."""
+    if is_html(path):
+        from onnxopt.report_html import render_html
+
+        _write_text(render_html(_json_safe(data)), Path(path), "report")
+    else:
+        write_json(data, path)
 
 
 def format_bytes(n: float | None) -> str:
@@ -128,6 +169,33 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: Past this many outputs the metrics table turns: one row per output, one column per metric.
+_OUTPUTS_AS_COLUMNS = 3
+
+
+def _print_metrics(console: Console, v: ValidationResult) -> None:
+    """Per-output metrics, never cut: rows fold long names, and the table may run wider than the terminal."""
+    metric_names = sorted({m for row in v.outputs.values() for m in row})
+    title = f"validation on {escape(v.dataset)} ({v.samples} samples{', fidelity only' if v.fidelity_only else ''})"
+    table = Table(title=title, title_justify="left")
+    if len(v.outputs) <= _OUTPUTS_AS_COLUMNS:
+        cells = {name: [_fmt(row.get(m)) for m in metric_names] for name, row in v.outputs.items()}
+        table.add_column("metric", no_wrap=True)
+        for name, column in cells.items():
+            table.add_column(escape(name), overflow="fold", min_width=max(len(c) for c in column) if column else None)
+        for i, m in enumerate(metric_names):
+            table.add_row(m, *(cells[name][i] for name in cells))
+    else:
+        table.add_column("output", overflow="fold", min_width=min(24, max(len(n) for n in v.outputs)))
+        for m in metric_names:
+            table.add_column(m, no_wrap=True, min_width=max(len(_fmt(row.get(m))) for row in v.outputs.values()))
+        for name, row in v.outputs.items():
+            table.add_row(escape(name), *(_fmt(row.get(m)) for m in metric_names))
+    # a table wider than the terminal is printed at its own width (the terminal wraps it) instead of cut with "…"
+    needed = console.measure(table).minimum
+    console.print(table, width=max(console.width, needed))
+
+
 def print_report(report: RunReport, console: Console | None = None) -> None:
     """Tables: passes, per-output metrics, model figures; then the verdict."""
     console = console or Console(soft_wrap=True)
@@ -149,19 +217,12 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     if v is None:
         console.print(f"validation: {escape(report.validation_note or 'not run')}")
     else:
-        metric_names = sorted({m for row in v.outputs.values() for m in row})
-        table = Table(title=f"validation on {escape(v.dataset)} ({v.samples} samples{', fidelity only' if v.fidelity_only else ''})",
-                      title_justify="left")
-        table.add_column("metric")
-        for name in v.outputs:
-            table.add_column(escape(name))
-        for m in metric_names:
-            table.add_row(m, *(_fmt(row.get(m)) for row in v.outputs.values()))
-        console.print(table)
+        _print_metrics(console, v)
         figures = Table(title="model", title_justify="left")
         for col in ("", "reference", "candidate", "ratio"):
             figures.add_column(col)
-        rows = [("size", "size_bytes", format_bytes), ("parameters", "parameters", _fmt), ("MACs", "macs", _fmt),
+        rows = [("size", "size_bytes", format_bytes), ("parameters", "parameters", _fmt),
+                ("weights stored", "weight_bytes", format_bytes), ("MACs", "macs", _fmt),
                 (f"latency ms ({v.threads} thread{'s' if v.threads > 1 else ''})", "latency_ms", _fmt)]
         for label, attr, fmt in rows:
             ratio = v.ratio(attr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ import onnxruntime as ort
 from onnxopt.errors import OnnxoptError
 from onnxopt.io import PROTOBUF_LIMIT, has_external_data, serialize_model, tensor_bytes
 
-__all__ = ["SessionFactory", "available_providers", "resolve_providers", "run_batches", "LARGE_MODEL_BYTES"]
+__all__ = ["SessionFactory", "available_providers", "check_threads", "ort_message", "resolve_providers", "run_batches", "LARGE_MODEL_BYTES"]
 
 # ORT logs optimizer warnings to stderr by default; a user sees our report, not its internals.
 ort.set_default_logger_severity(4)
@@ -31,6 +32,23 @@ PROVIDER_ALIASES = {
     "openvino": "OpenVINOExecutionProvider",
     "cuda": "CUDAExecutionProvider",
 }
+
+
+def check_threads(threads: int) -> None:
+    """Refuse a thread count below 1 (ORT would take 0 as "all cores" and a negative one is meaningless)."""
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise OnnxoptError(f"--threads {threads} is not a thread count", "give 1 or more, e.g. --threads 1 (the default)")
+
+
+def ort_message(err: BaseException, limit: int = 600) -> str:
+    """ORT's message on one line, its "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :" prefix dropped.
+
+    ORT puts the useful part on later lines (e.g. "index: 2 Got: 640 Expected: 800"), so the lines are
+    joined rather than the first one kept.
+    """
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def available_providers() -> list[str]:
@@ -69,6 +87,9 @@ class SessionFactory:
     threads: int = 1
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     spinning: bool = True
+
+    def __post_init__(self) -> None:
+        check_threads(self.threads)
 
     def options(self, optimized_model_path: str | os.PathLike[str] | None = None) -> ort.SessionOptions:
         opts = ort.SessionOptions()
@@ -142,8 +163,7 @@ class SessionFactory:
         try:
             return ort.InferenceSession(source, sess_options=opts, providers=self.providers)
         except Exception as err:  # ORT raises several types (Fail, InvalidGraph, NotImplemented, RuntimeError)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OnnxoptError(f"ONNX Runtime cannot load the model: {first[:300]}",
+            raise OnnxoptError(f"ONNX Runtime cannot load the model: {ort_message(err)}",
                                "check the model with `onnxopt inspect`; unsupported ops need a newer onnxruntime") from None
 
 
@@ -244,7 +264,6 @@ def run_batches(
         try:
             results = session.run(names, feed)
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OnnxoptError(f"ONNX Runtime failed while running the model: {first[:300]}",
+            raise OnnxoptError(f"ONNX Runtime failed while running the model: {ort_message(err)}",
                                "check that the data matches the model's inputs (`onnxopt inspect`)") from None
         yield dict(zip(names, results))

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
-from onnxopt.measure import count_macs, count_parameters, file_size
+from onnxopt.measure import count_macs, count_parameters, file_size, stored_weight_bytes
 from onnxopt.metrics import BUILTIN_METRICS, Metric, cosine, top1_accuracy, top1_agreement
 from onnxopt.progress import Progress
 from onnxopt.io import has_external_data, tensor_bytes
@@ -41,10 +41,15 @@ __all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "m
 
 @dataclass
 class ModelFigures:
-    """Size, parameters, MACs and latency of one model."""
+    """Size, parameters, MACs and latency of one model.
+
+    ``parameters`` counts the weights the compute nodes use (a decoded weight as the weight it decodes to);
+    ``weight_bytes`` is what the initializers take as stored (packed, quantized, shared).
+    """
 
     size_bytes: int | None = None
     parameters: int = 0
+    weight_bytes: int | None = None
     macs: int | None = None
     latency_ms: float | None = None
 
@@ -71,7 +76,7 @@ class ValidationResult:
     latency: LatencyComparison | None = None
 
     def ratio(self, attr: str) -> float | None:
-        """candidate / reference for ``size_bytes``, ``parameters``, ``macs`` or ``latency_ms``.
+        """candidate / reference for ``size_bytes``, ``parameters``, ``weight_bytes``, ``macs`` or ``latency_ms``.
 
         For latency this is the paired ratio of :mod:`onnxopt.timing` (its interval is in ``latency``).
         """
@@ -93,7 +98,7 @@ class ValidationResult:
             "drop_basis": self.drop_basis,
             "reference": self.reference.to_dict(),
             "candidate": self.candidate.to_dict(),
-            "ratios": {k: self.ratio(k) for k in ("size_bytes", "parameters", "macs", "latency_ms")},
+            "ratios": {k: self.ratio(k) for k in ("size_bytes", "parameters", "weight_bytes", "macs", "latency_ms")},
             "providers": self.providers,
             "threads": self.threads,
             "latency": None if self.latency is None else self.latency.to_dict(),
@@ -150,6 +155,7 @@ def _model_figures(model: ir.Model, path: str | os.PathLike[str] | None, shapes:
     return ModelFigures(
         size_bytes=file_size(path) if path is not None and Path(path).exists() else None,
         parameters=count_parameters(model),
+        weight_bytes=stored_weight_bytes(model),
         macs=macs.total if not macs.unknown else (macs.total or None),
     )
 

@@ -15,6 +15,7 @@ import pytest
 from onnxopt.api import apply
 from onnxopt.arm import SETUP_SCRIPT, SYSROOT_ENV, find_runtime
 from onnxopt.errors import OnnxoptError
+from tests.conftest import unavailable
 from tests.helpers import run_cli, run_model
 
 
@@ -33,8 +34,9 @@ def test_missing_environment_is_one_line_naming_the_setup_script(digits: Path, t
     assert proc.stderr.count("\n") == 1 and SETUP_SCRIPT in proc.stderr and "no arm64 environment" in proc.stderr
 
 
-@pytest.mark.skipif(not _have_runtime(), reason=f"no arm64 environment (bash {SETUP_SCRIPT})")
 def test_int8_model_on_arm64_matches_x86(digits: Path, tmp_path: Path) -> None:
+    if not _have_runtime():
+        unavailable("arm64", f"no arm64 environment (bash {SETUP_SCRIPT})")
     # 128 samples keep the emulated run short
     ev = np.load(digits / "eval.npz")
     np.savez(tmp_path / "eval128.npz", x=ev["x"][:128], labels=ev["labels"][:128])

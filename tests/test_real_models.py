@@ -8,11 +8,25 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unavailable
 from tests.helpers import run_cli
 
 REAL = Path(os.environ.get("ONNXOPT_REAL_MODELS", "/nonexistent"))
-needs_real = pytest.mark.skipif(not (REAL / "ch_ppocr_mobile_v2.0_cls_infer.onnx").is_file(),
-                                reason="set ONNXOPT_REAL_MODELS to a folder made by shared/models/fetch.sh")
+MODELS = ("ch_PP-OCRv4_det_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx")
+
+
+@pytest.fixture()
+def real_models() -> Path:
+    """The fetched models; ONNXOPT_REAL_MODELS set but without them fails (a fetch that failed must not pass as a skip)."""
+    missing = [m for m in MODELS if not (REAL / m).is_file()]
+    if missing and "ONNXOPT_REAL_MODELS" in os.environ:
+        pytest.fail(f"ONNXOPT_REAL_MODELS={REAL} lacks {', '.join(missing)} (did shared/models/fetch.sh fail?)", pytrace=False)
+    if missing:
+        unavailable("real-models", "set ONNXOPT_REAL_MODELS to a folder made by shared/models/fetch.sh")
+    return REAL
+
+
+needs_real = pytest.mark.usefixtures("real_models")
 
 
 @needs_real

@@ -24,6 +24,7 @@ from onnxopt.search.pareto import dominates
 from onnxopt.search.space import PassSpace, Space
 from onnxopt.search.strategy import Strategy
 from onnxopt.sessions import SessionFactory
+from tests.conftest import unavailable
 from tests.helpers import run_cli, run_model
 
 # prune and quant are the passes every digits model takes; one setting each keeps the search to 4 candidates
@@ -244,11 +245,40 @@ def test_a_report_from_another_search_is_refused(cli_search: Path, digits: Path,
 
 
 def test_search_on_ray(digits: Path, tmp_path: Path) -> None:
-    pytest.importorskip("ray")
+    """On a local Ray instance that the search starts itself (no RAY_ADDRESS), and shuts down when done."""
+    try:
+        import ray
+    except ImportError:
+        unavailable("ray", "Ray is not installed (pip install -e '.[ray]')")
+    monkeypatch_env = {k: os.environ.pop(k) for k in ("RAY_ADDRESS",) if k in os.environ}
     space = {"quant": PassSpace("alternatives", ({"method": "minmax"}, {"method": "percentile"}))}
-    result = search(digits / "mlp.onnx", eval_data=digits / "eval.npz", data=digits / "calib.npz", max_drop=0.01,
-                    passes="quant", space=space, report=tmp_path / "s.json", executor="ray", workers=2)
+    try:
+        assert not ray.is_initialized()
+        result = search(digits / "mlp.onnx", eval_data=digits / "eval.npz", data=digits / "calib.npz", max_drop=0.01,
+                        passes="quant", space=space, report=tmp_path / "s.json", executor="ray", workers=2)
+    finally:
+        os.environ.update(monkeypatch_env)
+    assert not ray.is_initialized()  # the instance it started is gone
     workers = {c["worker"] for c in result.candidates}
     assert len(result.candidates) == 3 and all(c["status"] == "ok" for c in result.candidates)
     assert os.getpid() not in workers  # evaluated by Ray actors, not in this process
     assert result.best is not None and result.best["size_bytes"] < result.state.reference["size_bytes"] / 3
+
+
+def test_search_on_a_ray_instance_the_test_started(digits: Path, tmp_path: Path) -> None:
+    """A Ray instance already running (started here, local) is used as it is, and left running for its owner."""
+    try:
+        import ray
+    except ImportError:
+        unavailable("ray", "Ray is not installed (pip install -e '.[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        node = ray.get_runtime_context().get_node_id()
+        space = {"quant": PassSpace("alternatives", ({"method": "minmax"},))}
+        result = search(digits / "mlp.onnx", eval_data=digits / "eval.npz", data=digits / "calib.npz", max_drop=0.01,
+                        passes="quant", space=space, executor="ray", workers=2)
+        assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node  # not shut down under its owner
+        assert len(result.candidates) == 2 and all(c["status"] == "ok" for c in result.candidates)
+        assert os.getpid() not in {c["worker"] for c in result.candidates}
+    finally:
+        ray.shutdown()

@@ -26,7 +26,8 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.io import refuse_overwriting, same_file, save_model
+from onnxopt.sessions import check_threads
+from onnxopt.io import check_model_output, refuse_overwriting, same_file, save_model
 from onnxopt.measure import count_macs, count_parameters, file_size
 from onnxopt.plugins import Registry, load_registry
 from onnxopt.progress import Progress
@@ -175,6 +176,8 @@ def search(
     """
     src = Path(model)
     _check_settings(eval_data, max_drop, objective, max_candidates, workers, latency_batch)
+    check_threads(threads)
+    check_model_output(output, "-o")
     out_path, report_path, plot_path = _check_paths(src, data, eval_data, output, report, plot)
     registry = registry or load_registry()
     if passes is None:  # every installed pass that declares a search space
@@ -381,6 +384,7 @@ def write_candidate(report: str | os.PathLike[str], candidate_id: int, output: s
     The model and data are the ones the JSON names; they must be unchanged
     (the fingerprint is checked), so the model is the one that was measured.
     """
+    check_model_output(output, "-o")
     report, output = Path(report), Path(output)
     if not report.is_file():
         raise OnnxoptError(f"--report {report}: no such file", "give the JSON of a finished search")

@@ -56,7 +56,7 @@ def print_search(result: SearchResult, console: Console | None = None) -> None:
     console.print(f"best ({state.settings.get('objective')}): #{best['id']} {escape(best.get('label', ''))}")
     console.print(f"  size {format_bytes(ref['size_bytes'])} -> {format_bytes(best['size_bytes'])} ({size_text(best)}), "
                   f"latency {ref.get('latency_ms') or 0:.4f} -> {best['latency_ms']:.4f} ms ({escape(latency_text(best))}; "
-                  f"{state.settings.get('threads', 1)} thread(s), batch {state.settings.get('latency_batch', 1)}), drop {best['drop'] * 100:.2f} pt{acc}")
+                  f"{state.settings.get('threads', 1)} thread{'' if state.settings.get('threads', 1) == 1 else 's'}, batch {state.settings.get('latency_batch', 1)}), drop {best['drop'] * 100:.2f} pt{acc}")
     for warning in dict.fromkeys(best.get("latency_warnings") or []):
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if state.output:

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, PassSkipped, PassSpace, hookimpl, option
 from onnxopt.data import Dataset
-from onnxopt.graph import cleanup, is_onnx_op, is_weight, name_nodes
+from onnxopt.graph import Names, cleanup, is_onnx_op, is_weight, name_nodes
 from onnxopt.io import infer_shapes
 from onnxopt.measure import count_macs, count_parameters
 from onnxopt.sessions import SessionFactory
