@@ -95,7 +95,7 @@ class QuantConfig:
         "revert", "time int8 against fp32 (paired, interleaved) after quantizing; revert: return to float the kinds of "
                   "regions whose Q/DQ transitions cost more than their integer kernels win, and warn first thing if the "
                   "model is still slower; warn: only warn; off: no timing")
-    speed_rounds: int = option(7, "interleaved rounds per latency comparison of the speed guard", unit="rounds")
+    speed_rounds: int = option(7, "at least this many paired blocks (onnxopt.timing) per latency comparison of the speed guard", unit="blocks")
     saturation: Literal["fix", "report", "off"] = option(
         "fix", "u8 x s8 kernels on x86 CPUs without VNNI add weight pairs in int16 and saturate: fix widens, per layer "
                "and channel, the weight scales just enough that no pair can overflow; report only lists the layers")
@@ -124,7 +124,7 @@ class QuantConfig:
         if not 0.0 <= self.smoothquant <= 1.0:
             raise ValueError(f"smoothquant {self.smoothquant} is not in [0, 1]")
         if self.speed_rounds < 3:
-            raise ValueError(f"speed_rounds {self.speed_rounds} is under 3 (quartiles need a few rounds)")
+            raise ValueError(f"speed_rounds {self.speed_rounds} is under 3 (an interval needs a few rounds)")
         if self.fallback_samples < 1 or self.fallback_steps < 1:
             raise ValueError("fallback_samples and fallback_steps must be positive")
 
@@ -368,8 +368,8 @@ class QuantPass(Pass[QuantConfig]):
             if final.median > 1.0:
                 verdict = "SLOWER than fp32" if final.low > 1.0 else "SLOWER than fp32 by its median (not beyond timing noise)"
                 report.warnings.append(
-                    f"the int8 model is {verdict}: {final.median:.2f}x the float latency (quartiles "
-                    f"{final.low:.2f}-{final.high:.2f}, {final.rounds} interleaved rounds, batch of one, this CPU); "
+                    f"the int8 model is {verdict}: {final.median:.2f}x the float latency (95% interval "
+                    f"{final.low:.2f}-{final.high:.2f}, {final.rounds} paired blocks, batch of one, this CPU); "
                     + ("regions that did not pay are already back in float: " if speed["tried"] else "")
                     + "consider keeping this model float or quantizing with --set quant.exclude_ops=...")
 
@@ -455,7 +455,7 @@ class QuantPass(Pass[QuantConfig]):
                              report: Any, expansions: Mapping[str, list[str]]
                              ) -> tuple[ir.Model, Plan, InsertionStats, frozenset[str]]:
         """Return to float, one kind of region at a time, the quantized non-anchor regions whose removal is
-        measurably faster (the paired ratio's third quartile under 1), keeping each change that pays."""
+        measurably faster (the paired ratio's 95% interval wholly under 1), keeping each change that pays."""
         kinds = region_kinds((p.node for p in plan.nodes.values()), expansions)
         with ctx.progress.task("quant: timing regions against float", total=len(kinds)) as task:
             for kind, names in sorted(kinds.items(), key=lambda kv: -len(kv[1])):

@@ -1,10 +1,9 @@
 """Does the int8 model pay? Paired latency of a candidate against a reference, and the regions worth timing.
 
-All timing goes through :func:`latency_ratio`, one small function, so the
-project's shared timing helper can replace its body without touching the
-callers. It interleaves the two sessions round by round (so a machine that
-slows down mid-run slows both) and returns the median of the per-round
-ratios with their quartiles.
+All timing goes through :func:`latency_ratio`, a thin call of
+:mod:`onnxopt.timing` (paired, interleaved, order-alternated runs until the
+ratio's 95% interval is within ±3% or a time cap), so the guard reads the
+same kind of figure as validate and search.
 
 Regions: every quantized node that is not a Conv/MatMul/Gemm anchor
 belongs to a *kind* (the op types of its connected group of quantized
@@ -22,15 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.measure import median_latency_ms
 from onnxopt.sessions import SessionFactory
+from onnxopt.timing import TimingConfig, compare_latency
 
 __all__ = ["Ratio", "latency_ratio", "region_kinds"]
 
 
 @dataclass(frozen=True)
 class Ratio:
-    """candidate / reference latency: the median of the per-round ratios and their quartiles."""
+    """candidate / reference latency: the median paired ratio and its 95% interval."""
 
     median: float
     low: float
@@ -38,22 +37,21 @@ class Ratio:
     rounds: int
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"median": round(self.median, 4), "q1": round(self.low, 4), "q3": round(self.high, 4), "rounds": self.rounds}
+        return {"median": round(self.median, 4), "low": round(self.low, 4), "high": round(self.high, 4),
+                "rounds": self.rounds}
+
+
+#: seconds one comparison of the guard may take at most (it runs once per region kind, plus once at the end)
+GUARD_TIME_BUDGET = 3.0
 
 
 def latency_ratio(candidate: ir.Model, reference: ir.Model, feed: Mapping[str, np.ndarray], sessions: SessionFactory,
-                  *, rounds: int = 7, runs: int = 10) -> Ratio:
-    """Paired, interleaved latency ratio of ``candidate`` over ``reference`` on one feed."""
+                  *, rounds: int = 7) -> Ratio:
+    """Paired, interleaved latency ratio of ``candidate`` over ``reference`` on one feed (onnxopt.timing)."""
     cand, ref = sessions.create(candidate), sessions.create(reference)
-    for session in (cand, ref):  # warm-up outside the rounds
-        median_latency_ms(session, feed, warmup=3, runs=1)
-    ratios = []
-    for i in range(rounds):
-        order = (cand, ref) if i % 2 == 0 else (ref, cand)  # alternate who goes first
-        times = {id(s): median_latency_ms(s, feed, warmup=0, runs=runs) for s in order}
-        ratios.append(times[id(cand)] / max(times[id(ref)], 1e-9))
-    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
-    return Ratio(float(med), float(q1), float(q3), rounds)
+    measured = compare_latency(ref, cand, feed, TimingConfig(repeat=rounds, time_budget=GUARD_TIME_BUDGET,
+                                                             threads=sessions.threads))
+    return Ratio(measured.ratio, measured.low, measured.high, measured.pairs)
 
 
 def _source(value: ir.Value | None) -> ir.Node | None:
