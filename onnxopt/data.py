@@ -28,6 +28,7 @@ __all__ = [
     "synthetic_dataset",
     "parse_shape",
     "DEFAULT_BATCH",
+    "read_value_proto",
 ]
 
 #: Samples per ORT call when the model's batch dimension is free.
@@ -114,6 +115,21 @@ class Dataset:
                            None if self.labels is None else self.labels[:n], self.fidelity_only, self.batch_size)
         return Dataset(self.source, {}, self.feeds[:n], None if self.labels is None else self.labels[:n],
                        self.fidelity_only, self.batch_size)
+
+
+def read_value_proto(data: bytes, type_proto: onnx.TypeProto | None = None) -> object:
+    """A test-data ``.pb`` value read by its declared type: an array, a list (sequence), or None / a value (optional)."""
+    if type_proto is not None and type_proto.HasField("sequence_type"):
+        sequence = onnx.SequenceProto()
+        sequence.ParseFromString(data)
+        return numpy_helper.to_list(sequence)
+    if type_proto is not None and type_proto.HasField("optional_type"):
+        optional = onnx.OptionalProto()
+        optional.ParseFromString(data)
+        return numpy_helper.to_optional(optional)
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(data)
+    return numpy_helper.to_array(tensor)
 
 
 def _check_array(spec: InputSpec, array: np.ndarray, source: str, stacked: bool) -> None:
