@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
@@ -247,9 +248,26 @@ def fold_shapes(model: ir.Model) -> int:
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"})
 
 
-def _never_fold(node: Any) -> bool:
-    """graphsurgeon's exclusion hook: random ops, and training-mode ops whose output is drawn too."""
-    return node.op in _RANDOM_OPS or (node.op == "Dropout" and len(node.inputs) > 2)
+def _never_fold(limit: int) -> Callable[[Any], bool]:
+    """graphsurgeon's exclusion hook: random ops, Dropout, and nodes whose output would exceed ``limit`` elements.
+
+    graphsurgeon evaluates every foldable node before it applies its size
+    threshold, so a 172-byte ConstantOfShape([1000, 1000000]) would make ONNX
+    Runtime allocate 4 GB first: such nodes are never handed to it.
+    """
+
+    def exclude(node: Any) -> bool:
+        if node.op in _RANDOM_OPS or node.op == "Dropout":
+            return True
+        if node.op == "ConstantOfShape" and node.inputs and isinstance(node.inputs[0], gs.Constant):
+            return int(np.prod(node.inputs[0].values, dtype=np.float64)) > limit
+        for out in node.outputs:
+            shape = out.shape
+            if shape is not None and all(isinstance(d, int) for d in shape) and np.prod(shape, dtype=np.float64) > limit:
+                return True
+        return False
+
+    return exclude
 
 
 def _graph_only(model: ir.Model) -> bytes:
@@ -303,7 +321,7 @@ def _fold_constants(model: ir.Model, limit: int) -> tuple[ir.Model, str | None]:
         # values and rebinding producers, which leaves dangling values when a branch output is an outer-scope value
         # or a constant, and nodes out of order with nested Ifs (onnx's affine_grid tests, a streaming audio model)
         graph.fold_constants(fold_shapes=False, recurse_subgraphs=True, error_ok=True, size_threshold=limit * 4,
-                             flatten_subgraphs=False, should_exclude_node=_never_fold)
+                             flatten_subgraphs=False, should_exclude_node=_never_fold(limit))
         graph.cleanup(remove_unused_graph_inputs=False)
         folded = from_gs(graph, work)
         cleanup(folded)
