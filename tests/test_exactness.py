@@ -213,3 +213,16 @@ def test_opset_upgrade_of_a_model_without_standard_ops_is_a_plain_import(tmp_pat
     save_model(model, tmp_path / "out.onnx")
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert np.allclose(run_model(tmp_path / "out.onnx", {"x": x})[0], run_model(proto, {"x": x})[0])
+
+
+def test_affine_grid_outer_scope_branches_go_through_fold_and_quant(tmp_path: Path) -> None:
+    # onnx's own node test: If branches read outer-scope values. fold printed onnx-ir lines before its rc-2
+    # line (graphsurgeon's If flattening left nodes out of order); quant died in clone_graph
+    from onnxopt.node_corpus import node_cases
+
+    case = node_cases(names=["test_affine_grid_2d_expanded"])[0]
+    write_case(case, tmp_path / case.name)
+    runs = {r.label: r for r in check_folder(tmp_path / case.name, ["fold", "quant"])}
+    assert runs["fold"].status == "ok" and runs["fold"].changed, runs["fold"].detail
+    assert "expected outputs" in runs["fold"].detail
+    assert runs["quant"].status == "ok", runs["quant"].detail
