@@ -223,6 +223,6 @@ def test_affine_grid_outer_scope_branches_go_through_fold_and_quant(tmp_path: Pa
     case = node_cases(names=["test_affine_grid_2d_expanded"])[0]
     write_case(case, tmp_path / case.name)
     runs = {r.label: r for r in check_folder(tmp_path / case.name, ["fold", "quant"])}
-    assert runs["fold"].status == "ok" and runs["fold"].changed, runs["fold"].detail
-    assert "expected outputs" in runs["fold"].detail
+    # folding its shape arithmetic lets ORT's load-time checks see a 1-element Range input: fold gives that fold up
+    assert runs["fold"].status == "ok" and "expected outputs" in runs["fold"].detail, runs["fold"].detail
     assert runs["quant"].status == "ok", runs["quant"].detail
