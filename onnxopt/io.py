@@ -10,7 +10,6 @@ interrupt never leaves a half-written output.
 
 from __future__ import annotations
 
-
 import math
 import mmap
 import os
