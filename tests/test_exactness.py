@@ -226,3 +226,15 @@ def test_affine_grid_outer_scope_branches_go_through_fold_and_quant(tmp_path: Pa
     # folding its shape arithmetic lets ORT's load-time checks see a 1-element Range input: fold gives that fold up
     assert runs["fold"].status == "ok" and "expected outputs" in runs["fold"].detail, runs["fold"].detail
     assert runs["quant"].status == "ok", runs["quant"].detail
+
+
+def test_sequence_input_data_goes_through_prune_and_lowrank(tmp_path: Path) -> None:
+    # once the loader read sequence .pb files, prune and lowrank took the list feed for an array (rc 1)
+    seq_t = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [2]))
+    proto = make_model([helper.make_node("SequenceAt", ["s", "zero"], ["t"]), helper.make_node("MatMul", ["t", "w"], ["y"])],
+                       [helper.make_value_info("s", seq_t)], [_vi("y", [4])],
+                       [init("zero", np.array(0, np.int64)), init("w", np.ones((2, 4), np.float32))])
+    values = [[np.ones(2, np.float32), np.zeros(2, np.float32)]]
+    write_case(NodeCase("seq_in", proto, values, [np.full(4, 2.0, np.float32)]), tmp_path / "seq_in")
+    runs = check_folder(tmp_path / "seq_in", ["prune", "lowrank"])
+    assert [(r.label, r.status) for r in runs] == [("prune", "ok"), ("lowrank", "ok")], [r.detail for r in runs]
