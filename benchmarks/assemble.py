@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["quant", "prune", "cluster", "lowrank", "distill", "search", "arm", "large_model", "corpus", "fuzz"]
+ORDER = ["quant", "prune", "cluster", "lowrank", "distill", "search", "arm", "large_model", "corpus", "node_corpus", "fuzz"]
 
 HEADER = """# Benchmarks
 

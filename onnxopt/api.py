@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import onnx_ir as ir
 from onnxopt.activations import bounded_batches
 from onnxopt.data import Dataset, input_specs, load_dataset, synthetic_dataset
 from onnxopt.errors import OnnxoptError
+from onnxopt.graph import training_mode_nodes
 from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, check_model_output, external_data_files, has_external_data, load_model, refuse_overwriting,
                         same_file, save_model, serialize_model, tensor_bytes)
 from onnxopt.manager import plan_passes, run_passes
@@ -113,6 +115,11 @@ def apply(
     progress = progress or Progress(enabled=False)
     sessions = SessionFactory(providers=resolve_providers(providers), threads=threads)
     reference = load_model(src)
+    training = training_mode_nodes(reference)
+    if training:
+        warnings.warn(f"{len(training)} node(s) run in training mode ({', '.join(training[:3])}"
+                      f"{', ...' if len(training) > 3 else ''}): their outputs depend on the batch or on random draws, "
+                      "so passes and validation compare noise; export the model in inference mode")
     refuse_overwriting([("a data file of the input model", f) for f in external_data_files(reference)], writes)
     calibration = load_data(reference, data, seed=seed)
     evaluation = load_data(reference, eval_data, shapes, seed=seed)
@@ -120,10 +127,14 @@ def apply(
                       evaluation=evaluation, base_dir=src.parent, max_drop=max_drop, seed=seed)
     run = RunReport(input=str(src), output=str(output) if output is not None else None,
                     load_notes=list(reference.meta.get(LOAD_NOTES, [])), max_drop=max_drop)
+    if training:
+        run.notes.append(f"training-mode nodes: {', '.join(training)} (outputs vary per batch or run)")
     candidate, run.passes = run_passes(reference, plan, ctx, registry)
 
     comparable = all(p.pass_.comparable for p in plan)
-    check_data = evaluation or calibration or (load_data(reference, None, synthetic_ok=True, seed=seed) if comparable else None)
+    # --no-validate builds no data: synthetic inputs are for the check alone
+    check_data = None if not validate_result else (
+        evaluation or calibration or (load_data(reference, None, synthetic_ok=True, seed=seed) if comparable else None))
     if not validate_result:
         run.validation_note = "skipped (asked)"
     elif not comparable:

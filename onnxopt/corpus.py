@@ -214,7 +214,7 @@ def check_pass(
         ctx = PassContext(calibration=dataset, evaluation=dataset, base_dir=case.path.parent)
         result = pass_cls().apply(model, config, ctx)
     except OnnxoptError as err:
-        return done("skipped", f"refused: {err}")
+        return _refusal(err, model)
     except Exception as err:  # a crash: exactly what the corpus run is here to find
         return done("failed", f"crash in {pass_cls.name}: {type(err).__name__}: {err}")
     if result.report.summary.startswith("skipped:"):
@@ -256,6 +256,26 @@ def check_pass(
             return done("failed", f"{engine}: {problem}")
     drift = max((_max_error(e, g) for e, g in pairs), default=0.0)
     return done("ok", f"{engine}, {nodes} nodes" + ("" if pass_cls.lossless else f", max abs error {drift:.3g}"))
+
+
+def _refusal(err: OnnxoptError, model: ir.Model) -> Outcome:
+    """A pass's refusal: ``skipped`` when it is one line and not contradicted, else ``failed``.
+
+    Not every OnnxoptError is a fine refusal: a multi-line one is a leaked
+    traceback or tool output, and one that says ONNX Runtime cannot load a
+    model ORT loads is false (quant said so of models fold had broken).
+    """
+    text = str(err).strip()
+    if "\n" in text or not text:
+        return Outcome("failed", f"refusal is not one line: {text[:200]!r}")
+    if "runtime cannot load" in text.lower():
+        try:
+            SessionFactory().create(model)
+        except OnnxoptError:
+            pass
+        else:
+            return Outcome("failed", f"false refusal (ONNX Runtime loads the original): {text[:200]}")
+    return Outcome("skipped", " ".join(f"refused: {text}".split())[:300])
 
 
 def _same_interface(expected: list, got: list) -> str | None:

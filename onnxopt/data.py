@@ -8,7 +8,9 @@ traceback halfway through.
 from __future__ import annotations
 
 import math
+import os
 import re
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,8 @@ __all__ = [
     "synthetic_dataset",
     "parse_shape",
     "DEFAULT_BATCH",
+    "read_value_proto",
+    "value_kind",
 ]
 
 #: Samples per ORT call when the model's batch dimension is free.
@@ -35,6 +39,9 @@ DEFAULT_BATCH = 64
 #: Synthetic inputs larger than this are refused: the shapes come from an untrusted model or a typo.
 SYNTHETIC_LIMIT = 2**30
 LABELS_KEY = "labels"
+#: A .npz file's arrays may decompress to at most this many bytes in all (raise with ONNXOPT_MAX_DATA_BYTES).
+DATA_LIMIT = 4 * 2**30
+DATA_LIMIT_ENV = "ONNXOPT_MAX_DATA_BYTES"
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,8 @@ class InputSpec:
     name: str
     dtype: np.dtype
     dims: tuple[int | str | None, ...] | None
+    #: "tensor", or "sequence" / "optional" (fed as a list of arrays / an array or None; dims are the element's)
+    kind: str = "tensor"
 
     @property
     def fixed_batch(self) -> int | None:
@@ -69,7 +78,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             # exporters write -1 or 0 for free dims too
             dims = tuple((d if d > 0 else None) if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
                          for d in value.shape.dims)
-        specs.append(InputSpec(value.name, np.dtype(dtype), dims))
+        kind = ("sequence" if isinstance(value.type, ir.SequenceType)
+                else "optional" if isinstance(value.type, ir.OptionalType) else "tensor")
+        specs.append(InputSpec(value.name, np.dtype(dtype), dims, kind))
     return specs
 
 
@@ -91,7 +102,8 @@ class Dataset:
     def __len__(self) -> int:
         if self.arrays:
             return int(next(iter(self.arrays.values())).shape[0])
-        return sum(int(next(iter(f.values())).shape[0]) if f and next(iter(f.values())).ndim else 1 for f in self.feeds)
+        return sum(int(first.shape[0]) if isinstance(first := next(iter(f.values()), None), np.ndarray) and first.ndim else 1
+                   for f in self.feeds)
 
     @property
     def num_batches(self) -> int:
@@ -116,7 +128,33 @@ class Dataset:
                        self.fidelity_only, self.batch_size)
 
 
+def value_kind(type_proto: onnx.TypeProto) -> str:
+    """"sequence", "optional" or "tensor": how a value of this declared type is stored and fed."""
+    return "sequence" if type_proto.HasField("sequence_type") else "optional" if type_proto.HasField("optional_type") else "tensor"
+
+
+def read_value_proto(data: bytes, kind: str = "tensor") -> object:
+    """A test-data ``.pb`` value read by its declared kind: an array, a list (sequence), or None / a value (optional)."""
+    if kind == "sequence":
+        sequence = onnx.SequenceProto()
+        sequence.ParseFromString(data)
+        return numpy_helper.to_list(sequence)
+    if kind == "optional":
+        optional = onnx.OptionalProto()
+        optional.ParseFromString(data)
+        return numpy_helper.to_optional(optional)
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(data)
+    return numpy_helper.to_array(tensor)
+
+
 def _check_array(spec: InputSpec, array: np.ndarray, source: str, stacked: bool) -> None:
+    if spec.kind != "tensor":
+        expected = list if spec.kind == "sequence" else (np.ndarray, list, type(None))  # an optional may hold a sequence
+        if not isinstance(array, expected):  # type: ignore[arg-type]
+            raise OnnxoptError(f"{source}: input {spec.name!r} is a {spec.kind}, the data holds a {type(array).__name__}",
+                               "store it as the model declares it (onnx.numpy_helper.from_list / from_optional)")
+        return
     if array.dtype != spec.dtype:
         raise OnnxoptError(f"{source}: input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}",
                            f"convert it, e.g. np.asarray(x, dtype=np.{spec.dtype.name})")
@@ -142,7 +180,33 @@ def _batch_size_for(specs: Sequence[InputSpec], requested: int | None) -> int:
     return requested or DEFAULT_BATCH
 
 
+def _data_limit() -> int:
+    return int(os.environ.get(DATA_LIMIT_ENV, DATA_LIMIT))
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse a .npz whose arrays decompress past the limit, from the zip headers, before reading any.
+
+    A few megabytes of zipped zeros can claim gigabytes; zipfile never returns
+    more than a member's declared size (a member that lies fails its CRC), so
+    the headers bound what reading costs.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [(info.filename, info.file_size) for info in archive.infolist()]
+    except (zipfile.BadZipFile, OSError):
+        return  # np.load reports what is wrong with the file
+    limit = _data_limit()
+    total = sum(size for _, size in members)
+    if total > limit:
+        name, size = max(members, key=lambda m: m[1])
+        raise OnnxoptError(f"{path} decompresses to {total:,} bytes (largest member {name}: {size:,}), over the "
+                           f"{limit:,}-byte limit for data files",
+                           f"if the data is genuine, raise the limit with {DATA_LIMIT_ENV}=<bytes>")
+
+
 def _load_npz(path: Path, specs: Sequence[InputSpec], batch_size: int | None) -> Dataset:
+    _check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -192,18 +256,22 @@ def _load_pb_folder(path: Path, specs: Sequence[InputSpec]) -> Dataset:
     for folder in sets:
         files = sorted(folder.glob("input_*.pb"), key=lambda p: int(_INPUT_PB.search(p.name).group(1)))  # type: ignore[union-attr]
         feed: dict[str, np.ndarray] = {}
+        by_name = {s.name: s for s in specs}
         for file in files:
-            tensor = onnx.TensorProto()
-            try:
-                tensor.ParseFromString(file.read_bytes())
-            except Exception:
-                raise OnnxoptError(f"{file} is not a TensorProto", "regenerate the test data") from None
             index = int(_INPUT_PB.search(file.name).group(1))  # type: ignore[union-attr]
-            name = tensor.name if tensor.name in {s.name for s in specs} else (specs[index].name if index < len(specs) else None)
-            if name is None:
+            if index >= len(specs):
                 raise OnnxoptError(f"{file}: input index {index} but the model has {len(specs)} inputs",
                                    "use the test data that belongs to this model")
-            feed[name] = numpy_helper.to_array(tensor)
+            # read as the kind of the input at that index; a stored name that names another input wins
+            kind = specs[index].kind
+            try:
+                named = onnx.TensorProto() if kind == "tensor" else onnx.SequenceProto() if kind == "sequence" else onnx.OptionalProto()
+                named.ParseFromString(file.read_bytes())
+                spec = by_name.get(named.name, specs[index])
+                value = read_value_proto(file.read_bytes(), spec.kind)
+            except Exception:
+                raise OnnxoptError(f"{file} is not a {kind} .pb file", "regenerate the test data") from None
+            feed[spec.name] = value  # type: ignore[assignment]
         for spec in specs:
             if spec.name not in feed:
                 raise OnnxoptError(f"{folder}: no data for model input {spec.name!r}",
@@ -287,8 +355,9 @@ def synthetic_dataset(
     scalars = {s.name for s in specs if s.dims == () and s.name not in shapes}
     if scalars:
         # a scalar input (an If condition, a Loop trip count) has no batch axis: ready-made feeds, one value each
-        stacked = {k: v for k, v in arrays.items() if k not in scalars}
-        feeds = list(Dataset("synthetic", stacked, [], None, True, batch).batches()) if stacked else [{} for _ in range(samples)]
-        feeds = [{**feed, **{k: np.asarray(arrays[k][i]) for k in scalars}} for i, feed in enumerate(feeds)]
+        # sample i of each other input is its own batch-sized slice (inputs may fix different first dims)
+        rows = {s.name: s.fixed_batch or 1 for s in specs if s.name not in scalars}
+        feeds = [{**{k: arrays[k][i * n:(i + 1) * n] for k, n in rows.items()},
+                  **{k: np.asarray(arrays[k][i]) for k in scalars}} for i in range(samples)]
         return Dataset("synthetic", {}, feeds, None, True, batch)
     return Dataset("synthetic", arrays, [], None, True, batch)

@@ -16,6 +16,7 @@ from onnx_ir.passes import common as ir_passes
 
 __all__ = [
     "DEFAULT_DOMAINS",
+    "training_mode_nodes",
     "Names",
     "iter_graphs",
     "iter_nodes",
@@ -108,6 +109,25 @@ def attribute(node: ir.Node, name: str, default: Any = None) -> Any:
     if attr.type == ir.AttributeType.TENSOR:
         return attr.as_tensor().numpy()
     return attr.value
+
+
+def training_mode_nodes(model: ir.Model | ir.Graph) -> list[str]:
+    """BatchNormalization and Dropout nodes that run in training mode (names), main graph and subgraphs.
+
+    BatchNormalization(training_mode=1) normalises by the batch's own
+    statistics and Dropout with a training_mode input that is true (or not a
+    constant) draws a random mask: such a model gives different outputs per
+    batch or per run, so no pass's result can be compared with it.
+    """
+    found = []
+    for node in iter_nodes(model):
+        if is_onnx_op(node, "BatchNormalization") and attribute(node, "training_mode", 0):
+            found.append(node.name or node.outputs[0].name or "BatchNormalization")
+        elif is_onnx_op(node, "Dropout") and len(node.inputs) > 2 and node.inputs[2] is not None:
+            flag = constant_array(node.inputs[2])
+            if flag is None or bool(flag.reshape(-1)[0]):
+                found.append(node.name or node.outputs[0].name or "Dropout")
+    return found
 
 
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:

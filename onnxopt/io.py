@@ -10,7 +10,6 @@ interrupt never leaves a half-written output.
 
 from __future__ import annotations
 
-import logging
 import math
 import mmap
 import os
@@ -319,6 +318,11 @@ def _non_utf8_field(message: Message) -> str | None:
     return None
 
 
+#: ConstantOfShape nodes filling more bytes than this stay nodes at load time (never materialised here);
+#: the light model zoo's largest weight made this way is 0.4 GB. Raise with ONNXOPT_MAX_CONSTANT_BYTES.
+CONSTANT_OF_SHAPE_LIMIT = int(os.environ.get("ONNXOPT_MAX_CONSTANT_BYTES", 2**30))
+
+
 def _constant_of_shape_to_initializers(graph: ir.Graph) -> int:
     """Replace ConstantOfShape nodes whose shape is a constant with initializers."""
     count = 0
@@ -340,11 +344,9 @@ def _constant_of_shape_to_initializers(graph: ir.Graph) -> int:
             dtype, value = np.dtype(np.float32), 0.0
         if any(d < 0 for d in shape):
             continue
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > _memory_bytes():
-            # a declared shape is not a promise of memory: refuse before numpy tries to allocate it
-            raise OnnxoptError(f"ConstantOfShape node {node.name!r} makes a tensor of shape {shape} ({nbytes:,} bytes), "
-                               "more than this machine's memory", "the model is corrupt or cannot run here; check its shapes")
+        if math.prod(shape) * dtype.itemsize > CONSTANT_OF_SHAPE_LIMIT:
+            # a 172-byte node can ask for gigabytes: past the limit it stays a node, made at run time by ORT
+            continue
         array = np.full(shape, value, dtype=dtype)
         init = ir.Value(name=out.name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.from_numpy(dtype)),
                         const_value=ir.tensor(array, name=out.name))
@@ -354,14 +356,6 @@ def _constant_of_shape_to_initializers(graph: ir.Graph) -> int:
         graph.remove(node, safe=True)
         count += 1
     return count
-
-
-def _memory_bytes() -> int:
-    """Physical memory of this machine (64 GiB when the platform does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return 2**36
 
 
 def _normalize_weights(model: ir.Model) -> list[str]:
@@ -426,26 +420,47 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True, normalize: b
 
 
 def infer_shapes(model: ir.Model, *, data_prop: bool = False) -> list[str]:
-    """Run ONNX shape inference on the model in place; return a note if it failed (not fatal)."""
-    # onnx-ir catches the failure itself and logs it with a traceback: collect that record instead of
-    # letting a traceback reach the user's terminal.
-    failures: list[logging.LogRecord] = []
-    logger = logging.getLogger(ir_passes.shape_inference.__name__)
-    collect = logging.Handler(logging.WARNING)
-    collect.emit = failures.append  # type: ignore[method-assign]
-    logger.addHandler(collect)
-    propagate, logger.propagate = logger.propagate, False
+    """Run ONNX shape inference on the model in place; return a note if it failed (not fatal).
+
+    Inferred types only fill in what the model does not declare, and shapes
+    only refine tensors of the same type: a declared type is never changed.
+    (onnx-ir's own merge copies an inferred element type onto a value, which
+    turns a sequence or optional inside a subgraph into a tensor, and the
+    saved model then fails ONNX Runtime's type check.) Weights are not read:
+    they cross as typed graph inputs.
+    """
     try:
-        ir_passes.ShapeInferencePass(strict_mode=False, data_prop=data_prop)(model)
+        proto = onnx.load_from_string(serialize_model(weights_as_inputs(model)))
+        inferred = ir.serde.deserialize_model(
+            onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False, data_prop=data_prop))
     except Exception as err:  # ONNX shape inference rejects some models ORT runs fine
         return [f"shape inference failed, shapes left as exported ({_one_line(err, 120)})"]
-    finally:
-        logger.removeHandler(collect)
-        logger.propagate = propagate
-    for record in failures:
-        err = record.exc_info[1] if record.exc_info else None
-        return [f"shape inference failed, shapes left as exported ({_one_line(err, 120) if err else record.getMessage()})"]
+    for graph, found in zip(model.graphs(), inferred.graphs()):
+        known = {v.name: v for v in _graph_values(found) if v.name}
+        for value in _graph_values(graph):
+            other = known.get(value.name) if value.name else None
+            if other is None or other.type is None:
+                continue
+            if value.type is None:
+                value.type = other.type
+                value.shape = other.shape
+            elif value.type == other.type and other.shape is not None and _refines(value.shape, other.shape):
+                value.shape = other.shape
     return []
+
+
+def _refines(declared: ir.Shape | None, inferred: ir.Shape) -> bool:
+    """True when ``inferred`` says more than ``declared`` and contradicts none of its fixed dims."""
+    if declared is None:
+        return True
+    if len(declared) != len(inferred) or declared == inferred:
+        return False
+    return all(not isinstance(d, int) or d == i for d, i in zip(declared.dims, inferred.dims))
+
+
+def _graph_values(graph: ir.Graph) -> list[ir.Value]:
+    """A graph's own values (inputs, node outputs, outputs), not those of its subgraphs."""
+    return [*graph.inputs, *(v for node in graph for v in node.outputs), *graph.outputs]
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

@@ -21,6 +21,12 @@ def ensure_opset(model: ir.Model, version: int, *, why: str = "") -> tuple[ir.Mo
     current = opset_version(model)
     if current >= version:
         return model, None
+    domains = {n.domain or "ai.onnx" for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    if not domains & {"ai.onnx"}:
+        # no standard op to convert (an ai.onnx.ml or training-only graph): importing the opset changes nothing
+        model.opset_imports[""] = version
+        return model, f"ai.onnx opset {version} imported (the model has no ai.onnx ops to upgrade)"
+    foreign = sorted(domains - {"ai.onnx"})
     # the converter works on protobuf: big weights cross as graph inputs (never read) and are put back after
     light = weights_as_inputs(model)
     if tensor_bytes(light) >= PROTOBUF_LIMIT:
@@ -32,6 +38,11 @@ def ensure_opset(model: ir.Model, version: int, *, why: str = "") -> tuple[ir.Mo
         upgraded = version_converter.convert_version(proto, version)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if foreign:  # the converter asserts on ops of other domains; say so rather than quote its C++ assert
+            raise OnnxoptError(f"cannot upgrade the model from ai.onnx opset {current} to {version}"
+                               + (f" ({why})" if why else "") + f": onnx's version converter does not handle the "
+                               f"{', '.join(foreign)} op(s) it also holds", f"export it at ai.onnx opset {version} or newer "
+                               "from its source framework, or leave this pass out") from None
         raise OnnxoptError(f"cannot upgrade the model from opset {current} to {version}: {first[:200]}",
                            "re-export the model at a newer opset") from None
     if upgraded.ir_version < 7:

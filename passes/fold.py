@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
@@ -17,6 +18,7 @@ from onnxopt.graph import (
     attribute,
     cleanup,
     constant_array,
+    insert_before,
     is_onnx_op,
     iter_graphs,
     only_consumer,
@@ -24,8 +26,9 @@ from onnxopt.graph import (
     reroute,
 )
 from onnxopt.gs_bridge import bridgeable, from_gs, to_gs
+from onnxopt.io import serialize_model, weights_as_inputs
 
-__all__ = ["FoldConfig", "FoldPass", "fold_batchnorms"]
+__all__ = ["FoldConfig", "FoldPass", "fold_batchnorms", "fold_shapes"]
 
 
 @dataclass(frozen=True)
@@ -141,16 +144,193 @@ def fold_batchnorms(model: ir.Model) -> int:
     return folded
 
 
+def _dims(value: ir.Value | None) -> list[int | None] | None:
+    """The value's dims, None for a free one; None when its rank is unknown."""
+    if value is None or value.shape is None:
+        return None
+    return [int(d) if isinstance(d, int) and d >= 0 else None for d in value.shape.dims]
+
+
+def _shape_of(node: ir.Node) -> list[int | None] | None:
+    """What ``Shape(x, start, end)`` returns, dim by dim (None where free), by ONNX's own clamping rules."""
+    dims = _dims(node.inputs[0] if node.inputs else None)
+    if dims is None:
+        return None
+    rank = len(dims)
+    start, end = int(attribute(node, "start", 0)), int(attribute(node, "end", rank))
+    start, end = (min(max(i + rank if i < 0 else i, 0), rank) for i in (start, end))
+    return dims[start:end]
+
+
+def _slice_positions(n: int, node: ir.Node) -> list[int] | None:
+    """Which positions of a 1-D tensor of length ``n`` ``Slice`` keeps (its constant inputs), by ONNX's clamping."""
+    args = [constant_array(v) if v is not None else None for v in list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))]
+    starts, ends, axes, steps = args[:4]
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    if len(node.inputs) > 3 and node.inputs[3] is not None and (axes is None or int(axes.reshape(-1)[0]) not in (0, -1)):
+        return None
+    if len(node.inputs) > 4 and node.inputs[4] is not None and steps is None:
+        return None
+    step = int(steps.reshape(-1)[0]) if steps is not None else 1
+    if step == 0:
+        return None
+    start, end = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])
+    start, end = (start + n if start < 0 else start), (end + n if end < 0 else end)
+    if step > 0:
+        start, end = min(max(start, 0), n), min(max(end, 0), n)
+    else:
+        start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
+    return list(range(start, end, step))
+
+
+def fold_shapes(model: ir.Model) -> int:
+    """Replace shape computations whose result the declared shapes fix by Constant nodes; return how many.
+
+    ``Shape`` (with its ``start``/``end``), ``Size``, and ``Gather``/``Slice``
+    of a ``Shape`` (taking only its known dims out of a partly free shape).
+    This stands in for onnx-graphsurgeon's shape folding, which ignores
+    ``Shape``'s ``start``/``end`` and so folds the whole shape where a part
+    was asked for.
+    """
+    folded = 0
+    names = Names(model)
+    for graph in iter_graphs(model):
+        for node in list(graph):
+            if node.domain not in ("", "ai.onnx") or not node.outputs or node.outputs[0].name is None:
+                continue
+            value: np.ndarray | None = None
+            if node.op_type == "Shape" and len(node.inputs) == 1:
+                dims = _shape_of(node)
+                if dims is not None and all(d is not None for d in dims):
+                    value = np.array(dims, np.int64)
+            elif node.op_type == "Size" and len(node.inputs) == 1:
+                dims = _dims(node.inputs[0])
+                if dims is not None and all(d is not None for d in dims):
+                    value = np.array(int(np.prod(dims, dtype=np.int64)), np.int64)
+            elif node.op_type in ("Gather", "Slice") and node.inputs and node.inputs[0] is not None:
+                source = node.inputs[0].producer()
+                if source is None or not is_onnx_op(source, "Shape") or len(source.inputs) != 1:
+                    continue
+                dims = _shape_of(source)
+                if dims is None:
+                    continue
+                if node.op_type == "Gather":
+                    indices = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+                    if indices is None or int(attribute(node, "axis", 0)) not in (0, -1) or indices.dtype.kind not in "iu":
+                        continue
+                    if indices.size and (indices.min() < -len(dims) or indices.max() >= len(dims)):
+                        continue  # out of range: the model is wrong there, ORT reports it at run time
+                    picked = [dims[int(i)] for i in indices.reshape(-1)]
+                    shape = indices.shape
+                else:
+                    positions = _slice_positions(len(dims), node)
+                    if positions is None:
+                        continue
+                    picked = [dims[i] for i in positions]
+                    shape = (len(picked),)
+                if any(d is None for d in picked):
+                    continue
+                value = np.array(picked, np.int64).reshape(shape)
+            if value is None:
+                continue
+            old = node.outputs[0]
+            constant = ir.node("Constant", inputs=[], attributes={"value": ir.tensor(value)}, name=names.fresh(f"{node.name or node.op_type}_folded"))
+            insert_before(node, [constant])
+            constant.outputs[0].dtype, constant.outputs[0].shape = ir.DataType.INT64, ir.Shape(value.shape)
+            constant.outputs[0].name = names.fresh(f"{old.name}_folded")
+            reroute(old, constant.outputs[0])
+            folded += 1
+    return folded
+
+
+#: Ops whose output is a random draw: folding one would freeze a single draw into the model.
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"})
+
+
+def _never_fold(limit: int) -> Callable[[Any], bool]:
+    """graphsurgeon's exclusion hook: random ops, Dropout, and nodes whose output would exceed ``limit`` elements.
+
+    graphsurgeon evaluates every foldable node before it applies its size
+    threshold, so a 172-byte ConstantOfShape([1000, 1000000]) would make ONNX
+    Runtime allocate 4 GB first: such nodes are never handed to it.
+    """
+
+    def exclude(node: Any) -> bool:
+        if node.op in _RANDOM_OPS or node.op == "Dropout":
+            return True
+        if node.op == "ConstantOfShape" and node.inputs and isinstance(node.inputs[0], gs.Constant):
+            return int(np.prod(node.inputs[0].values, dtype=np.float64)) > limit
+        for out in node.outputs:
+            shape = out.shape
+            if shape is not None and all(isinstance(d, int) for d in shape) and np.prod(shape, dtype=np.float64) > limit:
+                return True
+        return False
+
+    return exclude
+
+
+def _graph_only(model: ir.Model) -> bytes:
+    return serialize_model(weights_as_inputs(model))
+
+
+def _ort_load_error(proto: bytes) -> str | None:
+    """Why ONNX Runtime refuses to load the graph (type and shape checks included), or None when it loads it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # its constant folding checks shapes too
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        return " ".join(str(err).split())[:160]
+    return None
+
+
+def _invalid(folded: ir.Model, original: ir.Model) -> str | None:
+    """What is wrong with a folded graph that was right with the original, or None.
+
+    The ONNX checker, then ONNX Runtime's load-time checks: a value that
+    became constant can let ORT's shape inference see, and reject, a shape
+    the model never had to commit to (onnx's affine_grid tests feed Range a
+    1-element tensor that way). Only the graphs cross, not the weights.
+    """
+    import onnx
+
+    proto = _graph_only(folded)
+    try:
+        onnx.checker.check_model(onnx.load_from_string(proto))
+    except Exception as err:
+        return " ".join(str(err).split())[:160]
+    problem = _ort_load_error(proto)
+    if problem and _ort_load_error(_graph_only(original)) is None:
+        return f"ONNX Runtime no longer loads it: {problem}"
+    return None
+
+
 def _fold_constants(model: ir.Model, limit: int) -> tuple[ir.Model, str | None]:
     if not bridgeable(model):
         return model, "constant folding skipped: model over 2 GB"
     try:
-        graph = to_gs(model)
-        graph.fold_constants(fold_shapes=True, recurse_subgraphs=True, error_ok=True, size_threshold=limit * 4)
+        work = model.clone()  # shares the tensors; the model stays as it was when the fold is given up
+        fold_shapes(work)
+        graph = to_gs(work)
+        # shapes are folded exactly by fold_shapes beforehand: graphsurgeon's shape folding ignores Shape's start/end
+        # flatten_subgraphs=False: graphsurgeon inlines an If with a constant condition by renaming the branch's
+        # values and rebinding producers, which leaves dangling values when a branch output is an outer-scope value
+        # or a constant, and nodes out of order with nested Ifs (onnx's affine_grid tests, a streaming audio model)
+        graph.fold_constants(fold_shapes=False, recurse_subgraphs=True, error_ok=True, size_threshold=limit * 4,
+                             flatten_subgraphs=False, should_exclude_node=_never_fold(limit))
         graph.cleanup(remove_unused_graph_inputs=False)
-        return from_gs(graph, model), None
+        folded = from_gs(graph, work)
+        cleanup(folded)
     except Exception as err:  # onnx-graphsurgeon/ORT cannot evaluate some graphs; folding is optional
         return model, f"constant folding skipped: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    problem = _invalid(folded, model)
+    if problem:  # when in doubt, leave the nodes: a fold that breaks the graph is no fold
+        return model, f"constant folding skipped: its result was not a valid graph ({problem})"
+    return folded, None
 
 
 class _IdentityElimination(ir_passes.IdentityEliminationPass):

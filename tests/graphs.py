@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["make_model", "conv_bn_relu", "conv_stack", "gemm_chain", "init", "if_model", "loop_model", "scan_model",
-           "SUBGRAPH_MODELS"]
+           "SUBGRAPH_MODELS", "streaming_if_model"]
 
 OPSET = 18
 
@@ -131,6 +131,50 @@ def scan_model(width: int = 64, seed: int = 0) -> onnx.ModelProto:
     return make_model(nodes, [_vi("x", ["T", width])], [_vi("y", ["T", width])],
                       [init("h0", np.zeros(width, np.float32)), init("w_h", w(width, width) * 0.5),
                        init("w_out", w(width, width))])
+
+
+def streaming_if_model(width: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """The pattern of a streaming audio model: a two-output If whose branches hold nested Ifs reading outer weights.
+
+    first = ReduceSum(x) > 0 chooses the outer branch, inner = ReduceMax(x) > 1 the nested one; every
+    MatMul weight (w_a, w_b, w_s) and the bias live in the main graph and are read inside the branches.
+    Outputs: y[N,width] and the carried state[N,width]; the outer branches share a shape-computed
+    Reshape target (Shape -> Gather) so fold has shape arithmetic to do inside them.
+    """
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)  # noqa: E731
+
+    def nested(tag: str, first: str, second: str) -> onnx.GraphProto:
+        inner_then = helper.make_graph(
+            [helper.make_node("MatMul", ["x", first], [f"{tag}_it0"]),
+             helper.make_node("Add", [f"{tag}_it0", "bias"], [f"{tag}_it"])],
+            f"{tag}_inner_then", [], [_vi(f"{tag}_it", ["N", width])])
+        inner_else = helper.make_graph(
+            [helper.make_node("MatMul", ["x", second], [f"{tag}_ie"])],
+            f"{tag}_inner_else", [], [_vi(f"{tag}_ie", ["N", width])])
+        return helper.make_graph(
+            [helper.make_node("If", ["inner"], [f"{tag}_h"], then_branch=inner_then, else_branch=inner_else),
+             helper.make_node("Shape", ["x"], [f"{tag}_shape"]),
+             helper.make_node("Gather", [f"{tag}_shape", "one"], [f"{tag}_width"], axis=0),
+             helper.make_node("Concat", ["minus_one", f"{tag}_width"], [f"{tag}_target"], axis=0),
+             helper.make_node("Reshape", [f"{tag}_h", f"{tag}_target"], [f"{tag}_r"]),
+             helper.make_node("Relu", [f"{tag}_r"], [f"{tag}_y"]),
+             helper.make_node("MatMul", [f"{tag}_r", "w_s"], [f"{tag}_state"])],
+            f"{tag}_branch", [], [_vi(f"{tag}_y", ["N", width]), _vi(f"{tag}_state", ["N", width])])
+
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["first"]),
+        helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0),
+        helper.make_node("Greater", ["peak", "one_f"], ["inner"]),
+        helper.make_node("If", ["first"], ["y", "state"], then_branch=nested("t", "w_a", "w_b"),
+                         else_branch=nested("e", "w_b", "w_a"), name="stream_if"),
+    ]
+    inits = [init("w_a", w(width, width)), init("w_b", w(width, width)), init("w_s", w(width, width)),
+             init("bias", rng.standard_normal(width).astype(np.float32) * 0.1), init("zero", np.array(0.0, np.float32)),
+             init("one_f", np.array(1.0, np.float32)), init("one", np.array([1], np.int64)),
+             init("minus_one", np.array([-1], np.int64))]
+    return make_model(nodes, [_vi("x", ["N", width])], [_vi("y", ["N", width]), _vi("state", ["N", width])], inits)
 
 
 #: Builders of the models with subgraphs, by name.

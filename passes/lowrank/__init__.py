@@ -91,7 +91,9 @@ def _batch1_shapes(model: ir.Model, data: Dataset | None) -> dict[str, tuple[int
         return None
     first = next(data.batches())
     fixed = any(spec.fixed_batch is not None for spec in input_specs(model))
-    return {k: tuple(v.shape) if fixed or not v.ndim else (1, *v.shape[1:]) for k, v in first.items()}
+    # sequence / optional inputs (lists, None) have no shape to count MACs at
+    return {k: tuple(v.shape) if fixed or not v.ndim else (1, *v.shape[1:]) for k, v in first.items()
+            if isinstance(v, np.ndarray)}
 
 
 def _lowest_macs_share(layers: Sequence[Layer], margin: float, total_macs: int) -> float:

@@ -144,7 +144,8 @@ def _input_shapes(data: Dataset | None) -> dict[str, tuple[int, ...]] | None:
     if data.arrays:
         return {k: (1, *v.shape[1:]) for k, v in data.arrays.items()}
     if data.feeds:
-        return {k: (1, *v.shape[1:]) if v.ndim else () for k, v in data.feeds[0].items()}
+        # sequence / optional inputs (lists, None) have no shape to count MACs at
+        return {k: (1, *v.shape[1:]) if v.ndim else () for k, v in data.feeds[0].items() if isinstance(v, np.ndarray)}
     return None
 
 

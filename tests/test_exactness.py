@@ -1,0 +1,240 @@
+"""Regression tests for the node-test sweep's findings (issue 15), each on a tiny hand-built graph."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxopt.config import build_config
+from onnxopt.data import InputSpec, load_dataset, input_specs, synthetic_dataset
+from onnxopt.errors import OnnxoptError
+from onnxopt.io import load_model, save_model
+from onnxopt.node_corpus import NodeCase, check_folder, write_case
+from onnxopt.opset import ensure_opset
+from onnxopt.pass_api import PassContext
+from onnxopt.plugins import load_registry
+from tests.graphs import _vi, init, make_model, streaming_if_model
+from tests.helpers import run_cli, run_model
+
+
+def _fold(proto: onnx.ModelProto, tmp_path: Path) -> onnx.ModelProto:
+    path = tmp_path / "in.onnx"
+    onnx.save(proto, str(path))
+    fold = load_registry().passes["fold"]
+    result = fold().apply(load_model(path), build_config(fold.Config, {}, pass_name="fold"), PassContext())
+    save_model(result.model, tmp_path / "out.onnx")
+    return onnx.load(str(tmp_path / "out.onnx"))
+
+
+def _ops(proto: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in proto.graph.node]
+
+
+@pytest.mark.parametrize("attrs", [{"start": 1}, {"end": -1}, {"start": 1, "end": 2}, {"start": -2}, {"start": 5}])
+def test_fold_shape_start_end_is_exact(attrs: dict[str, int], tmp_path: Path) -> None:
+    # graphsurgeon folded Shape(x, start=...) into the whole shape: 3 values where 2 (or 1, or 0) were asked for
+    proto = make_model([helper.make_node("Shape", ["x"], ["s"], **attrs), helper.make_node("Identity", ["s"], ["y"])],
+                       [_vi("x", [2, 3, 4])], [_vi("y", ["k"], TensorProto.INT64)])
+    x = np.zeros((2, 3, 4), np.float32)
+    folded = _fold(proto, tmp_path)
+    assert "Shape" not in _ops(folded), "a fully static Shape is folded"
+    expected = run_model(proto, {"x": x})[0]
+    got = run_model(folded, {"x": x} if folded.graph.input else {})[0]
+    assert got.tolist() == expected.tolist() == list((2, 3, 4)[slice(attrs.get("start"), attrs.get("end"))])
+
+
+def test_fold_takes_only_known_dims_of_a_partly_free_shape(tmp_path: Path) -> None:
+    # Shape(x, start=1) of x[N,3,4]: [3,4] is known although N is not; Gather/Slice of a whole Shape likewise
+    nodes = [
+        helper.make_node("Shape", ["x"], ["tail"], start=1),
+        helper.make_node("Shape", ["x"], ["full"]),
+        helper.make_node("Gather", ["full", "minus_one"], ["last"], axis=0),
+        helper.make_node("Slice", ["full", "one", "big"], ["rest"]),
+        helper.make_node("Shape", ["x"], ["head"], end=1),  # N: must stay a Shape node
+        helper.make_node("Concat", ["tail", "last", "rest", "head"], ["y"], axis=0),
+    ]
+    proto = make_model(nodes, [_vi("x", ["N", 3, 4])], [_vi("y", ["k"], TensorProto.INT64)],
+                       [init("minus_one", np.array([-1], np.int64)), init("one", np.array([1], np.int64)),
+                        init("big", np.array([2**62], np.int64))])
+    folded = _fold(proto, tmp_path)
+    assert _ops(folded).count("Shape") == 1, _ops(folded)
+    for n in (1, 5):
+        x = np.zeros((n, 3, 4), np.float32)
+        assert run_model(folded, {"x": x})[0].tolist() == run_model(proto, {"x": x})[0].tolist() == [3, 4, 4, 3, 4, n]
+
+
+def test_fold_leaves_random_ops(tmp_path: Path) -> None:
+    # folding RandomUniform would freeze one draw into the model
+    proto = make_model([helper.make_node("RandomUniform", [], ["r"], shape=[4], dtype=TensorProto.FLOAT),
+                        helper.make_node("Add", ["x", "r"], ["y"])], [_vi("x", [4])], [_vi("y", [4])])
+    assert "RandomUniform" in _ops(_fold(proto, tmp_path))
+
+
+def test_fold_never_materialises_a_huge_constant_of_shape(tmp_path: Path) -> None:
+    # 172 bytes of model asking for 4 GB: inspect took 3.9 GiB, prune wrote a 4 GB file
+    proto = make_model([helper.make_node("ConstantOfShape", ["shape"], ["big"]),
+                        helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+                        helper.make_node("Add", ["x", "s"], ["y"])],
+                       [_vi("x", [1])], [_vi("y", [1])], [init("shape", np.array([1000, 1000000], np.int64))])
+    path = tmp_path / "big.onnx"
+    onnx.save(proto, str(path))
+    model = load_model(path)
+    assert all(v.const_value is None or v.const_value.size < 10 for v in model.graph.initializers.values())
+    folded = _fold(proto, tmp_path)
+    assert "ConstantOfShape" in _ops(folded)
+    assert (tmp_path / "out.onnx").stat().st_size < 10_000
+    result = run_cli("inspect", path)
+    assert result.returncode == 0, result.stderr
+
+
+def _case_folder(proto: onnx.ModelProto, feed: list[np.ndarray], folder: Path) -> Path:
+    expected = run_model(proto, {i.name: x for i, x in zip(proto.graph.input, feed)})
+    write_case(NodeCase(folder.name, proto, feed, expected), folder)
+    return folder
+
+
+def test_streaming_if_pattern_goes_through_every_pass(tmp_path: Path) -> None:
+    # a two-output If whose branches hold nested Ifs reading outer-scope weights (a real streaming audio model):
+    # fold wrote it out of topological order, so nothing could be compressed
+    proto = streaming_if_model()
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32) + 0.5
+    folder = _case_folder(proto, [x], tmp_path / "stream")
+    runs = {r.label: r for r in check_folder(folder, list(load_registry().passes))}
+    assert {label: r.status for label, r in runs.items() if r.status != "ok"} == {}, {k: r.detail for k, r in runs.items()}
+    assert runs["fold"].changed and runs["quant"].changed and runs["cluster"].changed
+    folded = onnx.load(str(folder / "out-fold.onnx"))
+    inner = [n.op_type for node in folded.graph.node for a in node.attribute if a.g.node for n in a.g.node]
+    assert "Shape" not in inner and "If" in inner, inner  # the branch shape arithmetic folded, the nesting kept
+
+
+def test_declared_sequence_types_in_subgraphs_survive_load(tmp_path: Path) -> None:
+    # shape inference turned a branch's sequence value into a tensor: ORT then refused the saved model
+    seq_t = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [2]))
+    opt_t = helper.make_optional_type_proto(seq_t)
+    then_g = helper.make_graph([helper.make_node("SequenceConstruct", ["x"], ["s_then"]),
+                                helper.make_node("Optional", ["s_then"], ["o_then"])], "then", [],
+                               [helper.make_value_info("o_then", opt_t)])
+    else_g = helper.make_graph([helper.make_node("Optional", [], ["o_else"], type=seq_t)], "else", [],
+                               [helper.make_value_info("o_else", opt_t)])
+    proto = make_model([helper.make_node("If", ["c"], ["o"], then_branch=then_g, else_branch=else_g)],
+                       [_vi("x", [2]), _vi("c", [], TensorProto.BOOL)], [helper.make_value_info("o", opt_t)])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, str(path))
+    save_model(load_model(path), tmp_path / "saved.onnx")
+    out = run_model(tmp_path / "saved.onnx", {"x": np.ones(2, np.float32), "c": np.array(True)})
+    assert np.array_equal(out[0][0], np.ones(2, np.float32))
+
+
+def test_test_data_loader_reads_sequences_and_optionals(tmp_path: Path) -> None:
+    seq_t = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [2]))
+    opt_t = helper.make_optional_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [2]))
+    proto = make_model([helper.make_node("SequenceLength", ["s"], ["n"]), helper.make_node("OptionalHasElement", ["o"], ["h"])],
+                       [helper.make_value_info("s", seq_t), helper.make_value_info("o", opt_t)],
+                       [_vi("n", [], TensorProto.INT64), _vi("h", [], TensorProto.BOOL)])
+    values = [[np.ones(2, np.float32), np.zeros(2, np.float32)], np.full(2, 3.0, np.float32)]
+    write_case(NodeCase("seq", proto, values, [np.array(2), np.array(True)]), tmp_path)
+    dataset = load_dataset(tmp_path, input_specs(load_model(tmp_path / "model.onnx")))
+    feed = next(dataset.batches())
+    assert isinstance(feed["s"], list) and len(feed["s"]) == 2 and feed["o"].tolist() == [3.0, 3.0]
+    assert len(dataset) == 1
+
+
+def test_no_validate_builds_no_data(tmp_path: Path) -> None:
+    # a scalar input and inputs with different fixed first dims: building synthetic data crashed with IndexError
+    proto = make_model([helper.make_node("ReduceSum", ["a"], ["sa"], keepdims=0), helper.make_node("ReduceSum", ["b"], ["sb"], keepdims=0),
+                        helper.make_node("Add", ["sa", "sb"], ["t"]), helper.make_node("Add", ["t", "k"], ["y"])],
+                       [_vi("a", [3, 4]), _vi("b", [5, 2]), _vi("k", [])], [_vi("y", [])])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, str(path))
+    result = run_cli("apply", path, "--pass", "fold", "--no-validate", "-q", "-o", tmp_path / "out.onnx")
+    assert result.returncode == 0, result.stderr
+    # and when validation does build synthetic data, each feed has its own fixed batch and one scalar
+    specs = [InputSpec("a", np.dtype(np.float32), (3, 4)), InputSpec("b", np.dtype(np.float32), (5, 2)),
+             InputSpec("k", np.dtype(np.float32), ())]
+    feeds = list(synthetic_dataset(specs, samples=3).batches())
+    assert [{k: v.shape for k, v in f.items()} for f in feeds] == [{"a": (3, 4), "b": (5, 2), "k": ()}] * 3
+    result = run_cli("apply", path, "--pass", "fold", "-q", "-o", tmp_path / "out2.onnx")
+    assert result.returncode == 0, result.stderr
+
+
+def test_npz_decompression_is_capped(tmp_path: Path) -> None:
+    # a few hundred kB of zipped zeros claiming 400 MB: refused from the zip headers, before any array is read
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (100, 1000, 1000)})
+            chunk = bytes(2**20)
+            for _ in range(400):
+                member.write(chunk)
+    assert bomb.stat().st_size < 2_000_000
+    specs = [InputSpec("x", np.dtype(np.float32), ("N", 1000, 1000))]
+    result_env = {"ONNXOPT_MAX_DATA_BYTES": str(100 * 2**20)}
+    import os
+
+    old = os.environ.get("ONNXOPT_MAX_DATA_BYTES")
+    os.environ.update(result_env)
+    try:
+        with pytest.raises(OnnxoptError) as err:
+            load_dataset(bomb, specs)
+    finally:
+        if old is None:
+            del os.environ["ONNXOPT_MAX_DATA_BYTES"]
+        else:
+            os.environ["ONNXOPT_MAX_DATA_BYTES"] = old
+    message = str(err.value)
+    assert "104,857,600-byte limit" in message and "ONNXOPT_MAX_DATA_BYTES" in message and "\n" not in message
+
+
+def test_training_mode_nodes_are_warned_about(tmp_path: Path) -> None:
+    proto = make_model([helper.make_node("Dropout", ["x", "ratio", "train"], ["y"])], [_vi("x", [2, 8])], [_vi("y", [2, 8])],
+                       [init("ratio", np.array(0.5, np.float32)), init("train", np.array(True))])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, str(path))
+    result = run_cli("apply", path, "--pass", "fold", "--no-validate", "-q", "-o", tmp_path / "out.onnx")
+    assert result.returncode == 0, result.stderr
+    assert "training mode" in result.stderr and "warning:" in result.stderr
+
+
+def test_opset_upgrade_of_a_model_without_standard_ops_is_a_plain_import(tmp_path: Path) -> None:
+    # quant on an ai.onnx.ml-only model printed the converter's C++ assert and advised re-exporting
+    graph = helper.make_graph([helper.make_node("Normalizer", ["x"], ["y"], domain="ai.onnx.ml", norm="L2")], "ml",
+                              [_vi("x", [2, 3])], [_vi("y", [2, 3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 3)])
+    proto.ir_version = 9
+    path = tmp_path / "ml.onnx"
+    onnx.save(proto, str(path))
+    model, note = ensure_opset(load_model(path), 13)
+    assert model.opset_imports[""] == 13 and "no ai.onnx ops" in (note or "")
+    save_model(model, tmp_path / "out.onnx")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.allclose(run_model(tmp_path / "out.onnx", {"x": x})[0], run_model(proto, {"x": x})[0])
+
+
+def test_affine_grid_outer_scope_branches_go_through_fold_and_quant(tmp_path: Path) -> None:
+    # onnx's own node test: If branches read outer-scope values. fold printed onnx-ir lines before its rc-2
+    # line (graphsurgeon's If flattening left nodes out of order); quant died in clone_graph
+    from onnxopt.node_corpus import node_cases
+
+    case = node_cases(names=["test_affine_grid_2d_expanded"])[0]
+    write_case(case, tmp_path / case.name)
+    runs = {r.label: r for r in check_folder(tmp_path / case.name, ["fold", "quant"])}
+    # folding its shape arithmetic lets ORT's load-time checks see a 1-element Range input: fold gives that fold up
+    assert runs["fold"].status == "ok" and "expected outputs" in runs["fold"].detail, runs["fold"].detail
+    assert runs["quant"].status == "ok", runs["quant"].detail
+
+
+def test_sequence_input_data_goes_through_prune_and_lowrank(tmp_path: Path) -> None:
+    # once the loader read sequence .pb files, prune and lowrank took the list feed for an array (rc 1)
+    seq_t = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [2]))
+    proto = make_model([helper.make_node("SequenceAt", ["s", "zero"], ["t"]), helper.make_node("MatMul", ["t", "w"], ["y"])],
+                       [helper.make_value_info("s", seq_t)], [_vi("y", [4])],
+                       [init("zero", np.array(0, np.int64)), init("w", np.ones((2, 4), np.float32))])
+    values = [[np.ones(2, np.float32), np.zeros(2, np.float32)]]
+    write_case(NodeCase("seq_in", proto, values, [np.full(4, 2.0, np.float32)]), tmp_path / "seq_in")
+    runs = check_folder(tmp_path / "seq_in", ["prune", "lowrank"])
+    assert [(r.label, r.status) for r in runs] == [("prune", "ok"), ("lowrank", "ok")], [r.detail for r in runs]
