@@ -7,6 +7,7 @@ traceback unless ``--debug``); a result over ``--max-drop`` exits 3.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 import warnings
@@ -91,6 +92,21 @@ def cli(debug: bool) -> None:
     """Compress ONNX models and prove on ONNX Runtime what each pass cost and won."""
 
 
+def _apply_command(model: Path, names: list[str], settings: tuple[str, ...], recipe: Path | None, data: Path | None,
+                   eval_data: Path | None, metrics: tuple[str, ...], holdout: Path | None, output: Path | None) -> str:
+    """The run's command line (the options that matter to a budget), for the warning that shows how to hold one."""
+    parts = ["onnxopt", "apply", str(model)]
+    parts += ["--recipe", str(recipe)] if recipe is not None else ["--pass", ",".join(names)]
+    for item in settings:
+        parts += ["--set", item]
+    for flag, value in (("--data", data), ("--eval", eval_data), ("--holdout", holdout)):
+        parts += [flag, str(value)] if value is not None else []
+    for item in metrics:
+        parts += ["--metric", item]
+    parts += ["-o", str(output)] if output is not None else []
+    return shlex.join(parts)
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--pass", "passes", default=None, help="Comma-separated passes in order, e.g. fold,prune,quant.")
@@ -101,7 +117,12 @@ def cli(debug: bool) -> None:
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None, help="Evaluation data for validation.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2..", help="Synthetic inputs of this shape (fidelity only).")
 @click.option("--max-drop", type=float, default=None, help="Accuracy budget (0.01 = 1 pt); past it nothing is written.")
+@click.option("--metric", "metrics", multiple=True, metavar="OUTPUT=METRIC",
+              help="How an output's drop is measured: top1, cosine, snr, match, none or a plugin's metric (repeatable).")
+@click.option("--holdout", type=click.Path(path_type=Path), default=None,
+              help="Confirmation data: gate and report on it, choose on all of --eval (default: --eval split by --seed).")
 @click.option("--force", is_flag=True, help="Write the model even when it is over --max-drop.")
+@click.option("--no-rollback", is_flag=True, help="Under --max-drop, keep a pass that breaks it (the gate alone decides).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
 @click.option("--providers", default=None, help="Execution providers for validation, e.g. xnnpack (CPU is always added).")
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT intra-op threads for validation and latency.")
@@ -111,7 +132,8 @@ def cli(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_guarded
 def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[str, ...], recipe: Path | None,
-          data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None, force: bool,
+          data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None,
+          metrics: tuple[str, ...], holdout: Path | None, force: bool, no_rollback: bool,
           report_path: Path | None, providers: str | None, threads: int, external_data: bool | None, seed: int,
           no_validate: bool, quiet: bool) -> None:
     """Run passes on MODEL, validate against it on ONNX Runtime, and write the result to -o."""
@@ -119,8 +141,16 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
 
     names: list[str] = []
     merged: dict[str, dict[str, Any]] = {}
+    declared: dict[str, str] = {}
     if recipe is not None:
         names, merged = load_recipe(recipe)
+        table = merged.pop("metric", {})  # [metric] OUTPUT = "cosine": the drop metric per output, like --metric
+        declared.update({str(k): str(v) for k, v in table.items()})
+    for item in metrics:
+        output, sep, metric = item.partition("=")
+        if not sep or not output or not metric:
+            raise OnnxoptError(f"--metric {item!r} is not OUTPUT=METRIC", "e.g. --metric logits=top1 --metric boxes=cosine")
+        declared[output] = metric
     if passes:
         names = [p.strip() for p in passes.split(",") if p.strip()]
     for pass_name, values in parse_settings(settings).items():
@@ -131,7 +161,9 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
         run = run_apply(model, names, output, settings=merged, data=data, eval_data=eval_data, shapes=_shapes(shapes),
                         max_drop=max_drop, force=force, report=report_path,
                         providers=providers.split(",") if providers else None, threads=threads,
-                        external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress)
+                        external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress,
+                        metrics=declared, holdout=holdout, rollback=not no_rollback,
+                        command=_apply_command(model, names, settings, recipe, data, eval_data, metrics, holdout, output))
     print_report(run, Console(soft_wrap=True))
     if run.gate_passed is False:
         click.echo(f"error: measured drop {run.validation.drop:.4f} is over --max-drop {max_drop}"  # type: ignore[union-attr]

@@ -42,5 +42,12 @@ def print_search(result: SearchResult, console: Console | None = None) -> None:
     console.print(f"  {format_bytes(ref['size_bytes'])} -> {format_bytes(best['size_bytes'])} ({best.get('size_ratio') or 0:.1f}x smaller), "
                   f"{ref.get('latency_ms') or 0:.4f} -> {best['latency_ms']:.4f} ms ({best.get('speedup') or 0:.2f}x faster, "
                   f"{state.settings.get('threads', 1)} thread(s), batch {state.settings.get('latency_batch', 1)}), drop {best['drop'] * 100:.2f} pt{acc}")
+    if best.get("drop_confirmation") is not None:
+        split = state.settings.get("split", {})
+        over = "" if best.get("within_budget_confirmation", True) else " [bold red](over --max-drop)[/bold red]"
+        console.print(f"  picked on the selection part ({split.get('selection_samples', '?')} samples, drop "
+                      f"{best['drop_selection'] * 100:.2f} pt); on the confirmation part ({split.get('confirmation_samples', '?')} "
+                      f"samples no candidate was measured on): drop {best['drop_confirmation'] * 100:.2f} pt{over}, "
+                      f"optimism {best['optimism'] * 100:+.2f} pt")
     if state.output:
         console.print(f"wrote {escape(state.output)}")

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from onnxopt.data import Dataset
 from onnxopt.pass_api import PassContext
-from onnxopt.validate import collect_outputs, drop_between
+from onnxopt.validate import collect_outputs
 
 __all__ = ["FallbackResult", "run_fallback"]
 
@@ -81,7 +81,7 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
                 break
             trial = build(frozenset([*kept, name]))
             out = _first_output(trial, full, ctx)
-            trial_drop = drop_between(full_ref, out, full.labels)[0]
+            trial_drop = ctx.drop(reference, trial, full)  # every output, each by its metric: what the gate measures
             trial_error = _relative_error(full_ref, out)
             # Sensitivities measured one at a time do not add up exactly (a float node changes where its
             # neighbours are quantized): a node goes back to float only if that really lowers the drop
