@@ -208,13 +208,17 @@ def apply(
                                   declared=declared)
         run.validation.candidate.size_bytes = _candidate_size(candidate)
         if split is not None and selection is not None:
-            run.drop_selection = (chain.ledger[-1]["drop_selection"] if chain.ledger else
+            kept = [row for row in chain.ledger if row["action"] != "rolled back"]
+            run.drop_selection = (kept[-1]["drop_selection"] if kept else
                                   measure_drop(reference, candidate, selection, sessions, declared=declared,
                                                registered=registered))
         lossy = [p.pass_name for p, planned in zip(run.passes, plan) if p.modified and not planned.pass_.lossless]
         if max_drop is None and lossy and run.validation.drop > LOUD_DROP:
+            hand_set = [f"{p.name}.{k}" for p in plan for k in sorted(p.explicit & set(p.pass_.budget_keys))]
             run.warnings.append(_loud_warning(run.validation.drop, run.validation.drop_basis, lossy, command, src,
-                                              names, data, eval_data, output))
+                                              names, data, eval_data, output)
+                                + (f" (leave out --set {', '.join(hand_set)} to let the budget choose it: a strength "
+                                   "set by hand is kept, and rolled back if it breaks the budget)" if hand_set else ""))
     if max_drop is not None and run.validation is not None:
         run.gate_passed = run.validation.drop <= max_drop + 1e-12
     elif max_drop is not None:

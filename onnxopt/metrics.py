@@ -160,7 +160,7 @@ def choose_metric(reference: np.ndarray) -> tuple[str, str]:
     if _sums_to_one(reference):
         return "top1", f"[{shape}]: the last axis sums to 1 (probabilities over classes)"
     return "cosine", f"[{shape}]: not class scores (the last axis of {reference.shape[-1] if reference.ndim else 1} " \
-                     "is not a modest class axis and does not sum to 1), so 1 - cosine"
+                     "is not a modest class axis and does not sum to 1): compared as a signal"
 
 
 def _top1_drop(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> tuple[float, str, dict[str, float] | None]:
