@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-__all__ = ["BudgetChoice", "strongest_within", "margin", "BUDGET_TOLERANCE"]
+__all__ = ["BudgetChoice", "Drop", "strongest_within", "margin", "BUDGET_TOLERANCE", "SHARE_METRICS"]
 
 #: Drops within this of the budget count as within (float noise of a share).
 BUDGET_TOLERANCE = 1e-12
@@ -44,6 +44,18 @@ class BudgetChoice(Generic[T]):
                 "tried": self.tried, "reason": self.reason}
 
 
+#: Drop metrics that are a share of samples (a binomial standard error applies); others (cosine, SNR) get no margin.
+SHARE_METRICS = frozenset({"top1", "match"})
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A measured drop and, when it is a share of samples (top-1, match), how many: the margin's basis."""
+
+    value: float
+    samples: int | None = None
+
+
 def margin(drop: float, samples: int | None) -> float:
     """One standard error of a drop measured as a share of ``samples`` (binomial; at least that of one sample in n)."""
     if not samples:
@@ -54,7 +66,7 @@ def margin(drop: float, samples: int | None) -> float:
 
 def strongest_within(
     ladder: Sequence[T],
-    measure: Callable[[T], float],
+    measure: Callable[[T], float | Drop],
     limit: float,
     *,
     labels: Sequence[str] | None = None,
@@ -68,10 +80,12 @@ def strongest_within(
     between "no change" and it; greedy: weaker to stronger until a rung is
     over. None is chosen when even the weakest rung measured is over.
 
-    With ``samples`` (how many the drop was measured on), a rung counts as
-    within only when its drop plus one standard error (:func:`margin`) is:
-    picking the strongest of several noisy measurements flatters it (the
-    winner's curse), and the confirmation part is what it is judged on.
+    With ``samples`` (how many the drop was measured on), or when ``measure``
+    returns a :class:`Drop` that says so, a rung counts as within only when
+    its drop plus one standard error (:func:`margin`) is: picking the
+    strongest of several noisy measurements flatters it (the winner's curse),
+    and the confirmation part is what it is judged on. A drop that is not a
+    share of samples (1 - cosine) gets no margin.
     """
     labels = list(labels) if labels is not None else [str(v) for v in ladder]
     choice: BudgetChoice[T] = BudgetChoice(limit, rungs=labels, samples=samples)
@@ -79,14 +93,16 @@ def strongest_within(
         choice.reason = "empty ladder: nothing to choose"
         return choice
     measured: dict[int, float] = {}
+    pads: dict[int, float] = {}
 
     def within(i: int) -> bool:
         if i not in measured:
-            measured[i] = float(measure(ladder[i]))
-            pad = margin(measured[i], samples)
-            choice.tried.append({"setting": labels[i], "drop": measured[i], "margin": pad,
-                                 "within": measured[i] + pad <= limit + BUDGET_TOLERANCE})
-        return measured[i] + margin(measured[i], samples) <= limit + BUDGET_TOLERANCE
+            result = measure(ladder[i])
+            value, n = (result.value, result.samples) if isinstance(result, Drop) else (float(result), samples)
+            measured[i], pads[i] = float(value), margin(float(value), n)
+            choice.tried.append({"setting": labels[i], "drop": measured[i], "margin": pads[i],
+                                 "within": measured[i] + pads[i] <= limit + BUDGET_TOLERANCE})
+        return measured[i] + pads[i] <= limit + BUDGET_TOLERANCE
 
     if mode == "greedy":
         best = None
@@ -114,10 +130,10 @@ def strongest_within(
         return choice
     choice.chosen, choice.value, choice.label = best, ladder[best], labels[best]
     stronger = [labels[i] for i in measured if i > best]
-    pad = margin(measured[best], samples)
+    pad = pads[best]
     choice.reason = (f"{labels[best]}: the strongest setting measured within {limit * 100:.2f} pt "
                      f"({what} {measured[best] * 100:.2f} pt"
-                     + (f" + {pad * 100:.2f} pt, one standard error on {samples} samples)" if samples else ")")
+                     + (f" + {pad * 100:.2f} pt, one standard error of a share of samples)" if pad else ")")
                      + (f"; stronger settings tried were over ({', '.join(stronger)})" if stronger else
                         "; it is the strongest rung of the ladder"))
     return choice

@@ -130,15 +130,20 @@ class PassContext:
         return self.evaluation
 
     def drop(self, reference: ir.Model, candidate: ir.Model, data: Dataset | None = None) -> float:
+        """Drop of ``candidate`` against ``reference`` on the selection part (see :meth:`measured_drop`)."""
+        return self.measured_drop(reference, candidate, data).value
+
+    def measured_drop(self, reference: ir.Model, candidate: ir.Model, data: Dataset | None = None) -> Any:
         """Drop of ``candidate`` against ``reference`` on the selection part, as choosers measure it.
 
         Every output by its metric (:func:`onnxopt.validate.gated_drop`); top-1
         outputs by 1 - agreement with the reference even when the data has
         labels (an upper bound on the accuracy lost: flips do not cancel).
+        Returns an :class:`onnxopt.budget.Drop`: the drop and, when it is a
+        share of samples (top-1, match), how many (the budget's margin).
         """
-        from onnxopt.validate import measure_drop
-
-        from onnxopt.validate import collect_outputs, one_session_at_a_time
+        from onnxopt.budget import SHARE_METRICS, Drop
+        from onnxopt.validate import collect_outputs, measure_drop_detail, one_session_at_a_time
 
         dataset = data or self.evaluation or self.calibration
         if dataset is None:
@@ -153,8 +158,9 @@ class PassContext:
                 entry = (reference, dataset, collect_outputs(session, dataset, [o.name for o in session.get_outputs()]))
                 self._reference_outputs = entry
             cached = entry[2]
-        return measure_drop(reference, candidate, dataset, self.sessions, declared=self.metrics,
-                            registered=self.registered_metrics, reference_outputs=cached, use_labels=False)
+        value, metric = measure_drop_detail(reference, candidate, dataset, self.sessions, declared=self.metrics,
+                                            registered=self.registered_metrics, reference_outputs=cached, use_labels=False)
+        return Drop(value, len(dataset) if metric in SHARE_METRICS and dataset.arrays else None)
 
 
 class Pass(Generic[ConfigT]):

@@ -32,7 +32,7 @@ from onnxopt.io import has_external_data, tensor_bytes
 from onnxopt.sessions import LARGE_MODEL_BYTES, SessionFactory, run_batches
 
 __all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop", "drop_between",
-           "one_session_at_a_time", "latency_feed", "gated_drop"]
+           "one_session_at_a_time", "latency_feed", "gated_drop", "measure_drop_detail"]
 
 
 @dataclass
@@ -165,20 +165,34 @@ def gated_drop(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray], la
     return worst.drop, basis, worst.accuracy, [r.to_dict() for r in rows]
 
 
+def _with_metric(gated: tuple[float, str, Any, list[dict[str, Any]]]) -> tuple[float, str | None]:
+    drop, _, _, rows = gated
+    worst = [r for r in rows if r["metric"] != "none" and r["drop"] == drop]
+    return drop, worst[0]["metric"] if worst else None
+
+
 def measure_drop(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory, *,
                  declared: Mapping[str, str] | None = None, registered: Mapping[str, Metric] | None = None,
                  reference_outputs: dict[str, np.ndarray] | None = None, use_labels: bool = True) -> float:
+    """The gated drop of ``candidate`` against ``reference`` on ``dataset`` (see :func:`measure_drop_detail`)."""
+    return measure_drop_detail(reference, candidate, dataset, sessions, declared=declared, registered=registered,
+                               reference_outputs=reference_outputs, use_labels=use_labels)[0]
+
+
+def measure_drop_detail(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory, *,
+                 declared: Mapping[str, str] | None = None, registered: Mapping[str, Metric] | None = None,
+                 reference_outputs: dict[str, np.ndarray] | None = None, use_labels: bool = True) -> tuple[float, str | None]:
     """The gated drop of ``candidate`` against ``reference`` on ``dataset`` (outputs only: no latency).
 
     ``reference_outputs``, when given, are the reference's outputs on ``dataset`` (a cache the caller keeps).
     ``use_labels=False`` measures top-1 outputs by agreement with the reference even when the data has labels:
     1 - agreement bounds the accuracy lost from above and counts the flips that a net accuracy figure lets
-    cancel, which is what a chooser should guard against.
+    cancel, which is what a chooser should guard against. Returns the drop and the gated output's metric.
     """
     labels = dataset.labels if use_labels else None
     if one_session_at_a_time(reference, candidate):
         names, (ref, cand), _ = _run_one_at_a_time(reference, candidate, dataset, sessions)
-        return gated_drop(ref, cand, labels, declared, registered)[0]
+        return _with_metric(gated_drop(ref, cand, labels, declared, registered))
     cand_s = sessions.create(candidate)
     if reference_outputs is None:
         ref_s = sessions.create(reference)
@@ -191,7 +205,7 @@ def measure_drop(reference: ir.Model, candidate: ir.Model, dataset: Dataset, ses
             raise OnnxoptError("the candidate has none of the reference's outputs", f"reference outputs: {list(reference_outputs)}")
         ref = reference_outputs
     cand = collect_outputs(cand_s, dataset, names)
-    return gated_drop({n: ref[n] for n in names}, cand, labels, declared, registered)[0]
+    return _with_metric(gated_drop({n: ref[n] for n in names}, cand, labels, declared, registered))
 
 
 def validate(

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from onnxopt import Pass, PassResult, hookimpl
 from onnxopt.api import apply, load_data
-from onnxopt.budget import margin, strongest_within
+from onnxopt.budget import Drop, margin, strongest_within
 from onnxopt.data import Dataset
 from onnxopt.errors import OnnxoptError
 from onnxopt.io import load_model
@@ -174,6 +174,9 @@ def test_strongest_within_bisects_and_greedy_walks() -> None:
     padded = strongest_within(ladder, measure, 0.02, samples=100)
     assert padded.value is not None and padded.value < 5
     assert 0.004 * padded.value + margin(0.004 * padded.value, 100) <= 0.02
+    # the measure says per rung whether its drop is a share of samples (top-1) or not (1 - cosine: no margin)
+    assert strongest_within(ladder, lambda r: Drop(0.004 * r, 100), 0.02).value == padded.value
+    assert strongest_within(ladder, lambda r: Drop(0.004 * r, None), 0.02, samples=100).value == 5
 
 
 def test_chain_rolls_back_a_pass_forced_over_budget(tmp_path: Path, digits: Path) -> None:

@@ -353,7 +353,7 @@ def test_accuracy_budget_search(digits) -> None:
     assert v.ratio("macs") < 0.4  # the search went well past the fixed 0.5 target
     # every stronger rung tried was over (its drop plus one standard error on the selection samples)
     budget = report.figures["budget"]
-    assert run.split is not None and budget["samples"] == run.split["selection_samples"]
+    assert all(step["margin"] > 0 for step in budget["tried"])  # top-1 drops: a share of samples, with a margin
     assert all(step["drop"] + step["margin"] > 0.005 and not step["within"] for step in budget["tried"]
                if budget["ladder"] and float(step["setting"].split()[-1]) < float(budget["chosen"].split()[-1]) - 1e-9)
 

@@ -33,7 +33,7 @@ from onnxopt_passes.lowrank.layers import Layer, find_layers
 from onnxopt_passes.lowrank.ranks import allocate_macs, rank_for_energy, rank_for_ratio, rank_not_paying
 from onnxopt_passes.lowrank.rewrite import build_model
 from onnxopt_passes.lowrank.search import OutputProbe, measured_losses
-from onnxopt.budget import strongest_within
+from onnxopt.budget import Drop, strongest_within
 from onnxopt_passes.lowrank.stats import collect_moments
 
 __all__ = ["LowrankConfig", "LowrankPass", "DEFAULT_ENERGY", "factorize_layers"]
@@ -254,18 +254,16 @@ class LowrankPass(Pass[LowrankConfig]):
         floor = _lowest_macs_share(layers, config.margin, total_macs)
         plans: dict[float, Plan] = {}
 
-        def drop_at(share: float) -> float:
+        def drop_at(share: float) -> Drop | float:
             ranks = allocate_macs(layers, losses, config.margin, share * total_macs - fixed)
             plans[share] = [(layer, r, f) for layer, f, r in zip(layers, factorizations, ranks) if r]
-            return ctx.drop(model, build_model(model, plans[share])) if plans[share] else 0.0
+            return ctx.measured_drop(model, build_model(model, plans[share])) if plans[share] else 0.0
 
         # the shared budget helper over MACs shares, weaker (near 1) to stronger (the floor): 128 rungs, so
         # bisection takes at most 1 + 7 measurements
         ladder = [float(x) for x in np.linspace(1.0, floor, BUDGET_RUNGS + 1)[1:]]
         with ctx.progress.task("lowrank: accuracy budget search", total=None):
-            data = ctx.evaluation or ctx.calibration
-            choice = strongest_within(ladder, drop_at, ctx.max_drop, labels=[f"MACs target {x:.3f}" for x in ladder],
-                                      samples=len(data) if data is not None and data.arrays else None)
+            choice = strongest_within(ladder, drop_at, ctx.max_drop, labels=[f"MACs target {x:.3f}" for x in ladder])
         best = choice.value
         report.figures["budget"] = {**choice.to_dict(), "ladder": f"MACs target from 1 down to {floor:.3f} "
                                     f"({BUDGET_RUNGS} rungs, bisection)"}
