@@ -16,9 +16,8 @@ from onnxopt import Pass, PassResult, hookimpl
 from onnxopt.api import apply, load_data
 from onnxopt.budget import Drop, margin, strongest_within
 from onnxopt.data import Dataset
-from onnxopt.errors import OnnxoptError
 from onnxopt.io import load_model
-from onnxopt.metrics import choose_metric, output_drops
+from onnxopt.metrics import choose_metric
 from onnxopt.plugins import get_plugin_manager, load_registry
 from onnxopt.split import split_dataset
 from onnxopt.validate import validate
