@@ -248,9 +248,11 @@ def validate_models(
     seed: int = 0,
     progress: Progress | None = None,
     registry: Registry | None = None,
+    metrics: Mapping[str, str] | None = None,
 ) -> ValidationResult:
-    """Compare two model files on ORT (the `onnxopt validate` command)."""
+    """Compare two model files on ORT (the `onnxopt validate` command); ``metrics`` as in :func:`apply`."""
     registry = registry or load_registry()
+    declared = _check_metrics(metrics, registry)
     sessions = SessionFactory(providers=resolve_providers(providers), threads=threads)
     ref = load_model(reference)
     cand = load_model(candidate)
@@ -259,4 +261,4 @@ def validate_models(
         raise OnnxoptError("no data to validate on and the inputs have free dims",
                            "give --eval data.npz or --shape NAME=DIMS")
     return validate(ref, cand, dataset, sessions=sessions, metrics=list(registry.metrics.values()),
-                    progress=progress, reference_path=reference, candidate_path=candidate)
+                    progress=progress, reference_path=reference, candidate_path=candidate, declared=declared)

@@ -92,6 +92,17 @@ def cli(debug: bool) -> None:
     """Compress ONNX models and prove on ONNX Runtime what each pass cost and won."""
 
 
+def _declared(items: tuple[str, ...]) -> dict[str, str]:
+    """``--metric OUTPUT=METRIC`` values as a mapping, or a one-line error."""
+    out = {}
+    for item in items:
+        output, sep, metric = item.partition("=")
+        if not sep or not output or not metric:
+            raise OnnxoptError(f"--metric {item!r} is not OUTPUT=METRIC", "e.g. --metric logits=top1 --metric boxes=cosine")
+        out[output] = metric
+    return out
+
+
 def _apply_command(model: Path, names: list[str], settings: tuple[str, ...], recipe: Path | None, data: Path | None,
                    eval_data: Path | None, metrics: tuple[str, ...], holdout: Path | None, output: Path | None) -> str:
     """The run's command line (the options that matter to a budget), for the warning that shows how to hold one."""
@@ -146,11 +157,7 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
         names, merged = load_recipe(recipe)
         table = merged.pop("metric", {})  # [metric] OUTPUT = "cosine": the drop metric per output, like --metric
         declared.update({str(k): str(v) for k, v in table.items()})
-    for item in metrics:
-        output, sep, metric = item.partition("=")
-        if not sep or not output or not metric:
-            raise OnnxoptError(f"--metric {item!r} is not OUTPUT=METRIC", "e.g. --metric logits=top1 --metric boxes=cosine")
-        declared[output] = metric
+    declared.update(_declared(metrics))
     if passes:
         names = [p.strip() for p in passes.split(",") if p.strip()]
     for pass_name, values in parse_settings(settings).items():
@@ -220,13 +227,16 @@ def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
 @click.option("--providers", default=None, help="Execution providers, e.g. xnnpack (CPU is always added).")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--max-drop", type=float, default=None, help="Exit 3 when the drop is over this budget.")
+@click.option("--metric", "metrics", multiple=True, metavar="OUTPUT=METRIC",
+              help="How an output's drop is measured: top1, cosine, snr, match, none or a plugin's metric (repeatable).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write JSON here.")
 @click.option("--target", type=click.Choice(["host", "arm64"]), default="host", show_default=True,
               help="arm64: also run both models on the aarch64 onnxruntime under emulation (scripts/setup_arm64.sh).")
 @click.option("-q", "--quiet", is_flag=True)
 @_guarded
 def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: tuple[str, ...], providers: str | None,
-             threads: int, max_drop: float | None, report_path: Path | None, target: str, quiet: bool) -> None:
+             threads: int, max_drop: float | None, metrics: tuple[str, ...], report_path: Path | None, target: str,
+             quiet: bool) -> None:
     """Compare CANDIDATE with REFERENCE on ONNX Runtime: metrics, drop, size, latency."""
     from onnxopt.api import GATE_EXIT_CODE, validate_models
     from onnxopt.io import refuse_overwriting
@@ -242,7 +252,7 @@ def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: t
     with _progress(quiet) as progress:
         result = validate_models(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                  providers=providers.split(",") if providers and target == "host" else None,
-                                 threads=threads, progress=progress)
+                                 threads=threads, progress=progress, metrics=_declared(metrics))
     if target == "arm64":
         arm = validate_on_arm64(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                 providers=providers.split(",") if providers else None, threads=threads)
