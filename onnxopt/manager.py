@@ -247,7 +247,7 @@ def run_chain(
                 report.summary = "rolled back: no setting of its ladder kept the chain within --max-drop"
                 result = PassResult(current, False, report)
                 out.ledger.append({"pass": planned.name, "summary": report.summary, "action": "rolled back",
-                                   "reason": choice.reason, "tried": choice.tried,
+                                   "reason": choice.reason, "tried": len(choice.tried),
                                    **_last(out.ledger)})
         else:
             result = planned.pass_.apply(current, planned.config, pass_ctx)
