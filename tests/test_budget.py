@@ -210,3 +210,24 @@ def test_a_lossy_pass_without_budget_warns_loudly_with_the_command(tmp_path: Pat
     assert "--max-drop 0.01" in text and "--pass cluster" in text and "cluster.k" in text
     proc = run_cli(*args[:-2], "--max-drop", "0.02")  # with a budget: no such warning (k=2 set by hand is rolled back)
     assert "no budget was given" not in proc.stdout and "rolled back" in proc.stdout
+
+
+def test_registered_metrics_become_drops() -> None:
+    from onnxopt.metrics import Metric, metric_drop
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((16, 5)).astype(np.float32)
+    cand = ref + 0.1 * rng.standard_normal(ref.shape).astype(np.float32)
+    labels = ref.argmax(1)
+    close = Metric("close", lambda r, c: float(np.mean(np.abs(r - c) < 0.1)), "compare", True)
+    error = Metric("error", lambda r, c: float(np.abs(r - c).max()), "compare", False)
+    hits = Metric("hits", lambda o, y: float(np.mean(o.argmax(1) == y)), "labels", True)
+    registered = {m.name: m for m in (close, error, hits)}
+    assert metric_drop("close", ref, cand, None, registered)[0] == pytest.approx(1 - np.mean(np.abs(ref - cand) < 0.1))
+    assert metric_drop("error", ref, cand, None, registered)[0] == pytest.approx(np.abs(ref - cand).max())
+    drop, _, acc = metric_drop("hits", ref, cand, labels, registered)
+    assert acc is not None and drop == pytest.approx(1.0 - np.mean(cand.argmax(1) == labels))
+    snr = metric_drop("snr", ref, cand, None)[0]
+    assert snr == pytest.approx(np.sum((ref - cand) ** 2) / np.sum(ref ** 2), rel=1e-5)
+    with pytest.raises(KeyError):
+        metric_drop("nope", ref, cand, None, registered)
