@@ -17,14 +17,15 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.graph import training_mode_nodes
 from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, check_model_output, external_data_files, has_external_data, load_model, refuse_overwriting,
                         same_file, save_model, serialize_model, tensor_bytes)
-from onnxopt.manager import plan_passes, run_passes
+from onnxopt.manager import plan_passes, run_chain
 from onnxopt.pass_api import PassContext
 from onnxopt.plugins import Registry, load_registry
 from onnxopt.progress import Progress
 from onnxopt.report import RunReport, report_paths, write_report
 from onnxopt.sessions import SessionFactory, resolve_providers
+from onnxopt.split import split_dataset
 from onnxopt.timing import TimingConfig
-from onnxopt.validate import ValidationResult, one_session_at_a_time, validate
+from onnxopt.validate import ValidationResult, measure_drop, one_session_at_a_time, validate
 
 __all__ = ["apply", "validate_models", "load_data", "GATE_EXIT_CODE"]
 
@@ -69,6 +70,44 @@ def _candidate_size(model: ir.Model) -> int | None:
     return len(serialize_model(model))
 
 
+#: Without --max-drop, a lossy pass whose measured drop is over this (5 pt) gets a warning nobody can miss.
+LOUD_DROP = 0.05
+
+
+def _check_metrics(metrics: Mapping[str, str] | None, registry: Registry) -> dict[str, str]:
+    """``--metric`` values known to onnxopt (built-in drop metrics or registered ones), or a one-line error."""
+    from onnxopt.metrics import DROP_METRICS
+
+    out = {}
+    for output, metric in (metrics or {}).items():
+        if metric not in DROP_METRICS and metric not in registry.metrics:
+            raise OnnxoptError(f"--metric {output}={metric}: unknown metric",
+                               f"use one of {', '.join(DROP_METRICS)}" + (f" or a registered one ({', '.join(registry.metrics)})"
+                                                                          if registry.metrics else ""))
+        out[str(output)] = str(metric)
+    return out
+
+
+def _loud_warning(drop: float, basis: str, lossy: list[str], command: str | None, src: Path, names: Sequence[str],
+                  data: str | os.PathLike[str] | None, eval_data: str | os.PathLike[str] | None,
+                  output: str | os.PathLike[str] | None) -> str:
+    """The warning of a lossy run without a budget that lost more than :data:`LOUD_DROP`, with the command that holds one."""
+    import shlex
+
+    if command:
+        fixed = command + " --max-drop 0.01"
+    else:
+        parts = ["onnxopt", "apply", str(src), "--pass", ",".join(names)]
+        parts += ["--data", str(data)] if data is not None else []
+        parts += ["--eval", str(eval_data)] if eval_data is not None else []
+        parts += ["--max-drop", "0.01"] + (["-o", str(output)] if output is not None else [])
+        fixed = shlex.join(parts)
+    needs = "" if data is not None and eval_data is not None else \
+        " (give --data calib.npz and --eval eval.npz too: the passes choose their strength on them)"
+    return (f"{', '.join(lossy)} lost {drop * 100:.1f} pt ({basis}) and no budget was given. "
+            f"To let each pass choose the most compression within 1 pt, run: {fixed}{needs}")
+
+
 def apply(
     model: str | os.PathLike[str],
     passes: Sequence[str] | str,
@@ -88,6 +127,10 @@ def apply(
     validate_result: bool = True,
     progress: Progress | None = None,
     registry: Registry | None = None,
+    metrics: Mapping[str, str] | None = None,
+    holdout: str | os.PathLike[str] | None = None,
+    command: str | None = None,
+    rollback: bool = True,
     timing: TimingConfig | None = None,
 ) -> RunReport:
     """Load ``model``, run ``passes``, validate against the original on ORT, and save to ``output``.
@@ -95,12 +138,28 @@ def apply(
     ``settings`` is ``{pass: {key: value}}`` (the same keys as ``--set``).
     Nothing is written when a pass fails, or when the measured drop is over
     ``max_drop`` (unless ``force``); the input file is never modified.
+
+    ``eval_data`` is split by ``seed`` into a selection part (what passes
+    choose on) and a confirmation part (what the gate and the report are
+    measured on), unless ``holdout`` gives the confirmation set.
+    ``metrics`` declares the drop metric per output (``{output: "top1" |
+    "cosine" | "snr" | "match" | "none" | a registered metric}``).
+    ``command`` is the command line as typed, for the warning that shows how
+    to hold a budget. Under ``max_drop`` a pass that leaves the chain over it
+    (on the selection part) is rolled back unless ``rollback`` is False (then
+    the chain runs as asked and the gate alone decides).
     """
     src = Path(model)
     reports = report_paths(report)
     writes = [("output", output), *(("report", r) for r in reports),
               ("output data file", None if output is None else Path(output).with_name(Path(output).name + ".data"))]
-    refuse_overwriting([("the input model", src), ("the --data file", data), ("the --eval file", eval_data)], writes)
+    refuse_overwriting([("the input model", src), ("the --data file", data), ("the --eval file", eval_data),
+                        ("the --holdout file", holdout)], writes)
+    if holdout is not None and eval_data is None:
+        raise OnnxoptError("--holdout confirms what was chosen on --eval, but no --eval was given",
+                           "give --eval eval.npz too (or leave out --holdout)")
+    registry = registry or load_registry()
+    declared = _check_metrics(metrics, registry)
     for r in reports:
         if output is not None and same_file(output, r):
             raise OnnxoptError(f"--report {r} is the output model's path", "write the report to a .json file of its own")
@@ -110,7 +169,6 @@ def apply(
         if target is not None and not Path(target).resolve().parent.is_dir():
             raise OnnxoptError(f"{flag} {target}: folder {Path(target).parent} does not exist", "create it first or choose another path")
     names = [p.strip() for p in passes.split(",")] if isinstance(passes, str) else list(passes)
-    registry = registry or load_registry()
     plan = plan_passes(registry, names, settings)
     progress = progress or Progress(enabled=False)
     sessions = SessionFactory(providers=resolve_providers(providers), threads=threads)
@@ -123,18 +181,35 @@ def apply(
     refuse_overwriting([("a data file of the input model", f) for f in external_data_files(reference)], writes)
     calibration = load_data(reference, data, seed=seed)
     evaluation = load_data(reference, eval_data, shapes, seed=seed)
+    split = None
+    if evaluation is not None and not evaluation.fidelity_only:
+        split = split_dataset(evaluation, seed, holdout=load_data(reference, holdout, seed=seed) if holdout else None)
+    selection = split.selection if split is not None else evaluation
+    confirmation = split.confirmation if split is not None else evaluation
+    registered = dict(registry.metrics)
     ctx = PassContext(sessions=sessions, progress=progress, rng=np.random.default_rng(seed), calibration=calibration,
-                      evaluation=evaluation, base_dir=src.parent, max_drop=max_drop, seed=seed)
+                      evaluation=selection, base_dir=src.parent, max_drop=max_drop, seed=seed,
+                      confirmation=confirmation, metrics=declared, registered_metrics=registered)
     run = RunReport(input=str(src), output=str(output) if output is not None else None,
                     load_notes=list(reference.meta.get(LOAD_NOTES, [])), max_drop=max_drop)
     if training:
         run.notes.append(f"training-mode nodes: {', '.join(training)} (outputs vary per batch or run)")
-    candidate, run.passes = run_passes(reference, plan, ctx, registry)
-
+    if split is not None:
+        run.split = split.to_dict()
+        if not split.disjoint:
+            run.notes.append(f"selection and confirmation are the same samples ({split.how}): figures are optimistic")
     comparable = all(p.pass_.comparable for p in plan)
+    chain = run_chain(reference, plan, ctx, registry, ledger=validate_result and comparable and split is not None,
+                      timed=len(plan) > 1, rollback=rollback)
+    candidate, run.passes, run.ledger = chain.model, chain.reports, chain.ledger
+    lossy_asked = [p.name for p in plan if not p.pass_.lossless]
+    if chain.rollbacks and lossy_asked and len(chain.rollbacks) >= len(lossy_asked):
+        run.warnings.append(f"nothing was compressed within --max-drop {max_drop}: every lossy pass "
+                            f"({', '.join(lossy_asked)}) was rolled back (see the ledger); the output equals the input "
+                            "up to lossless passes")
     # --no-validate builds no data: synthetic inputs are for the check alone
     check_data = None if not validate_result else (
-        evaluation or calibration or (load_data(reference, None, synthetic_ok=True, seed=seed) if comparable else None))
+        confirmation or calibration or (load_data(reference, None, synthetic_ok=True, seed=seed) if comparable else None))
     if not validate_result:
         run.validation_note = "skipped (asked)"
     elif not comparable:
@@ -146,8 +221,21 @@ def apply(
             run.notes.append("validated on the calibration data (--data); give --eval for an unbiased figure")
         run.validation = validate(reference, candidate, check_data, sessions=sessions,
                                   metrics=list(registry.metrics.values()), progress=progress, reference_path=src,
-                                  timing=timing or TimingConfig(threads=threads))
+                                  timing=timing or TimingConfig(threads=threads),
+                                  declared=declared)
         run.validation.candidate.size_bytes = _candidate_size(candidate)
+        if split is not None and selection is not None:
+            kept = [row for row in chain.ledger if row["action"] != "rolled back"]
+            run.drop_selection = (kept[-1]["drop_selection"] if kept else
+                                  measure_drop(reference, candidate, selection, sessions, declared=declared,
+                                               registered=registered))
+        lossy = [p.pass_name for p, planned in zip(run.passes, plan) if p.modified and not planned.pass_.lossless]
+        if max_drop is None and lossy and run.validation.drop > LOUD_DROP:
+            hand_set = [f"{p.name}.{k}" for p in plan for k in sorted(p.explicit & set(p.pass_.budget_keys))]
+            run.warnings.append(_loud_warning(run.validation.drop, run.validation.drop_basis, lossy, command, src,
+                                              names, data, eval_data, output)
+                                + (f" (leave out --set {', '.join(hand_set)} to let the budget choose it: a strength "
+                                   "set by hand is kept, and rolled back if it breaks the budget)" if hand_set else ""))
     if max_drop is not None and run.validation is not None:
         run.gate_passed = run.validation.drop <= max_drop + 1e-12
     elif max_drop is not None:
@@ -177,10 +265,12 @@ def validate_models(
     seed: int = 0,
     progress: Progress | None = None,
     registry: Registry | None = None,
+    metrics: Mapping[str, str] | None = None,
     timing: TimingConfig | None = None,
 ) -> ValidationResult:
-    """Compare two model files on ORT (the `onnxopt validate` command)."""
+    """Compare two model files on ORT (the `onnxopt validate` command); ``metrics`` as in :func:`apply`."""
     registry = registry or load_registry()
+    declared = _check_metrics(metrics, registry)
     sessions = SessionFactory(providers=resolve_providers(providers), threads=threads)
     ref = load_model(reference)
     cand = load_model(candidate)
@@ -190,4 +280,4 @@ def validate_models(
                            "give --eval data.npz or --shape NAME=DIMS")
     return validate(ref, cand, dataset, sessions=sessions, metrics=list(registry.metrics.values()),
                     progress=progress, reference_path=reference, candidate_path=candidate,
-                    timing=timing or TimingConfig(threads=threads))
+                    timing=timing or TimingConfig(threads=threads), declared=declared)

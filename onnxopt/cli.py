@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -122,6 +123,32 @@ def cli(debug: bool, no_plugins: bool) -> None:
         os.environ[ALLOW_ENV] = "none"  # the environment, so that search's worker processes load none either
 
 
+def _declared(items: tuple[str, ...]) -> dict[str, str]:
+    """``--metric OUTPUT=METRIC`` values as a mapping, or a one-line error."""
+    out = {}
+    for item in items:
+        output, sep, metric = item.partition("=")
+        if not sep or not output or not metric:
+            raise OnnxoptError(f"--metric {item!r} is not OUTPUT=METRIC", "e.g. --metric logits=top1 --metric boxes=cosine")
+        out[output] = metric
+    return out
+
+
+def _apply_command(model: Path, names: list[str], settings: tuple[str, ...], recipe: Path | None, data: Path | None,
+                   eval_data: Path | None, metrics: tuple[str, ...], holdout: Path | None, output: Path | None) -> str:
+    """The run's command line (the options that matter to a budget), for the warning that shows how to hold one."""
+    parts = ["onnxopt", "apply", str(model)]
+    parts += ["--recipe", str(recipe)] if recipe is not None else ["--pass", ",".join(names)]
+    for item in settings:
+        parts += ["--set", item]
+    for flag, value in (("--data", data), ("--eval", eval_data), ("--holdout", holdout)):
+        parts += [flag, str(value)] if value is not None else []
+    for item in metrics:
+        parts += ["--metric", item]
+    parts += ["-o", str(output)] if output is not None else []
+    return shlex.join(parts)
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--pass", "passes", default=None, help="Comma-separated passes in order, e.g. fold,prune,quant.")
@@ -132,7 +159,12 @@ def cli(debug: bool, no_plugins: bool) -> None:
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None, help="Evaluation data for validation.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2..", help="Synthetic inputs of this shape (fidelity only).")
 @click.option("--max-drop", type=float, default=None, help="Accuracy budget (0.01 = 1 pt); past it nothing is written.")
+@click.option("--metric", "metrics", multiple=True, metavar="OUTPUT=METRIC",
+              help="How an output's drop is measured: top1, cosine, snr, match, none or a plugin's metric (repeatable).")
+@click.option("--holdout", type=click.Path(path_type=Path), default=None,
+              help="Confirmation data: gate and report on it, choose on all of --eval (default: --eval split by --seed).")
 @click.option("--force", is_flag=True, help="Write the model even when it is over --max-drop.")
+@click.option("--no-rollback", is_flag=True, help="Under --max-drop, keep a pass that breaks it (the gate alone decides).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), multiple=True,
               help="Write the report here: JSON, or a self-contained HTML page for a .html name (repeatable: one of each).")
 @click.option("--providers", default=None, help="Execution providers for validation, e.g. dnnl (CPU is always added).")
@@ -144,7 +176,8 @@ def cli(debug: bool, no_plugins: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_guarded
 def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[str, ...], recipe: Path | None,
-          data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None, force: bool,
+          data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None,
+          metrics: tuple[str, ...], holdout: Path | None, force: bool, no_rollback: bool,
           report_path: tuple[Path, ...], providers: str | None, threads: int, external_data: bool | None, seed: int,
           no_validate: bool, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
     """Run passes on MODEL, validate against it on ONNX Runtime, and write the result to -o."""
@@ -152,8 +185,12 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
 
     names: list[str] = []
     merged: dict[str, dict[str, Any]] = {}
+    declared: dict[str, str] = {}
     if recipe is not None:
         names, merged = load_recipe(recipe)
+        table = merged.pop("metric", {})  # [metric] OUTPUT = "cosine": the drop metric per output, like --metric
+        declared.update({str(k): str(v) for k, v in table.items()})
+    declared.update(_declared(metrics))
     if passes:
         names = [p.strip() for p in passes.split(",") if p.strip()]
     from_recipe = set(merged)
@@ -170,7 +207,9 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
                         max_drop=max_drop, force=force, report=list(report_path),
                         providers=providers.split(",") if providers else None, threads=threads,
                         external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress,
-                        timing=_timing(repeat, time_budget, isolate, threads))
+                        timing=_timing(repeat, time_budget, isolate, threads),
+                        metrics=declared, holdout=holdout, rollback=not no_rollback,
+                        command=_apply_command(model, names, settings, recipe, data, eval_data, metrics, holdout, output))
     console = Console(soft_wrap=True)
     print_report(run, console)
     if output is None:
@@ -230,6 +269,8 @@ def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
 @click.option("--providers", default=None, help="Execution providers, e.g. xnnpack (CPU is always added).")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--max-drop", type=float, default=None, help="Exit 3 when the drop is over this budget.")
+@click.option("--metric", "metrics", multiple=True, metavar="OUTPUT=METRIC",
+              help="How an output's drop is measured: top1, cosine, snr, match, none or a plugin's metric (repeatable).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), multiple=True,
               help="Write the report here: JSON, or an HTML page for a .html name (repeatable).")
 @click.option("--target", type=click.Choice(["host", "arm64"]), default="host", show_default=True,
@@ -238,8 +279,8 @@ def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True)
 @_guarded
 def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: tuple[str, ...], providers: str | None,
-             threads: int, max_drop: float | None, report_path: tuple[Path, ...], target: str, repeat: int, time_budget: float,
-             isolate: bool, quiet: bool) -> None:
+             threads: int, max_drop: float | None, metrics: tuple[str, ...], report_path: tuple[Path, ...], target: str,
+             repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
     """Compare CANDIDATE with REFERENCE on ONNX Runtime: metrics, drop, size, latency."""
     from onnxopt.api import GATE_EXIT_CODE, validate_models
     from onnxopt.io import refuse_overwriting
@@ -257,7 +298,8 @@ def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: t
     with _progress(quiet) as progress:
         result = validate_models(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                  providers=providers.split(",") if providers and target == "host" else None,
-                                 threads=threads, progress=progress, timing=_timing(repeat, time_budget, isolate, threads))
+                                 threads=threads, progress=progress, timing=_timing(repeat, time_budget, isolate, threads),
+                                 metrics=_declared(metrics))
     if target == "arm64":
         arm = validate_on_arm64(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                 providers=providers.split(",") if providers else None, threads=threads)

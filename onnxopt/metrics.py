@@ -8,13 +8,14 @@ the hook specs, the plugins and validation all import it from above.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["Metric", "top1_accuracy", "top1_agreement", "cosine", "snr_db", "max_abs_error", "BUILTIN_METRICS"]
+__all__ = ["Metric", "top1_accuracy", "top1_agreement", "cosine", "snr_db", "max_abs_error", "BUILTIN_METRICS",
+           "DROP_METRICS", "OutputDrop", "choose_metric", "metric_drop", "output_drops", "snr_drop"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +107,150 @@ BUILTIN_METRICS = (
     Metric("snr_db", snr_db, "compare", True, "signal-to-noise ratio against the reference, dB"),
     Metric("max_abs_error", max_abs_error, "compare", False, "largest absolute difference from the reference"),
 )
+
+
+# -- what "drop" means, per output ---------------------------------------------------------------------------------
+
+#: Metrics ``--metric OUTPUT=NAME`` accepts besides registered (plugin) metrics; each turns into a drop in [0, 1].
+DROP_METRICS = ("top1", "cosine", "snr", "match", "none")
+#: A last axis of at most this many entries can be classes (a 2-D [N, C] output); beyond it, it is more likely anchors.
+MAX_CLASSES = 1000
+#: Probabilities along the last axis sum to 1 within this tolerance (softmax outputs: classes at any rank).
+SUM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class OutputDrop:
+    """One output's drop: the metric used, why, and the figure (accuracies when labels applied)."""
+
+    output: str
+    metric: str
+    reason: str
+    drop: float
+    accuracy: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"output": self.output, "metric": self.metric, "reason": self.reason, "drop": self.drop,
+                "accuracy": self.accuracy}
+
+
+def _sums_to_one(a: np.ndarray) -> bool:
+    if not _is_scores(a) or a.size == 0 or a.shape[-1] > 100_000:
+        return False
+    sample = a.reshape(-1, a.shape[-1])[:256].astype(np.float64)
+    with np.errstate(all="ignore"):
+        return bool(np.all(sample >= -1e-6) and np.allclose(sample.sum(axis=1), 1.0, atol=SUM_TOLERANCE))
+
+
+def choose_metric(reference: np.ndarray) -> tuple[str, str]:
+    """The safe automatic metric for one output and why: top-1 only where the last axis really is classes."""
+    if reference.dtype == np.bool_ or np.issubdtype(reference.dtype, np.integer):
+        return "match", f"{reference.dtype} output: share of samples whose values all match"
+    if not np.issubdtype(reference.dtype, np.floating):
+        return "match", f"{reference.dtype} output: exact equality"
+    shape = "×".join(map(str, reference.shape))
+    if reference.ndim == 2 and 2 <= reference.shape[1] <= MAX_CLASSES:
+        return "top1", f"[{shape}]: 2-D [N, C] with C = {reference.shape[1]} <= {MAX_CLASSES}, read as class scores"
+    if _sums_to_one(reference):
+        return "top1", f"[{shape}]: the last axis sums to 1 (probabilities over classes)"
+    return "cosine", f"[{shape}]: not class scores (the last axis of {reference.shape[-1] if reference.ndim else 1} " \
+                     "is not a modest class axis and does not sum to 1): compared as a signal"
+
+
+def _top1_drop(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> tuple[float, str, dict[str, float] | None]:
+    if labels is not None:
+        ref_acc, cand_acc = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
+        if ref_acc is not None and cand_acc is not None:
+            return ref_acc - cand_acc, "top-1 accuracy (labels)", {"reference": ref_acc, "candidate": cand_acc}
+    agreement = top1_agreement(reference, candidate)
+    if agreement is None:
+        return 1.0 if not np.array_equal(reference, candidate) else 0.0, "exact equality (not a score output)", None
+    return 1.0 - agreement, "1 - top-1 agreement with the reference", None
+
+
+def snr_drop(reference: np.ndarray, candidate: np.ndarray) -> float | None:
+    """Error power over signal power (1 / linear SNR), capped at 1: 20 dB is a drop of 0.01, 30 dB 0.001."""
+    db = snr_db(reference, candidate)
+    if db is None:
+        return None
+    if np.isnan(db):
+        return 1.0
+    return float(min(1.0, 10.0 ** (-db / 10.0))) if np.isfinite(db) else (0.0 if db > 0 else 1.0)
+
+
+def _match_drop(reference: np.ndarray, candidate: np.ndarray) -> float:
+    if reference.shape != candidate.shape:
+        return 1.0
+    if reference.ndim == 0 or reference.shape[0] == 0:
+        return 0.0 if np.array_equal(reference, candidate) else 1.0
+    same = (reference.reshape(reference.shape[0], -1) == candidate.reshape(candidate.shape[0], -1)).all(axis=1)
+    return 1.0 - float(np.mean(same))
+
+
+def metric_drop(metric: str, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
+                registered: Mapping[str, Metric] | None = None) -> tuple[float, str, dict[str, float] | None]:
+    """The drop of one output under ``metric`` (a built-in of :data:`DROP_METRICS` or a registered metric), its basis."""
+    if metric == "top1":
+        return _top1_drop(reference, candidate, labels)
+    if metric == "cosine":
+        cos = cosine(reference, candidate)
+        if cos is None:
+            return _match_drop(reference, candidate), "exact equality (no cosine for this output)", None
+        return (1.0 if np.isnan(cos) else max(0.0, 1.0 - cos)), "1 - cosine similarity with the reference", None
+    if metric == "snr":
+        value = snr_drop(reference, candidate)
+        if value is None:
+            return _match_drop(reference, candidate), "exact equality (no SNR for this output)", None
+        return value, "error power / signal power (1 / linear SNR)", None
+    if metric == "match":
+        return _match_drop(reference, candidate), "1 - share of samples matching exactly", None
+    plugin = (registered or {}).get(metric)
+    if plugin is None:
+        raise KeyError(metric)
+    # a registered metric as a drop: compare metrics are read as a share (1 - value when higher is better);
+    # label metrics as the reference's figure minus the candidate's
+    if plugin.kind == "labels":
+        if labels is None:
+            raise ValueError(f"metric {metric} needs labels in the evaluation data")
+        ref_v, cand_v = plugin.fn(reference, labels), plugin.fn(candidate, labels)
+        if ref_v is None or cand_v is None:
+            raise ValueError(f"metric {metric} does not apply to this output")
+        return (ref_v - cand_v) if plugin.higher_is_better else (cand_v - ref_v), f"{metric} (labels)", \
+            {"reference": ref_v, "candidate": cand_v}
+    value = plugin.fn(reference, candidate)
+    if value is None:
+        raise ValueError(f"metric {metric} does not apply to this output")
+    return ((1.0 - value) if plugin.higher_is_better else value), f"{metric} against the reference", None
+
+
+def output_drops(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], labels: np.ndarray | None,
+                 declared: Mapping[str, str] | None = None,
+                 registered: Mapping[str, Metric] | None = None) -> tuple[OutputDrop | None, list[OutputDrop]]:
+    """Each output's drop under its declared (else automatic) metric, and the one gated: the worst.
+
+    When some outputs are declared, only those are gated; ``none`` leaves an
+    output out. Labels go to the first output read as top-1 whose rows match
+    them in number (the data's labels describe one output).
+    """
+    declared = dict(declared or {})
+    rows: list[OutputDrop] = []
+    labels_used = False
+    for name, ref in reference.items():
+        if name not in candidate:
+            continue
+        if name in declared:
+            metric, reason = declared[name], "declared (--metric)"
+        else:
+            metric, reason = choose_metric(ref)
+        if metric == "none":
+            rows.append(OutputDrop(name, "none", reason + ": not gated", 0.0))
+            continue
+        use_labels = None
+        if labels is not None and not labels_used and ref.ndim >= 2 and ref.reshape(-1, ref.shape[-1]).shape[0] == labels.reshape(-1).shape[0]:
+            use_labels = labels
+        drop, basis, accuracy = metric_drop(metric, ref, candidate[name], use_labels, registered)
+        labels_used = labels_used or accuracy is not None
+        rows.append(OutputDrop(name, metric, f"{reason}; {basis}", float(drop), accuracy))
+    gated = [r for r in rows if r.metric != "none" and (not declared or r.output in declared)]
+    worst = max(gated, key=lambda r: r.drop) if gated else None
+    return worst, rows

@@ -120,10 +120,16 @@ class PassResult:
 class PassContext:
     """What passes share in one run.
 
-    ``calibration`` comes from ``--data``, ``evaluation`` from ``--eval``;
-    ``rng`` is seeded per run; ``sessions`` makes ORT sessions; ``base_dir``
-    resolves relative paths in configs (for example distill's teacher);
-    ``max_drop`` is the run's accuracy budget, for passes that search within it.
+    ``calibration`` comes from ``--data``; ``evaluation`` is the *selection*
+    part of ``--eval`` (:mod:`onnxopt.split`): whatever a pass chooses on data
+    it chooses on this, never on the confirmation part the gate and the
+    report are measured on (``confirmation``, for the manager's ledger only:
+    a pass must not read it). ``rng`` is seeded per run; ``sessions`` makes
+    ORT sessions; ``base_dir`` resolves relative paths in configs (for example
+    distill's teacher); ``max_drop`` is what is left of the run's accuracy
+    budget, for passes that search within it; ``metrics`` declares the drop
+    metric per output (``--metric``) and ``registered_metrics`` holds the
+    plugins' metrics it may name.
     """
 
     sessions: SessionFactory = field(default_factory=SessionFactory)
@@ -134,6 +140,10 @@ class PassContext:
     base_dir: Path = field(default_factory=Path.cwd)
     max_drop: float | None = None
     seed: int = 0
+    confirmation: Dataset | None = None
+    metrics: dict[str, str] = field(default_factory=dict)
+    registered_metrics: dict[str, Any] = field(default_factory=dict)
+    _reference_outputs: tuple[Any, Any, dict[str, np.ndarray]] | None = field(default=None, repr=False, compare=False)
 
     def require_calibration(self, pass_name: str) -> Dataset:
         """The calibration data, or a one-line error naming the flag that gives it."""
@@ -148,13 +158,37 @@ class PassContext:
         return self.evaluation
 
     def drop(self, reference: ir.Model, candidate: ir.Model, data: Dataset | None = None) -> float:
-        """Accuracy drop of ``candidate`` against ``reference`` on evaluation data (see :mod:`onnxopt.validate`)."""
-        from onnxopt.validate import measure_drop
+        """Drop of ``candidate`` against ``reference`` on the selection part (see :meth:`measured_drop`)."""
+        return self.measured_drop(reference, candidate, data).value
+
+    def measured_drop(self, reference: ir.Model, candidate: ir.Model, data: Dataset | None = None) -> Any:
+        """Drop of ``candidate`` against ``reference`` on the selection part, as choosers measure it.
+
+        Every output by its metric (:func:`onnxopt.validate.gated_drop`); top-1
+        outputs by 1 - agreement with the reference even when the data has
+        labels (an upper bound on the accuracy lost: flips do not cancel).
+        Returns an :class:`onnxopt.budget.Drop`: the drop and, when it is a
+        share of samples (top-1, match), how many (the budget's margin).
+        """
+        from onnxopt.budget import SHARE_METRICS, Drop
+        from onnxopt.validate import collect_outputs, measure_drop_detail, one_session_at_a_time
 
         dataset = data or self.evaluation or self.calibration
         if dataset is None:
             raise OnnxoptError("measuring an accuracy drop needs data", "give --eval eval.npz (or --data)")
-        return measure_drop(reference, candidate, dataset, self.sessions)
+        cached = None
+        if not one_session_at_a_time(reference, candidate):
+            # searches measure many candidates against one reference: its outputs are kept (one entry, which also
+            # holds the reference and data alive, so ids cannot be reused while cached)
+            entry = self._reference_outputs
+            if entry is None or entry[0] is not reference or entry[1] is not dataset:
+                session = self.sessions.create(reference)
+                entry = (reference, dataset, collect_outputs(session, dataset, [o.name for o in session.get_outputs()]))
+                self._reference_outputs = entry
+            cached = entry[2]
+        value, metric = measure_drop_detail(reference, candidate, dataset, self.sessions, declared=self.metrics,
+                                            registered=self.registered_metrics, reference_outputs=cached, use_labels=False)
+        return Drop(value, len(dataset) if metric in SHARE_METRICS and dataset.arrays else None)
 
 
 class Pass(Generic[ConfigT]):
@@ -202,6 +236,18 @@ class Pass(Generic[ConfigT]):
     def corpus_settings(cls, model_path: Path) -> dict[str, Any]:
         """Settings the pass needs to run on an arbitrary corpus model at all (e.g. a teacher model)."""
         return {}
+    #: Config keys that set the pass's strength: a user who sets any of them chooses it, the budget does not.
+    budget_keys: ClassVar[tuple[str, ...]] = ()
+    #: The pass turns ``ctx.max_drop`` into its strength inside ``run`` (through :mod:`onnxopt.budget`).
+    budget_inside: ClassVar[bool] = False
+
+    def budget_ladder(self, config: ConfigT, ctx: PassContext) -> list[tuple[str, ConfigT]]:
+        """Settings from weaker to stronger, each a label and a config, for :func:`onnxopt.budget.strongest_within`.
+
+        The manager tries them under ``--max-drop`` (with ``--eval``) unless
+        the user set one of :attr:`budget_keys`; empty means no ladder.
+        """
+        return []
 
     @classmethod
     def summary(cls) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.panel import Panel
 from rich.table import Table
 
 from onnxopt.errors import OnnxoptError
@@ -60,6 +61,25 @@ class RunReport:
     gate_passed: bool | None = None
     notes: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=environment)
+    #: how --eval was split into selection and confirmation (None: no split)
+    split: dict[str, Any] | None = None
+    #: the final model's drop on the selection part (the validation's drop is on the confirmation part)
+    drop_selection: float | None = None
+    #: one row per pass of the chain: drops on both parts, size, latency, kept / rolled back
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    #: warnings that must not be missed (printed first)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def optimism(self) -> float | None:
+        """Confirmation drop minus selection drop: how much the choices flattered the data they were made on."""
+        if self.drop_selection is None or self.validation is None:
+            return None
+        return self.validation.drop - self.drop_selection
+
+    def budget_choices(self) -> list[dict[str, Any]]:
+        """What --max-drop chose per pass: setting, ladder, tried rungs, why."""
+        return [{"pass": p.pass_name, **p.figures["budget"]} for p in self.passes if "budget" in p.figures]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +94,13 @@ class RunReport:
             "gate_passed": self.gate_passed,
             "notes": self.notes,
             "environment": self.env,
+            "warnings": self.warnings,
+            "split": self.split,
+            "drop_selection": self.drop_selection,
+            "drop_confirmation": self.validation.drop if self.validation is not None else None,
+            "optimism": self.optimism,
+            "ledger": self.ledger,
+            "budget_choices": self.budget_choices(),
         }
 
 
@@ -157,6 +184,10 @@ def format_bytes(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
+def _pt(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f} pt"
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -199,6 +230,10 @@ def _print_metrics(console: Console, v: ValidationResult) -> None:
 def print_report(report: RunReport, console: Console | None = None) -> None:
     """Tables: passes, per-output metrics, model figures; then the verdict."""
     console = console or Console(soft_wrap=True)
+    for warning in report.warnings:
+        # wrapped inside the panel (soft wrap would crop it): every word of the command must show
+        console.print(Panel(escape(warning), title="[bold]WARNING[/bold]", border_style="bold red", style="bold red"),
+                      soft_wrap=False)
     for p in report.passes:  # first, so they cannot be missed
         for warning in p.warnings:
             console.print(f"[bold red]WARNING ({p.pass_name}): {escape(warning)}[/bold red]")
@@ -213,6 +248,22 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     for p in report.passes:
         for note in p.notes:
             console.print(f"[dim]{p.pass_name}: {escape(note)}[/dim]")
+    for choice in report.budget_choices():
+        tried = ", ".join(f"{t['setting']}: {t['drop'] * 100:.2f} pt{'' if t['within'] else ' (over)'}" for t in choice["tried"])
+        console.print(f"{escape(choice['pass'])}: --max-drop {choice['limit']:g} chose "
+                      f"{escape(str(choice['chosen'] or 'nothing (pass not applied)'))}; tried {escape(tried)}")
+    if report.ledger:
+        ledger = Table(title="ledger (the chain against the original after each pass)", title_justify="left")
+        for col in ("pass", "action", "drop selection", "drop confirmation", "size", "latency ms"):
+            ledger.add_column(col)
+        for row in report.ledger:
+            action = row["action"] if row["action"] != "rolled back" else "[bold red]rolled back[/bold red]"
+            ledger.add_row(escape(row["pass"]), action, _pt(row.get("drop_selection")), _pt(row.get("drop_confirmation")),
+                           format_bytes(row.get("size_bytes")), _fmt(row.get("latency_ms")))
+        console.print(ledger)
+        for row in report.ledger:
+            if row["action"] == "rolled back":
+                console.print(f"[bold]{escape(row['pass'])} rolled back[/bold]: {escape(str(row.get('reason', '')))}")
     v = report.validation
     if v is None:
         console.print(f"validation: {escape(report.validation_note or 'not run')}")
@@ -238,10 +289,17 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
                           f"{'paired blocks' if lat.paired else 'runs each'} in {lat.seconds:.1f} s, 95% interval[/dim]")
             for warning in lat.warnings:
                 console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-        drop = f"drop {v.drop * 100:.2f} pt ({v.drop_basis})"
+        for row in v.drop_outputs if len(v.drop_outputs) > 1 or any(r["metric"] != "top1" for r in v.drop_outputs) else []:
+            console.print(f"[dim]drop of {escape(row['output'])}: {row['drop'] * 100:.2f} pt, metric {row['metric']} "
+                          f"({escape(row['reason'])})[/dim]")
+        part = " on the confirmation part" if report.split is not None else ""
+        drop = f"drop {v.drop * 100:.2f} pt{part} ({escape(v.drop_basis)})"
         if v.accuracy:
             drop += f": {v.accuracy['reference'] * 100:.2f}% -> {v.accuracy['candidate'] * 100:.2f}%"
         console.print(drop)
+        if report.drop_selection is not None:
+            console.print(f"drop {report.drop_selection * 100:.2f} pt on the selection part (what the choices were made on); "
+                          f"optimism of the choice {report.optimism * 100:+.2f} pt  [dim]{escape(report.split['how'])}[/dim]")
     if report.max_drop is not None and report.gate_passed is not None:
         verdict = "within" if report.gate_passed else "[bold red]over[/bold red]"
         console.print(f"budget --max-drop {report.max_drop}: {verdict}")

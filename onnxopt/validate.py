@@ -1,9 +1,14 @@
 """Validation: the reference and the candidate on ONNX Runtime, same inputs, side by side.
 
-The *drop* that ``--max-drop`` gates is measured on the first graph output:
-top-1 accuracy lost against labels when the data has labels; otherwise
-1 - top-1 agreement with the reference for score outputs; otherwise
-1 - cosine similarity. The report says which was used.
+The *drop* that ``--max-drop`` gates is measured per output with a metric
+declared for it (``--metric OUTPUT=top1|cosine|snr|match|none`` or a
+registered metric), else chosen safely from the output itself: top-1 (against
+labels when the data has them, else agreement with the reference) only where
+the last axis really is classes (a 2-D [N, C] output with modest C, or
+probabilities summing to 1), else 1 - cosine similarity. The gated drop is
+the worst over the outputs (the declared ones, when any are declared). The
+report says which metric each output used and why
+(:func:`onnxopt.metrics.output_drops`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import onnxruntime as ort
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
 from onnxopt.measure import count_macs, count_parameters, file_size, stored_weight_bytes
-from onnxopt.metrics import BUILTIN_METRICS, Metric, cosine, top1_accuracy, top1_agreement
+from onnxopt.metrics import BUILTIN_METRICS, Metric, cosine, output_drops, top1_accuracy, top1_agreement
 from onnxopt.progress import Progress
 from onnxopt.io import has_external_data, tensor_bytes
 from onnxopt.sessions import LARGE_MODEL_BYTES, SessionFactory, run_batches
@@ -36,7 +41,7 @@ from onnxopt.timing import (
 )
 
 __all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop", "drop_between",
-           "one_session_at_a_time", "latency_feed"]
+           "one_session_at_a_time", "latency_feed", "gated_drop", "measure_drop_detail"]
 
 
 @dataclass
@@ -68,6 +73,7 @@ class ValidationResult:
     accuracy: dict[str, float] | None = None
     drop: float = 0.0
     drop_basis: str = ""
+    drop_outputs: list[dict[str, Any]] = field(default_factory=list)
     reference: ModelFigures = field(default_factory=ModelFigures)
     candidate: ModelFigures = field(default_factory=ModelFigures)
     providers: list[str] = field(default_factory=list)
@@ -96,6 +102,7 @@ class ValidationResult:
             "accuracy": self.accuracy,
             "drop": self.drop,
             "drop_basis": self.drop_basis,
+            "drop_outputs": self.drop_outputs,
             "reference": self.reference.to_dict(),
             "candidate": self.candidate.to_dict(),
             "ratios": {k: self.ratio(k) for k in ("size_bytes", "parameters", "weight_bytes", "macs", "latency_ms")},
@@ -160,16 +167,68 @@ def _model_figures(model: ir.Model, path: str | os.PathLike[str] | None, shapes:
     )
 
 
-def measure_drop(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory) -> float:
-    """The drop of ``candidate`` against ``reference`` on ``dataset`` (outputs only: no latency)."""
+def gated_drop(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray], labels: np.ndarray | None,
+               declared: Mapping[str, str] | None = None, registered: Mapping[str, Metric] | None = None,
+               ) -> tuple[float, str, dict[str, float] | None, list[dict[str, Any]]]:
+    """The gated drop over all outputs, its basis, accuracies, and each output's row (metric, why, drop)."""
+    try:
+        worst, rows = output_drops(ref, cand, labels, declared, registered)
+    except KeyError as err:
+        raise OnnxoptError(f"--metric names {err.args[0]!r}, which is neither a built-in drop metric nor a registered one",
+                           "use top1, cosine, snr, match or none (or install the metric's plugin)") from None
+    except ValueError as err:
+        raise OnnxoptError(f"--metric: {err}", "declare another metric for that output") from None
+    missing = [n for n in (declared or {}) if n not in ref]
+    if missing:
+        raise OnnxoptError(f"--metric names output {missing[0]!r}, which the model does not have",
+                           f"outputs: {', '.join(ref)}")
+    if worst is None:
+        return 0.0, "no output gated (every output declared none)", None, [r.to_dict() for r in rows]
+    basis = f"{worst.output}: {worst.reason.split('; ')[-1]}" if len(rows) > 1 else worst.reason.split("; ")[-1]
+    return worst.drop, basis, worst.accuracy, [r.to_dict() for r in rows]
+
+
+def _with_metric(gated: tuple[float, str, Any, list[dict[str, Any]]]) -> tuple[float, str | None]:
+    drop, _, _, rows = gated
+    worst = [r for r in rows if r["metric"] != "none" and r["drop"] == drop]
+    return drop, worst[0]["metric"] if worst else None
+
+
+def measure_drop(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory, *,
+                 declared: Mapping[str, str] | None = None, registered: Mapping[str, Metric] | None = None,
+                 reference_outputs: dict[str, np.ndarray] | None = None, use_labels: bool = True) -> float:
+    """The gated drop of ``candidate`` against ``reference`` on ``dataset`` (see :func:`measure_drop_detail`)."""
+    return measure_drop_detail(reference, candidate, dataset, sessions, declared=declared, registered=registered,
+                               reference_outputs=reference_outputs, use_labels=use_labels)[0]
+
+
+def measure_drop_detail(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory, *,
+                 declared: Mapping[str, str] | None = None, registered: Mapping[str, Metric] | None = None,
+                 reference_outputs: dict[str, np.ndarray] | None = None, use_labels: bool = True) -> tuple[float, str | None]:
+    """The gated drop of ``candidate`` against ``reference`` on ``dataset`` (outputs only: no latency).
+
+    ``reference_outputs``, when given, are the reference's outputs on ``dataset`` (a cache the caller keeps).
+    ``use_labels=False`` measures top-1 outputs by agreement with the reference even when the data has labels:
+    1 - agreement bounds the accuracy lost from above and counts the flips that a net accuracy figure lets
+    cancel, which is what a chooser should guard against. Returns the drop and the gated output's metric.
+    """
+    labels = dataset.labels if use_labels else None
     if one_session_at_a_time(reference, candidate):
-        names, (ref, cand), _ = _run_one_at_a_time(reference, candidate, dataset, sessions, first_only=True)
-        return drop_between(ref[names[0]], cand[names[0]], dataset.labels)[0]
-    ref_s, cand_s = sessions.create(reference), sessions.create(candidate)
-    names = _common_outputs(ref_s, cand_s)[:1]
-    ref = collect_outputs(ref_s, dataset, names)
+        names, (ref, cand), _ = _run_one_at_a_time(reference, candidate, dataset, sessions)
+        return _with_metric(gated_drop(ref, cand, labels, declared, registered))
+    cand_s = sessions.create(candidate)
+    if reference_outputs is None:
+        ref_s = sessions.create(reference)
+        names = _common_outputs(ref_s, cand_s)
+        ref = collect_outputs(ref_s, dataset, names)
+    else:
+        cand_names = {o.name for o in cand_s.get_outputs()}
+        names = [n for n in reference_outputs if n in cand_names]
+        if not names:
+            raise OnnxoptError("the candidate has none of the reference's outputs", f"reference outputs: {list(reference_outputs)}")
+        ref = reference_outputs
     cand = collect_outputs(cand_s, dataset, names)
-    return drop_between(ref[names[0]], cand[names[0]], dataset.labels)[0]
+    return _with_metric(gated_drop({n: ref[n] for n in names}, cand, labels, declared, registered))
 
 
 def validate(
@@ -185,24 +244,28 @@ def validate(
     reference_path: str | os.PathLike[str] | None = None,
     candidate_path: str | os.PathLike[str] | None = None,
     timing: TimingConfig | None = None,
+    declared: Mapping[str, str] | None = None,
 ) -> ValidationResult:
     """Compare ``candidate`` with ``reference`` on ``dataset``: metrics per output, drop, figures, latency.
 
     Latency is timed by :mod:`onnxopt.timing` as set by ``timing`` (paired, interleaved runs until the ratio
     is known to ±3% or the time cap); ``latency_runs`` is kept for old callers and no longer used.
+
+    ``declared`` maps output names to the metric their drop is measured with (``--metric``).
     """
     sessions = sessions or SessionFactory()
     timing = timing or TimingConfig(threads=sessions.threads)
     if one_session_at_a_time(reference, candidate):
         return _validate_one_at_a_time(reference, candidate, dataset, sessions=sessions, metrics=metrics, progress=progress,
                                        latency=latency, timing=timing, reference_path=reference_path,
-                                       candidate_path=candidate_path)
+                                       candidate_path=candidate_path, declared=declared)
     ref_s = sessions.create(reference)
     cand_s = sessions.create(candidate)
     names = _common_outputs(ref_s, cand_s)
     ref = collect_outputs(ref_s, dataset, names, progress=progress, description="validating reference")
     cand = collect_outputs(cand_s, dataset, names, progress=progress, description="validating candidate")
-    result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path)
+    result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path,
+                      declared)
     if latency:
         one = latency_feed(dataset, reference)
         task = progress.task("timing (paired runs, % of the time cap)", total=100) if progress else None
@@ -243,6 +306,7 @@ def _compare(
     metrics: Sequence[Metric],
     reference_path: str | os.PathLike[str] | None,
     candidate_path: str | os.PathLike[str] | None,
+    declared: Mapping[str, str] | None = None,
 ) -> ValidationResult:
     """Metrics per output, the drop, and both models' figures (latency is the caller's) from their outputs."""
     result = ValidationResult(dataset.source, len(dataset), dataset.fidelity_only,
@@ -256,7 +320,9 @@ def _compare(
                 row[f"{metric.name}_reference"] = metric.fn(ref[name], dataset.labels)
                 row[metric.name] = metric.fn(cand[name], dataset.labels)
         result.outputs[name] = row
-    result.drop, result.drop_basis, result.accuracy = drop_between(ref[names[0]], cand[names[0]], dataset.labels)
+    registered = {m.name: m for m in metrics}
+    result.drop, result.drop_basis, result.accuracy, result.drop_outputs = gated_drop(ref, cand, dataset.labels, declared,
+                                                                                      registered)
     first = next(dataset.batches())
     fixed = any(spec.fixed_batch is not None for spec in input_specs(reference))
     # MACs per run at batch 1 unless the model fixes its batch
@@ -329,12 +395,14 @@ def _validate_one_at_a_time(
     timing: TimingConfig,
     reference_path: str | os.PathLike[str] | None,
     candidate_path: str | os.PathLike[str] | None,
+    declared: Mapping[str, str] | None = None,
 ) -> ValidationResult:
     """:func:`validate` with one session alive at a time (latency then cannot interleave the two models)."""
     feed = latency_feed(dataset, reference) if latency else None
     names, (ref, cand), times = _run_one_at_a_time(reference, candidate, dataset, sessions, progress=progress,
                                                    timing_feed=feed, timing=timing)
-    result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path)
+    result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path,
+                      declared)
     if times:
         _set_latency(result, compare_unpaired(times[0], times[1], timing))
     return result

@@ -346,11 +346,18 @@ def test_accuracy_budget_search(digits) -> None:
     run = onnxopt.apply(digits / "mlp.onnx", "lowrank", settings={"lowrank": {"method": "activation", "sensitivity": "energy"}},
                         data=digits / "calib.npz", eval_data=digits / "eval.npz", max_drop=0.005)
     report, v = run.passes[0], run.validation
-    assert v is not None and run.gate_passed and v.drop <= 0.005
+    # chosen on the selection part of --eval: within the budget there; the gate's figure is on the confirmation
+    # part, which the search never saw (it may be over: that is the optimism the report shows)
+    assert v is not None and run.drop_selection is not None and run.drop_selection <= 0.005
+    assert run.gate_passed == (v.drop <= 0.005)
+    assert report.figures["budget"]["chosen"] is not None
     assert report.figures["rule"].startswith("accuracy budget")
-    assert v.ratio("macs") < 0.3  # the search went well past the fixed 0.5 target
-    assert all(step["drop"] > 0.005 for step in report.figures["budget_search"]
-               if step["macs_target"] < float(report.figures["rule"].split("target ")[1].rstrip(")")) - 1e-9)
+    assert v.ratio("macs") < 0.4  # the search went well past the fixed 0.5 target
+    # every stronger rung tried was over (its drop plus one standard error on the selection samples)
+    budget = report.figures["budget"]
+    assert all(step["margin"] > 0 for step in budget["tried"])  # top-1 drops: a share of samples, with a margin
+    assert all(step["drop"] + step["margin"] > 0.005 and not step["within"] for step in budget["tried"]
+               if budget["ladder"] and float(step["setting"].split()[-1]) < float(budget["chosen"].split()[-1]) - 1e-9)
 
 
 @pytest.mark.parametrize("name", ["mlp", "transformer", "cnn"])

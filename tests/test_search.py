@@ -24,8 +24,15 @@ from onnxopt.search.pareto import dominates
 from onnxopt.search.space import PassSpace, Space
 from onnxopt.search.strategy import Strategy
 from onnxopt.sessions import SessionFactory
+from onnxopt.split import split_dataset
 from tests.conftest import unavailable
 from tests.helpers import run_cli, run_model
+
+
+def _parts(reference, digits: Path, seed: int):
+    """The search's selection and confirmation indices of eval.npz (the same split by seed)."""
+    split = split_dataset(load_data(reference, digits / "eval.npz"), seed)
+    return split.selection_indices, split.confirmation_indices
 
 # prune and quant are the passes every digits model takes; one setting each keeps the search to 4 candidates
 SPACE_TOML = """
@@ -145,12 +152,19 @@ def test_cli_search_end_to_end(cli_search: Path, digits: Path) -> None:
     within = [c for c in cands if c["drop"] <= 0.01]
     assert best["size_bytes"] <= min(c["size_bytes"] for c in within) * 1.01
     assert best["size_bytes"] < doc["reference"]["size_bytes"] / 4  # prune(0.5) + int8 on a Gemm stack
-    # the written model is the best candidate: same accuracy on real ORT, same size on disk
+    # the written model is the best candidate: same accuracy on real ORT on the part it was picked on, same size
+    # on disk; its confirmation figure is on the other part, which no candidate was measured on
     ev = np.load(digits / "eval.npz")
+    sel, conf = _parts(load_model(digits / "mlp.onnx"), digits, doc["settings"]["seed"])
+    assert len(np.intersect1d(sel, conf)) == 0 and len(sel) + len(conf) == len(ev["labels"])
+    assert doc["settings"]["split"]["selection_samples"] == len(sel) == doc["reference"]["samples"]
     logits = run_model(cli_search / "best.onnx", {"x": ev["x"]})[0]
-    accuracy = float((logits.argmax(1) == ev["labels"]).mean())
+    accuracy = float((logits.argmax(1)[sel] == ev["labels"][sel]).mean())
     assert accuracy == pytest.approx(best["accuracy"], abs=1e-9)
     assert doc["reference"]["accuracy"] - accuracy <= 0.01
+    assert float((logits.argmax(1)[conf] == ev["labels"][conf]).mean()) == pytest.approx(best["accuracy_confirmation"],
+                                                                                           abs=1e-9)
+    assert best["optimism"] == pytest.approx(best["drop_confirmation"] - best["drop_selection"])
     assert (cli_search / "best.onnx").stat().st_size == best["file_size_bytes"]
     pytest.importorskip("matplotlib")
     assert (cli_search / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -162,11 +176,13 @@ def test_json_recipe_reproduces_a_candidate(cli_search: Path, digits: Path) -> N
     recipe = recipe_from_json(cand["recipe"])
     assert [s.pass_name for s in recipe] == ["fold", "prune", "quant"] and recipe[-1].max_drop is not None
     reference = load_model(digits / "mlp.onnx")
+    split = split_dataset(load_data(reference, digits / "eval.npz"), doc["settings"]["seed"])
     model, _ = apply_recipe(reference, recipe, registry=load_registry(), sessions=SessionFactory(),
                             calibration=load_data(reference, digits / "calib.npz"),
-                            evaluation=load_data(reference, digits / "eval.npz"), seed=doc["settings"]["seed"])
+                            evaluation=split.selection, seed=doc["settings"]["seed"])
     ev = np.load(digits / "eval.npz")
-    accuracy = float((run_model(model, {"x": ev["x"]})[0].argmax(1) == ev["labels"]).mean())
+    sel = split.selection_indices
+    accuracy = float((run_model(model, {"x": ev["x"]})[0].argmax(1)[sel] == ev["labels"][sel]).mean())
     assert accuracy == pytest.approx(cand["accuracy"], abs=1.5 / len(ev["labels"]))
     assert len(serialize_model(model)) == pytest.approx(cand["size_bytes"], rel=0.01)
 
@@ -179,8 +195,9 @@ def test_pick_writes_a_front_candidate(cli_search: Path, digits: Path) -> None:
                    "--pick", str(chosen["id"]), "-o", cli_search / "picked.onnx")
     assert proc.returncode == 0, proc.stderr
     ev = np.load(digits / "eval.npz")
+    sel, _ = _parts(load_model(digits / "mlp.onnx"), digits, doc["settings"]["seed"])
     logits = run_model(cli_search / "picked.onnx", {"x": ev["x"]})[0]
-    assert float((logits.argmax(1) == ev["labels"]).mean()) == pytest.approx(chosen["accuracy"], abs=1e-9)
+    assert float((logits.argmax(1)[sel] == ev["labels"][sel]).mean()) == pytest.approx(chosen["accuracy"], abs=1e-9)
     assert (cli_search / "picked.onnx").stat().st_size == pytest.approx(chosen["size_bytes"], rel=0.01)
 
 

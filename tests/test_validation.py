@@ -113,7 +113,7 @@ def noisy_registry():
 def test_gate_blocks_and_force_writes(tmp_path: Path, digits: Path, noisy_registry) -> None:
     out = tmp_path / "out.onnx"
     run = apply(digits / "cnn.onnx", ["fold", "noise"], out, settings={"noise": {"scale": "3"}}, eval_data=digits / "eval.npz",
-                max_drop=0.001, registry=noisy_registry, report=tmp_path / "r.json")
+                max_drop=0.001, registry=noisy_registry, report=tmp_path / "r.json", rollback=False)
     assert run.validation is not None and run.validation.drop > 0.001
     assert run.gate_passed is False and not run.written and not out.exists()
     report = json.loads((tmp_path / "r.json").read_text())

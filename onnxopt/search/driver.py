@@ -222,8 +222,16 @@ def search(
         candidates = state.candidates
         best = _finish(state, local, candidates, max_drop, objective, latency_runs, progress)
         written = False
+        state.settings["split"] = local.split.to_dict()
+        if best is not None:
+            # picked on the selection part; its honest figure is on the confirmation part, which no candidate saw
+            best_model = rebuild_candidate(local, best)
+            drop_c, _, acc_c = local.confirm(best_model)
+            best.update(drop_selection=best["drop"], drop_confirmation=drop_c, optimism=drop_c - best["drop"],
+                        accuracy_confirmation=None if acc_c is None else acc_c["candidate"],
+                        within_budget_confirmation=drop_c <= max_drop + 1e-12)
         if best is not None and out_path is not None:
-            save_model(rebuild_candidate(local, best), out_path)
+            save_model(best_model, out_path)
             best["file_size_bytes"] = file_size(out_path)
             state.output = str(out_path)
             written = True

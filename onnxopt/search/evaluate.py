@@ -45,6 +45,7 @@ from onnxopt.search.recipe import (
     run_step,
 )
 from onnxopt.sessions import SessionFactory
+from onnxopt.split import split_dataset
 from onnxopt.timing import LatencyComparison, TimingConfig, compare_latency, compare_latency_isolated, model_sources
 from onnxopt.validate import collect_outputs, drop_between
 
@@ -141,7 +142,11 @@ class Evaluator:
         evaluation = load_data(self.reference, setup.eval_data)
         if evaluation is None:  # pragma: no cover - the driver checks first
             raise OnnxoptError("the search needs evaluation data", "give --eval eval.npz")
-        self.evaluation: Dataset = evaluation
+        # choose on one part, judge on another: every candidate is measured (and picked) on the selection part;
+        # the driver confirms the pick on the confirmation part, which no candidate was measured on
+        self.split = split_dataset(evaluation, setup.seed)
+        self.evaluation: Dataset = self.split.selection
+        self.confirmation: Dataset = self.split.confirmation
         self.calibration = load_data(self.reference, setup.data) if setup.data else None
         self.ref_session = self.sessions.create(self.reference)
         self.output = self.ref_session.get_outputs()[0].name
@@ -162,6 +167,13 @@ class Evaluator:
         n = len(data)
         drop, basis, acc = drop_between(self.ref_outputs[:n], out, data.labels)
         return drop, basis, acc, session
+
+    def confirm(self, model: ir.Model) -> tuple[float, str, dict[str, float] | None]:
+        """Drop, basis and accuracies of ``model`` on the confirmation part (the pick's honest figure)."""
+        ref_s, session = self.ref_session, self.sessions.create(model)
+        ref = collect_outputs(ref_s, self.confirmation, [self.output])[self.output]
+        out = collect_outputs(session, self.confirmation, [self.output])[self.output]
+        return drop_between(ref, out, self.confirmation.labels)
 
     def _early_reject(self, model: ir.Model) -> float | None:
         """The drop on the first quarter of the data when it is over budget beyond doubt, else None."""

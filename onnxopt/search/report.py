@@ -59,5 +59,12 @@ def print_search(result: SearchResult, console: Console | None = None) -> None:
                   f"{state.settings.get('threads', 1)} thread{'' if state.settings.get('threads', 1) == 1 else 's'}, batch {state.settings.get('latency_batch', 1)}), drop {best['drop'] * 100:.2f} pt{acc}")
     for warning in dict.fromkeys(best.get("latency_warnings") or []):
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    if best.get("drop_confirmation") is not None:
+        split = state.settings.get("split", {})
+        over = "" if best.get("within_budget_confirmation", True) else " [bold red](over --max-drop)[/bold red]"
+        console.print(f"  picked on the selection part ({split.get('selection_samples', '?')} samples, drop "
+                      f"{best['drop_selection'] * 100:.2f} pt); on the confirmation part ({split.get('confirmation_samples', '?')} "
+                      f"samples no candidate was measured on): drop {best['drop_confirmation'] * 100:.2f} pt{over}, "
+                      f"optimism {best['optimism'] * 100:+.2f} pt")
     if state.output:
         console.print(f"wrote {escape(state.output)}")

@@ -18,6 +18,7 @@ from typing import Any
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.report import environment, write_json
+from onnxopt.split import SELECTION_SHARE
 
 __all__ = ["SearchState", "fingerprint", "SCHEMA"]
 
@@ -46,7 +47,9 @@ def fingerprint(model: str | os.PathLike[str], eval_data: str | os.PathLike[str]
     import onnxruntime
 
     return {"model": _file_id(model), "eval": _file_id(eval_data), "data": _file_id(data), "max_drop": max_drop,
-            "seed": seed, "threads": threads, "latency_batch": latency_batch, "onnxruntime": onnxruntime.__version__}
+            "seed": seed, "threads": threads, "latency_batch": latency_batch, "onnxruntime": onnxruntime.__version__,
+            # candidates are measured on the selection part of --eval (onnxopt.split): older runs measured all of it
+            "selection": f"split share {SELECTION_SHARE}"}
 
 
 @dataclass

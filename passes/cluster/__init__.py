@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -140,6 +140,14 @@ class ClusterPass(Pass[ClusterConfig]):
         # a codebook per output channel keeps more accuracy than one per tensor for a little more size
         return PassSpace("ladder", ({"k": 256}, {"k": 16, "granularity": "channel"}, {"k": 16},
                                     {"k": 4, "granularity": "channel"}, {"k": 4}), fixed={"mode": "packed", "init": "optimal"})
+
+    budget_keys = ("k",)
+    #: Shared values per tensor, weaker to stronger: the ladder --max-drop climbs
+    BUDGET_K = (256, 128, 64, 32, 16, 8, 4, 2)
+
+    def budget_ladder(self, config: ClusterConfig, ctx: PassContext) -> list[tuple[str, ClusterConfig]]:
+        """k from 256 down to 2 at the configured granularity."""
+        return [(f"k={k} ({config.granularity})", replace(config, k=k)) for k in self.BUDGET_K]
 
     def run(self, model: ir.Model, config: ClusterConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)

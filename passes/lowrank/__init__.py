@@ -32,7 +32,8 @@ from onnxopt_passes.lowrank.factor import Factorization
 from onnxopt_passes.lowrank.layers import Layer, find_layers
 from onnxopt_passes.lowrank.ranks import allocate_macs, rank_for_energy, rank_for_ratio, rank_not_paying
 from onnxopt_passes.lowrank.rewrite import build_model
-from onnxopt_passes.lowrank.search import OutputProbe, measured_losses, smallest_within
+from onnxopt_passes.lowrank.search import OutputProbe, measured_losses
+from onnxopt.budget import Drop, strongest_within
 from onnxopt_passes.lowrank.stats import collect_moments
 
 __all__ = ["LowrankConfig", "LowrankPass", "DEFAULT_ENERGY", "factorize_layers"]
@@ -41,6 +42,8 @@ __all__ = ["LowrankConfig", "LowrankPass", "DEFAULT_ENERGY", "factorize_layers"]
 DEFAULT_ENERGY = 0.9
 #: Calibration samples the measured sensitivity runs each probe on (one session per layer and probe rank).
 PROBE_SAMPLES = 64
+#: Rungs of the MACs-share ladder the --max-drop search bisects.
+BUDGET_RUNGS = 128
 
 Plan = list[tuple[Layer, int, Factorization]]
 
@@ -127,6 +130,9 @@ class LowrankPass(Pass[LowrankConfig]):
     def search_space(cls, objective: str = "size") -> PassSpace:
         return PassSpace("ladder", tuple({"energy": e} for e in (0.99, 0.95, 0.9, 0.8)), fixed={"method": "activation"},
                          uses_budget=True)
+
+    budget_keys = ("energy", "ratio", "target_macs")
+    budget_inside = True  # with no rank rule set, --max-drop picks the MACs target (onnxopt.budget)
 
     def run(self, model: ir.Model, config: LowrankConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)
@@ -258,18 +264,26 @@ class LowrankPass(Pass[LowrankConfig]):
         floor = _lowest_macs_share(layers, config.margin, total_macs)
         plans: dict[float, Plan] = {}
 
-        def drop_at(share: float) -> float:
+        def drop_at(share: float) -> Drop | float:
             ranks = allocate_macs(layers, losses, config.margin, share * total_macs - fixed)
             plans[share] = [(layer, r, f) for layer, f, r in zip(layers, factorizations, ranks) if r]
-            return ctx.drop(model, build_model(model, plans[share])) if plans[share] else 0.0
+            return ctx.measured_drop(model, build_model(model, plans[share])) if plans[share] else 0.0
 
+        # the shared budget helper over MACs shares, weaker (near 1) to stronger (the floor): 128 rungs, so
+        # bisection takes at most 1 + 7 measurements
+        ladder = [float(x) for x in np.linspace(1.0, floor, BUDGET_RUNGS + 1)[1:]]
         with ctx.progress.task("lowrank: accuracy budget search", total=None):
-            best, trace = smallest_within(drop_at, ctx.max_drop, floor)
-        report.figures["budget_search"] = [{"macs_target": round(s, 4), "drop": round(d, 5)} for s, d in trace]
+            choice = strongest_within(ladder, drop_at, ctx.max_drop, labels=[f"MACs target {x:.3f}" for x in ladder])
+        best = choice.value
+        report.figures["budget"] = {**choice.to_dict(), "ladder": f"MACs target from 1 down to {floor:.3f} "
+                                    f"({BUDGET_RUNGS} rungs, bisection)"}
+        report.figures["budget_search"] = [{"macs_target": ladder[choice.rungs.index(t["setting"])], "drop": round(t["drop"], 5)}
+                                           for t in choice.tried]
         if ctx.evaluation is None:
             report.notes.append("the accuracy budget was searched on the calibration data (give --eval for held-out data)")
-        report.notes.append("the budget search measures the drop on the same data the run validates on: the figure "
-                            "is tuned to that data")
+        elif ctx.confirmation is not None and ctx.confirmation is not ctx.evaluation:
+            report.notes.append("the budget search chose on the selection part of --eval; the gate and report use the "
+                                "confirmation part")
         rule = f"accuracy budget {ctx.max_drop:g}"
         if best is None:
             for layer in layers:

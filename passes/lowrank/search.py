@@ -11,7 +11,7 @@ one unit: output error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -25,7 +25,7 @@ from onnxopt_passes.lowrank.factor import Factorization
 from onnxopt_passes.lowrank.layers import Layer
 from onnxopt_passes.lowrank.rewrite import build_model
 
-__all__ = ["OutputProbe", "measured_losses", "probe_ranks", "smallest_within", "MAX_PROBES"]
+__all__ = ["OutputProbe", "measured_losses", "probe_ranks", "MAX_PROBES"]
 
 #: Probe ranks per layer: the largest that pays, then halving.
 MAX_PROBES = 6
@@ -84,27 +84,3 @@ def measured_losses(
     if task:
         task.close()
     return losses, measured
-
-
-def smallest_within(
-    measure: Callable[[float], float], limit: float, low: float, *, steps: int = 7
-) -> tuple[float | None, list[tuple[float, float]]]:
-    """The smallest x in [low, 1] whose ``measure(x)`` stays within ``limit``, by bisection, and the trace.
-
-    ``measure`` is assumed to shrink as x grows (x = 1 is the untouched model,
-    within any limit); the best x that was measured within the limit is
-    returned even if the curve is not quite monotone, None when none was.
-    """
-    trace = [(low, measure(low))]
-    if trace[0][1] <= limit:
-        return low, trace
-    best, high = None, 1.0
-    for _ in range(steps):
-        mid = (low + high) / 2
-        value = measure(mid)
-        trace.append((mid, value))
-        if value <= limit:
-            best, high = mid, mid
-        else:
-            low = mid
-    return best, trace

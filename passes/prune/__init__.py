@@ -16,7 +16,7 @@ How it is built, one idea per module:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -345,6 +345,17 @@ class PrunePass(Pass[PruneConfig]):
         key = "target_macs" if objective == "latency" else "target_params"
         return PassSpace("ladder", tuple({key: t} for t in (0.5, 0.35, 0.25, 0.2, 0.15, 0.1)),
                          fixed={"saliency": "reconstruct", "distribution": "sensitivity"})
+
+    budget_keys = ("ratio", "target_macs", "target_params")
+    #: MACs the model keeps, weaker to stronger: the ladder --max-drop climbs
+    BUDGET_MACS = (0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+
+    def budget_ladder(self, config: PruneConfig, ctx: PassContext) -> list[tuple[str, PruneConfig]]:
+        """MACs targets from 0.98 down to 0.3; per-group ratios from the measured sensitivity when --data is given."""
+        distribution = "sensitivity" if ctx.calibration is not None else config.distribution
+        return [(f"target_macs={share:g} ({distribution})",
+                 replace(config, target_macs=share, target_params=None, distribution=distribution))
+                for share in self.BUDGET_MACS]
 
     def run(self, model: ir.Model, config: PruneConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)

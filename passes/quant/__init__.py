@@ -245,6 +245,7 @@ class QuantPass(Pass[QuantConfig]):
     """int8 QDQ quantization placed where ONNX Runtime fuses it into integer kernels (static, dynamic, int4 weight-only)."""
 
     name = "quant"
+    budget_inside = True  # its fallback turns ctx.max_drop into the nodes kept float
     Config = QuantConfig
     requires = frozenset()  # static mode asks for --data itself; dynamic and int4 weight-only need none
     final = True
@@ -399,6 +400,18 @@ class QuantPass(Pass[QuantConfig]):
         if fallback is not None:
             figures["fallback"] = {"initial_drop": fallback.initial_drop, "final_drop": fallback.final_drop,
                                    "within_budget": fallback.within_budget, "kept_float": fallback.kept_float}
+            # the same shape as every pass's budget choice (onnxopt.budget.BudgetChoice.to_dict), for the report
+            tried = [{"setting": "all quantized", "drop": fallback.initial_drop,
+                      "within": fallback.initial_drop <= ctx.max_drop + 1e-12}]
+            tried += [{"setting": f"+{k['node']} float", "drop": float(k["drop_after"]),
+                       "within": float(k["drop_after"]) <= ctx.max_drop + 1e-12} for k in fallback.kept_float]
+            figures["budget"] = {
+                "limit": ctx.max_drop, "rung": len(fallback.kept_float) if fallback.within_budget else None,
+                "chosen": f"{len(fallback.kept_float)} node(s) back to float" if fallback.within_budget else None,
+                "ladder": "nodes back to float, most sensitive first (greedy, on the selection part)", "tried": tried,
+                "reason": (f"drop on the selection part {fallback.final_drop * 100:.2f} pt within {ctx.max_drop * 100:.2f} pt"
+                           if fallback.within_budget else
+                           f"still {fallback.final_drop * 100:.2f} pt after {len(fallback.kept_float)} node(s) back to float")}
             if fallback.kept_float:
                 report.notes.append("accuracy fallback kept float: " + ", ".join(
                     f"{k['node']} ({k['op']}, drop {float(k['drop_before']):.4f} -> {float(k['drop_after']):.4f})"

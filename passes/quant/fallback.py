@@ -21,7 +21,8 @@ import onnx_ir as ir
 
 from onnxopt.data import Dataset
 from onnxopt.pass_api import PassContext
-from onnxopt.validate import collect_outputs, drop_between
+from onnxopt.budget import margin
+from onnxopt.validate import collect_outputs
 
 __all__ = ["FallbackResult", "run_fallback"]
 
@@ -55,8 +56,15 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
     ``candidates`` are (node name, op type) of the quantized nodes that may go back to float.
     """
     model = build(frozenset())
-    drop = ctx.drop(reference, model)  # the same measure --max-drop gates: labels, else top-1 agreement, else cosine
-    result = FallbackResult(model, drop, drop, within_budget=drop <= max_drop + 1e-12)
+    # on the selection part, every output by its metric; a top-1 drop must be within by one standard error too
+    # (onnxopt.budget.margin), like every other budget choice
+    measured = ctx.measured_drop(reference, model)
+    drop, samples = measured.value, measured.samples
+
+    def within(value: float) -> bool:
+        return value + margin(value, samples) <= max_drop + 1e-12
+
+    result = FallbackResult(model, drop, drop, within_budget=within(drop))
     if result.within_budget or not candidates:
         return result
     assert ctx.evaluation is not None
@@ -81,7 +89,7 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
                 break
             trial = build(frozenset([*kept, name]))
             out = _first_output(trial, full, ctx)
-            trial_drop = drop_between(full_ref, out, full.labels)[0]
+            trial_drop = ctx.drop(reference, trial, full)  # every output, each by its metric: what the gate measures
             trial_error = _relative_error(full_ref, out)
             # Sensitivities measured one at a time do not add up exactly (a float node changes where its
             # neighbours are quantized): a node goes back to float only if that really lowers the drop
@@ -92,8 +100,8 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
             before, model, drop, error = drop, trial, trial_drop, trial_error
             result.kept_float.append({"node": name, "op": op, "sensitivity": round(sensitivity[name], 6),
                                       "drop_before": round(before, 6), "drop_after": round(drop, 6)})
-            if drop <= max_drop + 1e-12:
+            if within(drop):
                 break
     result.model, result.final_drop = model, drop
-    result.within_budget = drop <= max_drop + 1e-12
+    result.within_budget = within(drop)
     return result
