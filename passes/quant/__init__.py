@@ -154,6 +154,17 @@ def _explicit_exclusions(model: ir.Model, config: QuantConfig, pc: PlaceContext)
     return excluded
 
 
+def _nothing_planned(model: ir.Model, plan: Plan, excluded: Mapping[str, str]) -> str:
+    """Why a plan holds no node, truthfully: the anchors excluded (and why) or left float by placement."""
+    anchors = [n for n in iter_nodes(model) if n.op_type in _ANCHORS]
+    if not anchors:
+        return "nothing to quantize: the model has no Conv, MatMul or Gemm"
+    reasons = Counter(excluded[n.name] for n in anchors if n.name in excluded)
+    reasons.update(r for _, r in plan.skipped.values())
+    why = "; ".join(f"{count}× {reason}" for reason, count in reasons.most_common(4)) or "none could be placed"
+    return f"nothing to quantize: none of {len(anchors)} Conv/MatMul/Gemm could be quantized ({why})"
+
+
 def _count_ops(nodes: Mapping[int, Any]) -> dict[str, int]:
     return dict(Counter(p.node.op_type for p in nodes.values()).most_common())
 
@@ -204,8 +215,7 @@ class QuantPass(Pass[QuantConfig]):
 
         plan = plan_for(prepared, {})
         if not plan.nodes:
-            why = "; ".join(sorted({r for _, r in plan.skipped.values()})) or "no Conv, MatMul or Gemm"
-            raise PassSkipped(f"nothing to quantize: no Conv/MatMul/Gemm with constant float weights ({why})")
+            raise PassSkipped(_nothing_planned(prepared, plan, excluded))
         # Rescale outputs are calibrated too: when the fallback breaks the integer chain before a
         # Div/Mul by a constant, that output becomes an ordinary tensor that needs its own range.
         wanted = [*plan.tensors, *(n.outputs[0].name for n in plan.rescales if n.outputs[0].name)]
