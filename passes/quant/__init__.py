@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from onnxopt import Pass, PassContext, PassResult, PassSkipped, hookimpl, option
-from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes
+from onnxopt.graph import Names, cleanup, is_onnx_op, iter_graphs, iter_nodes, opset_version
 from onnxopt.opset import ensure_opset
 
 from onnxopt_passes.fold import FoldConfig, FoldPass
@@ -42,7 +42,7 @@ from onnxopt_passes.quant.kernels import ort_kernels
 from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
 from onnxopt_passes.quant.rewrites import fold_bias_add, fold_hardsigmoid
-from onnxopt_passes.quant.weight_only import WeightOnlyStats, quantize_int4_node
+from onnxopt_passes.quant.weight_only import WeightOnlyStats, int8_weight_targets, quantize_int4_node, quantize_int8_weight
 
 __all__ = ["QuantConfig", "QuantPass", "onnxopt_register_passes"]
 
@@ -346,22 +346,45 @@ class QuantPass(Pass[QuantConfig]):
 
     def _dynamic(self, model: ir.Model, config: QuantConfig, ctx: PassContext, report: Any) -> PassResult:
         model = _prepare(model, _DYNAMIC_OPSET, "DynamicQuantizeLinear and MatMulInteger", report, ctx)
+        # weight-only needs no calibration: a Loop/Scan body is no reason to leave a weight float
+        excluded = {k: r for k, r in _explicit_exclusions(model, config, PlaceContext(config.activation_type,
+                                                                                      config.per_channel)).items()
+                    if not r.startswith("inside a Loop/Scan body")}
+        if config.per_channel and opset_version(model) < _PER_CHANNEL_OPSET and int8_weight_targets(model, excluded)[0]:
+            model, note = ensure_opset(model, _PER_CHANNEL_OPSET, why="per-channel DequantizeLinear of recurrent/embedding weights")
+            if note:
+                report.notes.append(note)
         targets = self._matmul_targets(model, config, report, CONV_REASON)
-        if not targets:
-            raise PassSkipped("nothing to quantize dynamically: no MatMul/Gemm with a constant float32 weight matrix")
+        others, skipped = int8_weight_targets(model, excluded)
+        for label, reason in skipped:
+            report.skip(label, reason)
+        if not targets and not others:
+            raise PassSkipped("nothing to quantize dynamically: no MatMul/Gemm with a constant float32 weight matrix, "
+                              "and no LSTM/GRU/RNN or Gather weight")
         names, cache, stats = Names(model), {}, DynamicStats()
         while targets:  # popped: each weight is let go once quantized, so a large model is never all in memory
             node, weight, bias = targets.pop(0)
             quantize_dynamic_node(node, weight, bias, config.per_channel, names, cache, stats)
             report.items.append({"node": node.name, "op": node.op_type, "kernel": "DynamicQuantizeMatMul",
                                  "weight": list(weight.shape)})
+        int8 = WeightOnlyStats()
+        while others:
+            target = others.pop(0)
+            quantize_int8_weight(target, config.per_channel, names, int8)
+            report.items.append({"node": ", ".join(n.name or n.op_type for n in target.readers),
+                                 "op": target.readers[0].op_type, "kernel": "weight-only int8 (DequantizeLinear)",
+                                 "weight": [int(d) for d in target.value.shape] if target.value.shape else [],
+                                 "tensor": target.value.name})
         cleanup(model)
         figures: dict[str, Any] = {"mode": "dynamic", "per_channel": config.per_channel, "quantized_nodes": stats.nodes,
-                                   "weight_bytes_float": stats.float_weight_bytes, "weight_bytes_int8": stats.int_weight_bytes}
+                                   "weight_only_int8_tensors": int8.nodes,
+                                   "weight_bytes_float": stats.float_weight_bytes + int8.float_weight_bytes,
+                                   "weight_bytes_int8": stats.int_weight_bytes + int8.int_weight_bytes}
         self._kernels(model, config, ctx, figures, report)
         report.figures = figures
-        report.summary = (f"dynamic int8: {stats.nodes} MatMul/Gemm, weights {stats.float_weight_bytes / 1e6:.2f} MB -> "
-                          f"{stats.int_weight_bytes / 1e6:.2f} MB")
+        report.summary = (f"dynamic int8: {stats.nodes} MatMul/Gemm"
+                          + (f", {int8.nodes} recurrent/embedding weights weight-only" if int8.nodes else "")
+                          + f", weights {figures['weight_bytes_float'] / 1e6:.2f} MB -> {figures['weight_bytes_int8'] / 1e6:.2f} MB")
         return PassResult(model, True, report)
 
     def _weight_only(self, model: ir.Model, config: QuantConfig, ctx: PassContext, report: Any) -> PassResult:
