@@ -21,7 +21,9 @@ takes minutes and most of its vectors are thrown away. Instead, in float32:
 - the *factors* come from a randomized range finder with power iterations
   (Halko, Martinsson & Tropp 2011, alg. 4.4) at the rank asked plus
   :data:`OVERSAMPLE`, computed once and sliced for any smaller rank, so a
-  search asking for many ranks pays one sketch.
+  search asking for many ranks pays one sketch. With the spectrum known it
+  starts at one power iteration and adds more only while the factors lose
+  over :data:`TOLERANCE` beyond the optimal truncation.
 
 The energy rule first tries a small sketch: its singular values never exceed
 the true ones, so a rank it finds keeps at least the asked energy; only when
@@ -46,6 +48,8 @@ EXACT_MAX_SIDE = 128
 OVERSAMPLE = 16
 #: Power iterations of the range finder: each sharpens a flat spectrum's sketch.
 POWER_ITERATIONS = 2
+#: Most power iterations a sketch is sharpened to when its added error is over TOLERANCE.
+MAX_POWER_ITERATIONS = 7
 #: Rank of the first sketch the energy rule tries before computing the spectrum.
 FIRST_SKETCH = 64
 #: Added error (share of the weight's energy) above which a sketch is redone with more power iterations.
@@ -121,7 +125,6 @@ class Factorization:
         self._u: np.ndarray | None = None  # (G, K, l)
         self._s: np.ndarray | None = None  # (G, l)
         self._vt: np.ndarray | None = None  # (G, l, N)
-        self._power = POWER_ITERATIONS
         self._energy_ranks: dict[float, int] = {}  # a rule asked twice (planning, then reporting) costs one sketch
 
     @classmethod
@@ -236,14 +239,17 @@ class Factorization:
             self._spectrum = s**2
             return
         columns = min(self.rank_limit, rank + max(OVERSAMPLE, rank // 10))
-        parts = [randomized_svd(self._matrix(g), columns, self._power, seed=g) for g in groups]
-        self._u = np.stack([p[0] for p in parts])
-        self._s = np.stack([p[1] for p in parts])
-        self._vt = np.stack([p[2] for p in parts])
-        if self._spectrum is not None and self._power == POWER_ITERATIONS and self.added_error(rank)[0] > TOLERANCE:
-            self._power = 3 * POWER_ITERATIONS  # a flat spectrum: sharpen the sketch once
-            self._s = None
-            self.prepare(rank)
+        # With the spectrum known, the added error is exact: start with one power iteration and add more only
+        # while the factors lose over TOLERANCE beyond the optimal truncation. Without it, take the default.
+        power = 1 if self._spectrum is not None else POWER_ITERATIONS
+        while True:
+            parts = [randomized_svd(self._matrix(g), columns, power, seed=g) for g in groups]
+            self._u = np.stack([p[0] for p in parts])
+            self._s = np.stack([p[1] for p in parts])
+            self._vt = np.stack([p[2] for p in parts])
+            if self._spectrum is None or power >= MAX_POWER_ITERATIONS or self.added_error(rank)[0] <= TOLERANCE:
+                return
+            power = min(MAX_POWER_ITERATIONS, 2 * power + 1)  # a flat spectrum: sharpen the sketch
 
     def added_error(self, rank: int) -> tuple[float, bool]:
         """(energy share the factors at ``rank`` lose beyond the optimal truncation, exact?) — (0, True) when exact.
