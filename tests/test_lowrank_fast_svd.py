@@ -109,3 +109,12 @@ def test_pass_on_the_fast_path_matches_ort(monkeypatch) -> None:
     c = ref - x @ w  # the bias
     np.testing.assert_allclose(got, x @ best + c, atol=2e-3)
     assert row["energy_kept"] >= 0.99 - 1e-6
+
+
+def test_low_rank_matrix_spectrum_from_the_sketch_matches_exact() -> None:
+    w = (RNG.standard_normal((400, 5)) @ RNG.standard_normal((5, 300))).astype(np.float32)
+    fast = Factorization.plain(w[None], fast=True)
+    exact = np.linalg.svd(w.astype(np.float64), compute_uv=False) ** 2
+    np.testing.assert_allclose(fast.spectrum()[0], exact, atol=1e-5 * exact.sum())
+    assert not fast.spectrum()[0, fast.prepared_rank:].any()  # taken from the sketch (Gram eigenvalues carry rounding noise)
+    assert fast.rank_for_energy(0.999999) == 5

@@ -52,6 +52,8 @@ POWER_ITERATIONS = 2
 MAX_POWER_ITERATIONS = 7
 #: Rank of the first sketch the energy rule tries before computing the spectrum.
 FIRST_SKETCH = 64
+#: A sketch whose residual is at most this share of the energy is taken as the whole spectrum (the rest is zero).
+LOW_RANK_RESIDUAL = 1e-6
 #: Added error (share of the weight's energy) above which a sketch is redone with more power iterations.
 TOLERANCE = 1e-3
 
@@ -169,6 +171,10 @@ class Factorization:
         if self._spectrum is None:
             if not self.fast:
                 self.prepare(self.rank_limit)
+            elif self._numerically_low_rank():
+                assert self._s is not None
+                squares = self._s**2
+                self._spectrum = np.pad(squares, ((0, 0), (0, self.rank_limit - squares.shape[1])))
             else:
                 rows = []
                 for g in range(self.weight.shape[0]):
@@ -178,6 +184,14 @@ class Factorization:
                 self._spectrum = np.stack(rows)
         assert self._spectrum is not None
         return self._spectrum
+
+    def _numerically_low_rank(self) -> bool:
+        """True when a first sketch holds all of M's energy (to 1e-6): its singular values are then the spectrum."""
+        if self.prepared_rank == 0:
+            self.prepare(min(FIRST_SKETCH, self.rank_limit))
+        assert self._s is not None
+        total = float(self.totals().sum())
+        return total <= 0 or 1.0 - float((self._s**2).sum()) / total <= LOW_RANK_RESIDUAL
 
     def tail(self) -> np.ndarray:
         """Relative energy lost at each rank 0..R (``tail[r]``: share of squared singular values beyond r)."""
