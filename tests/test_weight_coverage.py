@@ -151,3 +151,14 @@ def test_fold_keeps_an_outer_scope_weight_shared() -> None:
     assert owners == [result.model.graph.name]
     for feed in _feeds(proto):
         np.testing.assert_array_equal(run_model(result.model, feed)[0], run_model(proto, feed)[0])
+
+
+def test_static_quant_lists_the_recurrent_weights_it_leaves_float() -> None:
+    from onnxopt.data import Dataset
+
+    proto = _recurrent("LSTM", 4)
+    data = Dataset("t", _feeds(proto)[0], batch_size=SEQ)  # the fixed [seq, batch, features] input as one batch
+    result = QuantPass().apply(to_ir(proto), QuantConfig(), PassContext(calibration=data))
+    assert not result.modified
+    assert "2 recurrent/embedding weight(s) stay float" in result.report.summary  # W and R of the LSTM
+    assert "quant.mode=dynamic" in result.report.summary

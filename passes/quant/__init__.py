@@ -158,7 +158,10 @@ def _nothing_planned(model: ir.Model, plan: Plan, excluded: Mapping[str, str]) -
     """Why a plan holds no node, truthfully: the anchors excluded (and why) or left float by placement."""
     anchors = [n for n in iter_nodes(model) if n.op_type in _ANCHORS]
     if not anchors:
-        return "nothing to quantize: the model has no Conv, MatMul or Gemm"
+        others = len(int8_weight_targets(model, {})[0])
+        return ("nothing to quantize: the model has no Conv, MatMul or Gemm"
+                + (f"; its {others} recurrent/embedding weight(s) stay float in static mode (quant.mode=dynamic stores "
+                   "them int8 weight-only)" if others else ""))
     reasons = Counter(excluded[n.name] for n in anchors if n.name in excluded)
     reasons.update(r for _, r in plan.skipped.values())
     why = "; ".join(f"{count}× {reason}" for reason, count in reasons.most_common(4)) or "none could be placed"
@@ -205,6 +208,10 @@ class QuantPass(Pass[QuantConfig]):
         prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
                             rewrite=True)
         excluded = _explicit_exclusions(prepared, config, pc)
+        for target in int8_weight_targets(prepared, {})[0]:  # what static QDQ does not cover, said per weight
+            report.skip(f"{target.readers[0].op_type} weight {target.value.name}",
+                        "static int8 quantizes Conv/MatMul/Gemm only: recurrent and embedding weights stay float "
+                        "(quant.mode=dynamic stores them int8 weight-only)")
         anchors_total = Counter(n.op_type for n in iter_nodes(prepared) if n.op_type in _ANCHORS)
 
         def plan_for(model_: ir.Model, extra: Mapping[str, str]) -> Plan:
