@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,8 @@ import onnx_ir as ir
 from onnxopt.activations import bounded_batches
 from onnxopt.data import Dataset, input_specs, load_dataset, synthetic_dataset
 from onnxopt.errors import OnnxoptError
-from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, external_data_files, has_external_data, load_model, refuse_overwriting,
+from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, StagedModel, external_data_files, has_external_data, load_model,
+                        refuse_overwriting, stage_model,
                         same_file, save_model, serialize_model, tensor_bytes)
 from onnxopt.manager import plan_passes, run_passes
 from onnxopt.pass_api import PassContext
@@ -119,6 +121,7 @@ def apply(
 
     comparable = all(p.pass_.comparable for p in plan)
     check_data = evaluation or calibration or (load_data(reference, None, synthetic_ok=True, seed=seed) if comparable else None)
+    validating = False
     if not validate_result:
         run.validation_note = "skipped (asked)"
     elif not comparable:
@@ -126,24 +129,45 @@ def apply(
     elif check_data is None:
         run.validation_note = "skipped: no data and the inputs have free dims (give --eval data.npz or --shape NAME=DIMS)"
     else:
-        if evaluation is None and calibration is not None:
-            run.notes.append("validated on the calibration data (--data); give --eval for an unbiased figure")
-        run.validation = validate(reference, candidate, check_data, sessions=sessions,
-                                  metrics=list(registry.metrics.values()), progress=progress, reference_path=src)
-        run.validation.candidate.size_bytes = _candidate_size(candidate)
-    if max_drop is not None and run.validation is not None:
-        run.gate_passed = run.validation.drop <= max_drop + 1e-12
-    elif max_drop is not None:
-        run.notes.append("--max-drop given but no validation ran: the budget was not checked")
-    if output is not None and (run.gate_passed is not False or force):
-        # weights that came external stay external, even if a pass read them into memory
-        keep_external = external_data if external_data is not None else (has_external_data(reference) or None)
-        save_model(candidate, output, external_data=keep_external)
-        run.written = True
-        if run.validation is not None:
-            from onnxopt.measure import file_size
+        validating = True
+    # weights that came external stay external, even if a pass read them into memory
+    keep_external = external_data if external_data is not None else (has_external_data(reference) or None)
+    staged: StagedModel | None = None
+    try:
+        if validating:
+            if evaluation is None and calibration is not None:
+                run.notes.append("validated on the calibration data (--data); give --eval for an unbiased figure")
+            candidate_path = None
+            if output is not None and one_session_at_a_time(reference, candidate):
+                # A large candidate is written first (beside -o, not yet in place) and let go: validation then reads
+                # it back memory-mapped, so the passes' arrays and an ORT session never hold weights at once.
+                staged = stage_model(candidate, output, external_data=keep_external)
+                del candidate
+                gc.collect()
+                candidate = load_model(staged.path, check=False, normalize=False)
+                candidate_path = staged.path
+            run.validation = validate(reference, candidate, check_data, sessions=sessions,
+                                      metrics=list(registry.metrics.values()), progress=progress, reference_path=src,
+                                      candidate_path=candidate_path)
+            if candidate_path is None:
+                run.validation.candidate.size_bytes = _candidate_size(candidate)
+        if max_drop is not None and run.validation is not None:
+            run.gate_passed = run.validation.drop <= max_drop + 1e-12
+        elif max_drop is not None:
+            run.notes.append("--max-drop given but no validation ran: the budget was not checked")
+        if output is not None and (run.gate_passed is not False or force):
+            if staged is not None:
+                staged.commit()
+            else:
+                save_model(candidate, output, external_data=keep_external)
+            run.written = True
+            if run.validation is not None:
+                from onnxopt.measure import file_size
 
-            run.validation.candidate.size_bytes = file_size(output)
+                run.validation.candidate.size_bytes = file_size(output)
+    finally:
+        if staged is not None:
+            staged.discard()
     if report is not None:
         write_json(run.to_dict(), report)
     return run
