@@ -105,7 +105,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
              "`onnxopt apply MODEL --pass P --no-validate` per pass in its own subprocess (benchmarks/tool_time.py); "
              "peak RSS is `ru_maxrss` (file pages of mapped weights included). Single runs on a 2-CPU machine shared "
              "with other jobs (load average 10-18 during these runs): indicative only. The 3 GiB rows are read from "
-             "large_model.json (their own runs, also `--no-validate`).", "",
+             "large_model.json (their own runs, also `--no-validate`; whatever code large_model.py last ran with, which for "
+             "the committed rows predates issue 16's lowrank and quant changes).", "",
              "On the light models (0.1-0.6 GB) the fixed cost of starting Python, onnxruntime and loading dominates: "
              "read their per-GB figures with that in mind.", "",
              "| model | pass | weights GB | seconds | s per GB | peak RSS MiB | peak RSS GB per GB | result |",
