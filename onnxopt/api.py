@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,8 @@ from onnxopt.activations import bounded_batches
 from onnxopt.data import Dataset, input_specs, load_dataset, synthetic_dataset
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import training_mode_nodes
-from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, check_model_output, external_data_files, has_external_data, load_model, refuse_overwriting,
+from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, StagedModel, check_model_output, external_data_files, has_external_data,
+                        load_model, refuse_overwriting, stage_model,
                         same_file, save_model, serialize_model, tensor_bytes)
 from onnxopt.manager import plan_passes, run_chain
 from onnxopt.pass_api import PassContext
@@ -210,6 +212,7 @@ def apply(
     # --no-validate builds no data: synthetic inputs are for the check alone
     check_data = None if not validate_result else (
         confirmation or calibration or (load_data(reference, None, synthetic_ok=True, seed=seed) if comparable else None))
+    validating = False
     if not validate_result:
         run.validation_note = "skipped (asked)"
     elif not comparable:
@@ -217,38 +220,58 @@ def apply(
     elif check_data is None:
         run.validation_note = "skipped: no data and the inputs have free dims (give --eval data.npz or --shape NAME=DIMS)"
     else:
-        if evaluation is None and calibration is not None:
-            run.notes.append("validated on the calibration data (--data); give --eval for an unbiased figure")
-        run.validation = validate(reference, candidate, check_data, sessions=sessions,
-                                  metrics=list(registry.metrics.values()), progress=progress, reference_path=src,
-                                  timing=timing or TimingConfig(threads=threads),
-                                  declared=declared)
-        run.validation.candidate.size_bytes = _candidate_size(candidate)
-        if split is not None and selection is not None:
-            kept = [row for row in chain.ledger if row["action"] != "rolled back"]
-            run.drop_selection = (kept[-1]["drop_selection"] if kept else
-                                  measure_drop(reference, candidate, selection, sessions, declared=declared,
-                                               registered=registered))
-        lossy = [p.pass_name for p, planned in zip(run.passes, plan) if p.modified and not planned.pass_.lossless]
-        if max_drop is None and lossy and run.validation.drop > LOUD_DROP:
-            hand_set = [f"{p.name}.{k}" for p in plan for k in sorted(p.explicit & set(p.pass_.budget_keys))]
-            run.warnings.append(_loud_warning(run.validation.drop, run.validation.drop_basis, lossy, command, src,
-                                              names, data, eval_data, output)
-                                + (f" (leave out --set {', '.join(hand_set)} to let the budget choose it: a strength "
-                                   "set by hand is kept, and rolled back if it breaks the budget)" if hand_set else ""))
-    if max_drop is not None and run.validation is not None:
-        run.gate_passed = run.validation.drop <= max_drop + 1e-12
-    elif max_drop is not None:
-        run.notes.append("--max-drop given but no validation ran: the budget was not checked")
-    if output is not None and (run.gate_passed is not False or force):
-        # weights that came external stay external, even if a pass read them into memory
-        keep_external = external_data if external_data is not None else (has_external_data(reference) or None)
-        save_model(candidate, output, external_data=keep_external)
-        run.written = True
-        if run.validation is not None:
-            from onnxopt.measure import file_size
+        validating = True
+    # weights that came external stay external, even if a pass read them into memory
+    keep_external = external_data if external_data is not None else (has_external_data(reference) or None)
+    staged: StagedModel | None = None
+    try:
+        if validating:
+            if evaluation is None and calibration is not None:
+                run.notes.append("validated on the calibration data (--data); give --eval for an unbiased figure")
+            candidate_path = None
+            if output is not None and one_session_at_a_time(reference, candidate):
+                # A large candidate is written first (beside -o, not yet in place) and let go: validation then reads
+                # it back memory-mapped, so the passes' arrays and an ORT session never hold weights at once.
+                staged = stage_model(candidate, output, external_data=keep_external)
+                del candidate
+                gc.collect()
+                candidate = load_model(staged.path, check=False, normalize=False)
+                candidate_path = staged.path
+            run.validation = validate(reference, candidate, check_data, sessions=sessions,
+                                      metrics=list(registry.metrics.values()), progress=progress, reference_path=src,
+                                      candidate_path=candidate_path, timing=timing or TimingConfig(threads=threads),
+                                      declared=declared)
+            if candidate_path is None:
+                run.validation.candidate.size_bytes = _candidate_size(candidate)
+            if split is not None and selection is not None:
+                kept = [row for row in chain.ledger if row["action"] != "rolled back"]
+                run.drop_selection = (kept[-1]["drop_selection"] if kept else
+                                      measure_drop(reference, candidate, selection, sessions, declared=declared,
+                                                   registered=registered))
+            lossy = [p.pass_name for p, planned in zip(run.passes, plan) if p.modified and not planned.pass_.lossless]
+            if max_drop is None and lossy and run.validation.drop > LOUD_DROP:
+                hand_set = [f"{p.name}.{k}" for p in plan for k in sorted(p.explicit & set(p.pass_.budget_keys))]
+                run.warnings.append(_loud_warning(run.validation.drop, run.validation.drop_basis, lossy, command, src,
+                                                  names, data, eval_data, output)
+                                    + (f" (leave out --set {', '.join(hand_set)} to let the budget choose it: a strength "
+                                       "set by hand is kept, and rolled back if it breaks the budget)" if hand_set else ""))
+        if max_drop is not None and run.validation is not None:
+            run.gate_passed = run.validation.drop <= max_drop + 1e-12
+        elif max_drop is not None:
+            run.notes.append("--max-drop given but no validation ran: the budget was not checked")
+        if output is not None and (run.gate_passed is not False or force):
+            if staged is not None:
+                staged.commit()
+            else:
+                save_model(candidate, output, external_data=keep_external)
+            run.written = True
+            if run.validation is not None:
+                from onnxopt.measure import file_size
 
-            run.validation.candidate.size_bytes = file_size(output)
+                run.validation.candidate.size_bytes = file_size(output)
+    finally:
+        if staged is not None:
+            staged.discard()
     for path in reports:
         write_report(run.to_dict(), path)
     return run

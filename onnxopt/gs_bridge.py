@@ -14,6 +14,7 @@ never read (for external data: never leave the disk).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnx_ir as ir
@@ -92,4 +93,34 @@ def from_gs(graph: gs.Graph, like: ir.Model) -> ir.Model:
     for key, value in like.metadata_props.items():
         model.metadata_props[key] = value
     restore_weights(model, like)
+    _reshare_outer_weights(model, like)
     return model
+
+
+def _reshare_outer_weights(model: ir.Model, like: ir.Model) -> int:
+    """Put back main-graph weights that subgraphs read from the outer scope; returns how many copies were dropped.
+
+    graphsurgeon exports a constant read inside If/Loop/Scan bodies as an
+    initializer of every body that reads it: a weight two branches shared
+    would be stored (and compressed) twice. The weight goes back to the main
+    graph, holding ``like``'s tensor, and each body's identical copy is dropped.
+    """
+    shared = [v for v in like.graph.initializers.values()
+              if v.const_value is not None and any(node.graph is not like.graph for node, _ in v.uses())]
+    dropped = 0
+    for original in shared:
+        name = str(original.name)
+        copies = [(g, g.initializers[name]) for g in model.graph.subgraphs() if name in g.initializers]
+        copies = [(g, v) for g, v in copies if v.const_value is not None and v.dtype == original.dtype
+                  and np.array_equal(v.const_value.numpy(), original.const_value.numpy())]  # type: ignore[union-attr]
+        if not copies:
+            continue
+        outer = model.graph.initializers.get(name)
+        if outer is None:
+            outer = ir.Value(name=name, shape=original.shape, type=original.type, const_value=original.const_value)
+            model.graph.register_initializer(outer)
+        for graph, copy in copies:
+            copy.replace_all_uses_with(outer)
+            del graph.initializers[name]
+            dropped += 1
+    return dropped

@@ -31,6 +31,8 @@ from onnxopt.errors import OnnxoptError
 
 __all__ = [
     "PROTOBUF_LIMIT",
+    "StagedModel",
+    "stage_model",
     "load_model",
     "save_model",
     "serialize_model",
@@ -547,19 +549,40 @@ def check_model_output(path: str | os.PathLike[str] | None, flag: str = "-o") ->
         raise OnnxoptError(f"{flag} {raw}: folder {parent} does not exist", "create it first or choose another path")
 
 
-def save_model(
+class StagedModel:
+    """A model written and checked in a temporary folder beside its destination, not yet in place.
+
+    :meth:`commit` renames it into place (model and data file together);
+    :meth:`discard` removes it. Until then :attr:`path` can be read like any
+    model file (a large run validates its candidate from there).
+    """
+
+    def __init__(self, tmpdir: Path, path: Path, moves: list[tuple[Path, Path]]) -> None:
+        self.tmpdir, self.destination, self.moves = tmpdir, path, moves
+        self.path = tmpdir / path.name
+
+    def commit(self) -> Path:
+        try:
+            _commit(self.moves)
+        except OSError as err:
+            raise OnnxoptError(f"could not write {self.destination}: {err.strerror or err}",
+                               "check the free space and permissions there") from None
+        finally:
+            self.discard()
+        return self.destination
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def stage_model(
     model: ir.Model,
     path: str | os.PathLike[str],
     *,
     external_data: bool | None = None,
     check: bool = True,
-) -> Path:
-    """Save atomically: write and check in a temporary folder beside ``path``, then rename into place.
-
-    ``external_data=None`` keeps weights external when the input had them
-    external or when the model is over the protobuf limit; the data file is
-    ``<name>.data`` next to the model.
-    """
+) -> StagedModel:
+    """Write and check ``model`` in a temporary folder beside ``path``; :func:`save_model` then commits it."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -587,12 +610,29 @@ def save_model(
                 raise OnnxoptError(f"refusing to save an invalid model: {first}",
                                    "this is a bug in the pass that produced it; run with --debug and report it") from None
         moves = [(tmpdir / data_name, parent / data_name)] if external_data and (tmpdir / data_name).exists() else []
-        _commit([*moves, (tmp_model, path)])
+        return StagedModel(tmpdir, path, [*moves, (tmp_model, path)])
     except OSError as err:  # a full disk, a read-only mount: nothing was put in place
-        raise OnnxoptError(f"could not write {path}: {err.strerror or err}", "check the free space and permissions there") from None
-    finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return path
+        raise OnnxoptError(f"could not write {path}: {err.strerror or err}", "check the free space and permissions there") from None
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    check: bool = True,
+) -> Path:
+    """Save atomically: write and check in a temporary folder beside ``path``, then rename into place.
+
+    ``external_data=None`` keeps weights external when the input had them
+    external or when the model is over the protobuf limit; the data file is
+    ``<name>.data`` next to the model.
+    """
+    return stage_model(model, path, external_data=external_data, check=check).commit()
 
 
 def _commit(moves: list[tuple[Path, Path]]) -> None:

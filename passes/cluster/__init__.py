@@ -1,6 +1,7 @@
 """cluster: k-means weight sharing, stored as a codebook and packed indices that the graph decodes.
 
-Each weight (the weight input of Conv, ConvTranspose, Gemm, MatMul, Gather)
+Each weight (the weight input of Conv, ConvTranspose, Gemm, MatMul, Gather;
+W, R and B of LSTM, GRU and RNN; in every subgraph)
 is replaced by at most k shared values, per tensor or per output channel
 (Deep Compression's weight sharing; TF-MOT's clustering, for any ONNX
 model). ``dense`` writes the clustered floats in place (same graph; a zip

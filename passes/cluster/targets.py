@@ -1,4 +1,10 @@
-"""Which weights are clustered: the weight input of each supported op, and the axis of its output channels."""
+"""Which weights are clustered: the weight inputs of each supported op, and the axis of its output channels.
+
+Every graph is searched, If/Loop/Scan bodies included, and each initializer
+once, in the graph that owns it: a weight several nodes read (an outer-scope
+initializer two If branches share, a tied embedding) is one target, and its
+decode is written once in its own graph, so every reader reads the shared copy.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +25,14 @@ FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
 @dataclass(frozen=True)
 class WeightSlot:
-    """The input holding an op's weight, and which of the weight's axes indexes output channels (None: none)."""
+    """The input(s) holding an op's weights, and which of a weight's axes indexes output channels (None: none)."""
 
-    input: int
+    input: int | tuple[int, ...]
     channel_axis: Callable[[ir.Node, int], int | None]
+
+    def reads(self, index: int) -> bool:
+        """True when input ``index`` is a weight slot of this op."""
+        return index == self.input if isinstance(self.input, int) else index in self.input
 
 
 def _conv_transpose_axis(node: ir.Node, ndim: int) -> int | None:
@@ -38,6 +48,11 @@ WEIGHT_SLOTS: dict[str, WeightSlot] = {
     "MatMul": WeightSlot(1, lambda node, ndim: ndim - 1 if ndim >= 2 else None),
     # an embedding table: one codebook per gathered slice (per token row)
     "Gather": WeightSlot(0, lambda node, ndim: int(attribute(node, "axis", 0)) % ndim if ndim else None),
+    # recurrent weights W [dirs, gates·hidden, input], R [dirs, gates·hidden, hidden] and B [dirs, 2·gates·hidden]:
+    # axis 1 holds one row per gate unit (the gates' blocks stacked), the rows each unit's output reads
+    "LSTM": WeightSlot((1, 2, 3), lambda node, ndim: 1 if ndim >= 2 else None),
+    "GRU": WeightSlot((1, 2, 3), lambda node, ndim: 1 if ndim >= 2 else None),
+    "RNN": WeightSlot((1, 2, 3), lambda node, ndim: 1 if ndim >= 2 else None),
 }
 
 
@@ -67,7 +82,7 @@ def find_targets(model: ir.Model, ops: Sequence[str], min_size: int,
     for graph in iter_graphs(model):
         for value in list(graph.initializers.values()):
             slots = [(node, WEIGHT_SLOTS[node.op_type]) for node, index in value.uses()
-                     if is_onnx_op(node, *ops) and node.op_type in WEIGHT_SLOTS and WEIGHT_SLOTS[node.op_type].input == index]
+                     if is_onnx_op(node, *ops) and node.op_type in WEIGHT_SLOTS and WEIGHT_SLOTS[node.op_type].reads(index)]
             if not slots or not is_weight(value):
                 continue
             name = value.name or "?"

@@ -184,20 +184,45 @@ class LowrankPass(Pass[LowrankConfig]):
             for layer in layers:
                 m = moments.get(layer.index)
                 if m is None:
-                    out.append(Factorization.plain(layer.weight, layer.out_scale))
+                    f = Factorization.plain(layer.weight, layer.out_scale)
                 else:
                     centered = layer.can_shift_bias  # the bias takes the mean's share of the error
-                    out.append(Factorization.whitened(layer.weight, m.second_moment(centered), m.mean if centered else None,
-                                                      layer.out_scale))
-                # No plan uses a rank that does not pay: keep the singular vectors up to the largest that does, in float32
-                # (the factors are written in the weight's type anyway; the full float64 SVD is freed), and give back
-                # the weight's pages (re-read from the file if touched again): memory holds factors, not the model.
+                    f = Factorization.whitened(layer.weight, m.second_moment(centered), m.mean if centered else None,
+                                               layer.out_scale)
+                # A per-layer rule picks the rank right here, so only that rank's factors are computed and kept;
+                # the model-wide rules need the energy curve now and factors up to the largest rank that pays
+                # (computed once when first asked, then sliced for every rank a search tries). Either way the
+                # weight's pages are given back (re-read from the file if touched again): memory holds factors,
+                # not the model.
                 keep = layer.max_rank(config.margin)
-                out[-1].u = out[-1].u[:, :, :keep].astype(np.float32)
-                out[-1].vt = out[-1].vt[:, :keep, :].astype(np.float32)
+                if not self._searches(config, ctx):
+                    rank = self._layer_rank(layer, f, config)
+                    keep = rank if rank_not_paying(layer, rank, config.margin) is None else 0
+                    if keep:
+                        f.prepare(keep)
+                else:
+                    f.tail()
+                f.release(keep)
                 release_pages(layer.weight)
+                out.append(f)
                 task.advance()
         return out
+
+    @staticmethod
+    def _searches(config: LowrankConfig, ctx: PassContext) -> bool:
+        """True when the ranks come from a model-wide rule (MACs target or accuracy budget), not per layer."""
+        if config.target_macs is not None:
+            return True
+        no_rule = config.ratio is None and config.energy is None
+        return no_rule and ctx.max_drop is not None and (ctx.evaluation is not None or ctx.calibration is not None)
+
+    @staticmethod
+    def _layer_rank(layer: Layer, factorization: Factorization, config: LowrankConfig) -> int:
+        """The rank a per-layer rule (ratio, or energy with its default) gives the layer."""
+        if config.ratio is not None:
+            return rank_for_ratio(layer, config.ratio)
+        energy = config.energy if config.energy is not None else DEFAULT_ENERGY
+        return rank_for_energy(factorization, energy, layer.max_rank(config.margin))
 
     # -- rank rules ----------------------------------------------------------------------------------------
 
@@ -216,13 +241,10 @@ class LowrankPass(Pass[LowrankConfig]):
             if lowest > config.target_macs:
                 report.notes.append(f"target_macs {config.target_macs:g} is out of reach: with every layer that pays at "
                                     f"rank 1 the model keeps {lowest:.3f} of its MACs; that is what was done")
-        elif config.ratio is not None:
-            ranks = [rank_for_ratio(layer, config.ratio) for layer in layers]
-            rule = f"ratio {config.ratio:g}"
         else:
+            ranks = [self._layer_rank(layer, f, config) for layer, f in zip(layers, factorizations)]
             energy = config.energy if config.energy is not None else DEFAULT_ENERGY
-            ranks = [rank_for_energy(f, energy) for f in factorizations]
-            rule = f"energy {energy:g}"
+            rule = f"ratio {config.ratio:g}" if config.ratio is not None else f"energy {energy:g}"
         return self._keep_paying(layers, factorizations, ranks, margin, report), rule
 
     def _keep_paying(self, layers: Sequence[Layer], factorizations: Sequence[Factorization], ranks: Sequence[int],
@@ -302,9 +324,13 @@ class LowrankPass(Pass[LowrankConfig]):
                 "layer": layer.name, "op": layer.node.op_type, "form": layer.form,
                 "matrix": f"{layer.groups}×{layer.k}×{layer.n}" if layer.groups > 1 else f"{layer.k}×{layer.n}",
                 "rank": rank, "full_rank": layer.full_rank,
-                "energy_kept": round(1.0 - float(factorization.tail()[rank]), 5),
+                "energy_kept": round(factorization.energy_kept(rank), 5),
+                "svd": "randomized" if factorization.fast else "exact",
                 "params": [layer.params, layer.factored_params(rank)],
             }
+            added, exact = factorization.added_error(rank)
+            if factorization.fast:  # what the randomized SVD lost beyond the optimal truncation (share of energy)
+                row["svd_added_error"] = f"{added:.2e}" if exact else f"<= {added:.2e}"
             if layer.positions_known:
                 row["macs"] = [int(round(layer.macs)), int(round(layer.factored_macs(rank)))]
             report.items.append(row)

@@ -35,9 +35,12 @@ def rank_not_paying(layer: Layer, rank: int, margin: float) -> str | None:
             f"{margin * layer.k * layer.n:g}; ranks up to {layer.max_rank(margin)} would")
 
 
-def rank_for_energy(factorization: Factorization, energy: float) -> int:
-    """The smallest rank keeping ``energy`` of the (whitened) squared singular values, at least 1."""
-    return max(1, factorization.rank_for_energy(energy))
+def rank_for_energy(factorization: Factorization, energy: float, limit: int | None = None) -> int:
+    """The smallest rank keeping ``energy`` of the (whitened) squared singular values, at least 1.
+
+    ``limit``: the largest rank of any use (no factors are computed to refine a rank beyond it).
+    """
+    return max(1, factorization.rank_for_energy(energy, limit))
 
 
 def rank_for_ratio(layer: Layer, ratio: float) -> int:

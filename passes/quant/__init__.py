@@ -58,7 +58,7 @@ from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
 from onnxopt_passes.quant.speed import latency_ratio, region_kinds
 from onnxopt_passes.quant.rewrites import (collapse_float_activations, expand_activations, expansion_groups, fold_bias_add,
                                            fold_hardsigmoid, tag_hardswish_chains)
-from onnxopt_passes.quant.weight_only import WeightOnlyStats, quantize_int4_node
+from onnxopt_passes.quant.weight_only import WeightOnlyStats, int8_weight_targets, quantize_int4_node, quantize_int8_weight
 
 __all__ = ["QuantConfig", "QuantPass", "onnxopt_register_passes"]
 
@@ -226,6 +226,20 @@ def _explicit_exclusions(model: ir.Model, config: QuantConfig, pc: PlaceContext)
     return excluded
 
 
+def _nothing_planned(model: ir.Model, plan: Plan, excluded: Mapping[str, str]) -> str:
+    """Why a plan holds no node, truthfully: the anchors excluded (and why) or left float by placement."""
+    anchors = [n for n in iter_nodes(model) if n.op_type in _ANCHORS]
+    if not anchors:
+        others = len(int8_weight_targets(model, {})[0])
+        return ("nothing to quantize: the model has no Conv, MatMul or Gemm"
+                + (f"; its {others} recurrent/embedding weight(s) stay float in static mode (quant.mode=dynamic stores "
+                   "them int8 weight-only)" if others else ""))
+    reasons = Counter(excluded[n.name] for n in anchors if n.name in excluded)
+    reasons.update(r for _, r in plan.skipped.values())
+    why = "; ".join(f"{count}× {reason}" for reason, count in reasons.most_common(4)) or "none could be placed"
+    return f"nothing to quantize: none of {len(anchors)} Conv/MatMul/Gemm could be quantized ({why})"
+
+
 def _count_ops(nodes: Mapping[int, Any]) -> dict[str, int]:
     return dict(Counter(p.node.op_type for p in nodes.values()).most_common())
 
@@ -285,6 +299,10 @@ class QuantPass(Pass[QuantConfig]):
         if config.keep_outputs_float:
             for name, reason in output_exclusions(prepared, pc).items():
                 excluded.setdefault(name, reason)
+        for target in int8_weight_targets(prepared, {})[0]:  # what static QDQ does not cover, said per weight
+            report.skip(f"{target.readers[0].op_type} weight {target.value.name}",
+                        "static int8 quantizes Conv/MatMul/Gemm only: recurrent and embedding weights stay float "
+                        "(quant.mode=dynamic stores them int8 weight-only)")
         anchors_total = Counter(n.op_type for n in iter_nodes(prepared) if n.op_type in _ANCHORS)
 
         def plan_for(model_: ir.Model, extra: Mapping[str, str]) -> Plan:
@@ -295,8 +313,7 @@ class QuantPass(Pass[QuantConfig]):
 
         plan = plan_for(prepared, {})
         if not plan.nodes:
-            why = "; ".join(sorted({r for _, r in plan.skipped.values()})) or "no Conv, MatMul or Gemm"
-            raise PassSkipped(f"nothing to quantize: no Conv/MatMul/Gemm with constant float weights ({why})")
+            raise PassSkipped(_nothing_planned(prepared, plan, excluded))
         # Rescale outputs are calibrated too: when the fallback breaks the integer chain before a
         # Div/Mul by a constant, that output becomes an ordinary tensor that needs its own range.
         wanted = [*plan.tensors, *(n.outputs[0].name for n in plan.rescales if n.outputs[0].name)]
@@ -522,22 +539,45 @@ class QuantPass(Pass[QuantConfig]):
 
     def _dynamic(self, model: ir.Model, config: QuantConfig, ctx: PassContext, report: Any) -> PassResult:
         model = _prepare(model, _DYNAMIC_OPSET, "DynamicQuantizeLinear and MatMulInteger", report, ctx)
+        # weight-only needs no calibration: a Loop/Scan body is no reason to leave a weight float
+        excluded = {k: r for k, r in _explicit_exclusions(model, config, PlaceContext(config.activation_type,
+                                                                                      config.per_channel)).items()
+                    if not r.startswith("inside a Loop/Scan body")}
+        if config.per_channel and opset_version(model) < _PER_CHANNEL_OPSET and int8_weight_targets(model, excluded)[0]:
+            model, note = ensure_opset(model, _PER_CHANNEL_OPSET, why="per-channel DequantizeLinear of recurrent/embedding weights")
+            if note:
+                report.notes.append(note)
         targets = self._matmul_targets(model, config, report, CONV_REASON)
-        if not targets:
-            raise PassSkipped("nothing to quantize dynamically: no MatMul/Gemm with a constant float32 weight matrix")
+        others, skipped = int8_weight_targets(model, excluded)
+        for label, reason in skipped:
+            report.skip(label, reason)
+        if not targets and not others:
+            raise PassSkipped("nothing to quantize dynamically: no MatMul/Gemm with a constant float32 weight matrix, "
+                              "and no LSTM/GRU/RNN or Gather weight")
         names, cache, stats = Names(model), {}, DynamicStats()
         while targets:  # popped: each weight is let go once quantized, so a large model is never all in memory
             node, weight, bias = targets.pop(0)
             quantize_dynamic_node(node, weight, bias, config.per_channel, names, cache, stats)
             report.items.append({"node": node.name, "op": node.op_type, "kernel": "DynamicQuantizeMatMul",
                                  "weight": list(weight.shape)})
+        int8 = WeightOnlyStats()
+        while others:
+            target = others.pop(0)
+            quantize_int8_weight(target, config.per_channel, names, int8)
+            report.items.append({"node": ", ".join(n.name or n.op_type for n in target.readers),
+                                 "op": target.readers[0].op_type, "kernel": "weight-only int8 (DequantizeLinear)",
+                                 "weight": [int(d) for d in target.value.shape] if target.value.shape else [],
+                                 "tensor": target.value.name})
         cleanup(model)
         figures: dict[str, Any] = {"mode": "dynamic", "per_channel": config.per_channel, "quantized_nodes": stats.nodes,
-                                   "weight_bytes_float": stats.float_weight_bytes, "weight_bytes_int8": stats.int_weight_bytes}
+                                   "weight_only_int8_tensors": int8.nodes,
+                                   "weight_bytes_float": stats.float_weight_bytes + int8.float_weight_bytes,
+                                   "weight_bytes_int8": stats.int_weight_bytes + int8.int_weight_bytes}
         self._kernels(model, config, ctx, figures, report)
         report.figures = figures
-        report.summary = (f"dynamic int8: {stats.nodes} MatMul/Gemm, weights {stats.float_weight_bytes / 1e6:.2f} MB -> "
-                          f"{stats.int_weight_bytes / 1e6:.2f} MB")
+        report.summary = (f"dynamic int8: {stats.nodes} MatMul/Gemm"
+                          + (f", {int8.nodes} recurrent/embedding weights weight-only" if int8.nodes else "")
+                          + f", weights {figures['weight_bytes_float'] / 1e6:.2f} MB -> {figures['weight_bytes_int8'] / 1e6:.2f} MB")
         return PassResult(model, True, report)
 
     def _gptq(self, model: ir.Model, targets: list[tuple[ir.Node, Any, Any]], config: QuantConfig, ctx: PassContext,

@@ -13,7 +13,10 @@ Two families, each a rule over the graph:
   signal input. Their inputs span a dynamic range 8 bits cannot hold and
   everything after depends on them. The rule walks forward from raw-signal
   inputs and marks every Conv/MatMul/Gemm until the learned network starts
-  (a Log, a normalisation or a non-linearity).
+  (a Log, a normalisation or a non-linearity, or past two compute layers:
+  transform and filterbank). A MatMul/Gemm reading the input itself, its
+  whole last axis at once, is a dense layer on long features (a hidden
+  state of 4096), not a transform of framed samples, and is not marked.
 """
 
 from __future__ import annotations
@@ -77,13 +80,24 @@ def _is_signal(value: ir.Value) -> bool:
     return not isinstance(last, int) or last >= _SIGNAL_MIN_LENGTH
 
 
+#: Compute layers a DSP front end holds on any path: the transform (STFT) and the filterbank after it.
+_FRONT_END_DEPTH = 2
+
+
+def _reads_whole_signal(node: ir.Node, signal: ir.Value) -> bool:
+    """True for a MatMul/Gemm contracting the unframed input's whole last axis: a dense layer on features."""
+    return node.op_type in ("MatMul", "Gemm") and node.inputs[0] is signal
+
+
 def _dsp_front_end(model: ir.Model) -> Iterator[tuple[ir.Node, str]]:
     graph = model.graph
     signals = [v for v in graph.inputs if v.const_value is None and _is_signal(v)]
     seen: set[int] = set()
-    stack = [n for v in signals for n in consumers(v)]
+    # (node, compute layers before it on this path): past the filterbank the learned network has started, and a
+    # MatMul straight on the input is a dense layer on a long feature vector, not a transform of framed samples
+    stack = [(n, 0) for v in signals for n in consumers(v) if not _reads_whole_signal(n, v)]
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
@@ -94,8 +108,11 @@ def _dsp_front_end(model: ir.Model) -> Iterator[tuple[ir.Node, str]]:
             shape = static_shape(w) if w is not None else None
             yield node, "DSP front end on the raw signal input (STFT/filterbank as " + node.op_type + \
                 (f", weight {list(shape)}" if shape else "") + "): 8 bits cannot hold its dynamic range"
+            depth += 1
+            if depth >= _FRONT_END_DEPTH:
+                continue
         for out in node.outputs:
-            stack.extend(consumers(out))
+            stack.extend((n, depth) for n in consumers(out))
 
 
 #: The rules, in the order their reasons are reported.

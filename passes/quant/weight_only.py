@@ -1,4 +1,4 @@
-"""int4 weight-only quantization: MatMul/Gemm weights block-wise, activations left float.
+"""Weight-only quantization: int4 MatMul/Gemm weights block-wise, and int8 recurrent and embedding weights.
 
 Weights [K, N] are quantized symmetrically in blocks of ``block_size`` rows
 along K (one scale per block and column) and stored as int4 behind an
@@ -11,18 +11,20 @@ added with Sum, which ORT leaves alone (see below).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import Names, add_initializer, make_node
+from onnxopt.graph import Names, add_initializer, attribute, make_node, replace_node
 
 from onnxopt_passes.quant.dynamic import RewriteStats, finish_rewrite
-from onnxopt_passes.quant.scheme import quantize_blockwise
+from onnxopt_passes.quant.scheme import quantize, quantize_blockwise, weight_params
 
-__all__ = ["WeightOnlyStats", "quantize_int4_node"]
+__all__ = ["WeightOnlyStats", "quantize_int4_node", "INT8_WEIGHT_SLOTS", "Int8WeightTarget", "int8_weight_targets",
+           "quantize_int8_weight"]
 
 
 WeightOnlyStats = RewriteStats
@@ -48,3 +50,92 @@ def quantize_int4_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | Non
     # its DequantizeLinear->MatMul -> MatMulNBits fusion sees the pair (measured on ORT 1.32)
     finish_rewrite(node, [dq, matmul], matmul.outputs[0], bias, names, stats, weight.nbytes,
                    (q.size + 1) // 2 + scale.nbytes, bias_op="Sum")
+
+
+#: Weights stored int8 behind one DequantizeLinear (weight-only, computed in float): per op, the weight inputs
+#: and the per-channel axis. No integer kernel takes them on the CPU provider (DynamicQuantizeLSTM is a contrib op
+#: with its own weight layout; a Gather computes nothing), yet they are most of the bytes of recurrent and
+#: embedding-heavy models. Recurrent W [dirs, gates·hidden, in] and R [dirs, gates·hidden, hidden] get one scale
+#: per gate row (axis 1, shared across directions); an embedding table one per gathered row. Biases stay float.
+INT8_WEIGHT_SLOTS: dict[str, tuple[tuple[int, ...], int]] = {
+    "LSTM": ((1, 2), 1), "GRU": ((1, 2), 1), "RNN": ((1, 2), 1), "Gather": ((0,), 0),
+}
+#: Smaller tables (index lists, per-class constants) are not worth a DequantizeLinear.
+INT8_WEIGHT_MIN_SIZE = 1024
+
+
+@dataclass
+class Int8WeightTarget:
+    """An initializer every reader of which reads it as a weight-only slot, in the graph that owns it."""
+
+    graph: ir.Graph
+    value: ir.Value
+    axis: int | None
+    readers: list[ir.Node]
+
+
+def int8_weight_targets(model: ir.Model, excluded: Mapping[str, str]) -> tuple[list[Int8WeightTarget], list[tuple[str, str]]]:
+    """Weights of LSTM/GRU/RNN and Gather tables (any graph, outer-scope readers included), and (label, why) skips."""
+    from onnxopt.graph import is_weight, iter_graphs
+
+    targets: list[Int8WeightTarget] = []
+    skipped: list[tuple[str, str]] = []
+    for graph in iter_graphs(model):
+        for value in list(graph.initializers.values()):
+            uses = list(value.uses())
+            slots = [(node, i) for node, i in uses
+                     if node.domain in ("", "ai.onnx") and node.op_type in INT8_WEIGHT_SLOTS
+                     and i in INT8_WEIGHT_SLOTS[node.op_type][0]]
+            if not slots or not is_weight(value) or value.const_value is None:
+                continue
+            label = f"{slots[0][0].op_type} weight {value.name}"
+            if value.dtype != ir.DataType.FLOAT or value.const_value.size < INT8_WEIGHT_MIN_SIZE:
+                continue  # index tables, small constants
+            others = sorted({node.op_type for node, i in uses if (node, i) not in slots})
+            if others:
+                skipped.append((label, f"also read by {', '.join(others)}: stored once, it would stop being a constant for them"))
+                continue
+            reasons = [excluded[node.name] for node, _ in slots if node.name in excluded]
+            if reasons:
+                skipped.append((label, f"a reader is kept float: {reasons[0]}"))
+                continue
+            if value.is_graph_output():
+                skipped.append((label, "also a graph output"))
+                continue
+            shape = value.const_value.shape
+            axes = set()
+            for node, _ in slots:
+                axis = INT8_WEIGHT_SLOTS[node.op_type][1]
+                if node.op_type == "Gather":
+                    axis = int(attribute(node, "axis", 0)) % len(shape) if len(shape) else axis
+                axes.add(axis if len(shape) >= 2 else None)
+            targets.append(Int8WeightTarget(graph, value, axes.pop() if len(axes) == 1 else None,
+                                            [node for node, _ in slots]))
+    return targets, skipped
+
+
+def quantize_int8_weight(target: Int8WeightTarget, per_channel: bool, names: Names, stats: WeightOnlyStats) -> None:
+    """Store the weight int8 (symmetric) behind one DequantizeLinear in its own graph; every reader reads its output."""
+    from onnxopt.graph import reroute
+
+    graph, value = target.graph, target.value
+    assert value.const_value is not None
+    weight = value.const_value.numpy()
+    axis = target.axis if per_channel else None
+    scale = weight_params(weight, axis)
+    q = quantize(weight, scale, 0, "int8", axis)
+    name = str(value.name)
+    q_value = add_initializer(graph, q, names.fresh(f"{name}_int8"))
+    s_value = add_initializer(graph, scale, names.fresh(f"{name}_scale"))
+    z_value = add_initializer(graph, np.zeros(scale.shape, np.int8), names.fresh(f"{name}_zero_point"))
+    dq = make_node("DequantizeLinear", [q_value, s_value, z_value], {"axis": axis} if axis is not None else None,
+                   names=names, name_hint=f"{name}_DequantizeLinear")
+    graph.insert_before(graph.node(0), [dq])
+    out = dq.outputs[0]
+    out.dtype, out.shape = value.dtype, value.shape
+    reroute(value, out)  # readers in subgraphs (outer-scope weights of If/Loop/Scan bodies) included
+    del graph.initializers[name]
+    out.name = name  # readers still read the weight's name
+    stats.nodes += 1
+    stats.float_weight_bytes += weight.nbytes
+    stats.int_weight_bytes += q.nbytes + scale.nbytes
