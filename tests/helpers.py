@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from onnxopt.io import serialize_model
 
-__all__ = ["run_model", "run_cli", "file_digest", "to_ir"]
+__all__ = ["run_model", "run_cli", "file_digest", "to_ir", "confirmation_part"]
 
 
 def _session(model: onnx.ModelProto | ir.Model | str | Path) -> ort.InferenceSession:
@@ -52,3 +52,18 @@ def run_cli(*args: str | Path, cwd: Path | None = None, env: Mapping[str, str] |
 def file_digest(path: Path) -> bytes:
     """Contents of a file, to prove an input was not modified."""
     return Path(path).read_bytes()
+
+
+def confirmation_part(npz: str | Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """The arrays of ``npz`` that `apply` (run with ``seed``) validates and gates on: its confirmation part."""
+    from onnxopt.data import Dataset
+    from onnxopt.split import split_dataset
+
+    with np.load(npz) as f:
+        arrays = {k: f[k] for k in f.files}
+    labels = arrays.pop("labels", None)
+    split = split_dataset(Dataset(str(npz), arrays, [], labels), seed)
+    out = {k: v[split.confirmation_indices] for k, v in arrays.items()}
+    if labels is not None:
+        out["labels"] = labels[split.confirmation_indices]
+    return out

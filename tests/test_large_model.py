@@ -107,8 +107,10 @@ def test_fold_is_lossless_and_validation_runs_batch_by_batch(models: Models, tmp
                             "--report", tmp_path / "report.json"))
     # validation keeps one ORT session alive at a time (ORT holds about one copy of the weights) and one batch
     _assert_bounded(run, models, 1.5)
-    validation = json.loads((tmp_path / "report.json").read_text())["validation"]
-    assert validation["samples"] == SAMPLES and validation["outputs"]["logits"]["max_abs_error"] == 0.0
+    report = json.loads((tmp_path / "report.json").read_text())
+    validation = report["validation"]
+    # validated on the confirmation part of --eval (the other part is what passes may choose on)
+    assert validation["samples"] == report["split"]["confirmation_samples"] < SAMPLES and validation["outputs"]["logits"]["max_abs_error"] == 0.0
     _assert_saved_external(out)
     np.testing.assert_array_equal(_first_output(out, np.load(models.inputs)["x"][:CHECKED]), models.reference)
 

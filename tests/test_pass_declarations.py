@@ -46,7 +46,9 @@ def test_the_core_names_no_builtin_pass() -> None:
     names = sorted(load_registry().passes)
     offenders = subprocess.run(["grep", "-rnE", "--include=*.py", "[\"'](" + "|".join(names) + ")[\"']", "onnxopt"],
                                cwd=REPO, capture_output=True, text=True).stdout.splitlines()
-    offenders = [line for line in offenders if "e.g." not in line and '``passes = [' not in line]
+    # rich's overflow="fold" (a text-wrapping mode) is not the fold pass
+    offenders = [line for line in offenders if "e.g." not in line and '``passes = [' not in line
+                 and 'overflow="fold"' not in line]
     assert offenders == []
 
 
