@@ -264,7 +264,10 @@ class QuantPass(Pass[QuantConfig]):
     requires = frozenset()  # static mode asks for --data itself; dynamic and int4 weight-only need none
     final = True
     corpus_variants = ({"mode": "dynamic"}, {"weight_bits": 4, "block_size": 16},
-                       {"method": "entropy", "activation_type": "int8", "per_channel": False})
+                       {"method": "entropy", "activation_type": "int8", "per_channel": False},
+                       # the corpus's models are mostly one or two ops whose result is a graph output, which the
+                       # defaults keep float (keep_outputs_float): this run quantizes them all the same
+                       {"keep_outputs_float": False})
 
     @classmethod
     def search_space(cls, objective: str = "size") -> PassSpace:

@@ -74,12 +74,15 @@ class _Writer:
         return add_initializer(graph, np.asarray(array, order="C"), self.names.fresh(hint))
 
     def dequantize(self, graph: ir.Graph, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None,
-                   hint: str) -> ir.Value:
+                   hint: str, before: ir.Node | None = None) -> ir.Value:
         inputs = [self.const(graph, q, f"{hint}_quantized"), self.const(graph, scale, f"{hint}_scale"),
                   self.const(graph, zero_point, f"{hint}_zero_point")]
         attrs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
         node = make_node("DequantizeLinear", inputs, attrs, names=self.names, name_hint=f"{hint}_DequantizeLinear")
-        graph.append(node)
+        if before is not None:
+            graph.insert_before(before, [node])
+        else:
+            graph.append(node)
         return node.outputs[0]
 
     def pair(self, graph: ir.Graph, value: ir.Value, params: QParams) -> tuple[ir.Node, ir.Value]:
@@ -172,6 +175,10 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
     if key is not None and key in writer._weights:
         node.replace_input_with(placement.weight, writer._weights[key])
         return
+    # a weight shared from an outer scope (an If/Loop/Scan body reading a main-graph initializer) is stored once, in
+    # the graph that owns it, ahead of its nodes: every body reading it sees the one DequantizeLinear
+    owner = w_value.graph if key is not None and w_value.is_initializer() and w_value.graph is not None else graph  # type: ignore[union-attr]
+    first = owner.node(0) if owner is not graph and len(owner) else None
     w_q = quantize(w, w_scale, 0, "int8", axis)
     if rows is not None:
         _record_saturation(node, w, w_q, weight_params(w, axis), w_scale, writer)
@@ -179,17 +186,19 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
     four_bit = grid is not None and np.array_equal(w_scale, grid) and int(w_q.min(initial=0)) >= -8 and int(w_q.max(initial=0)) <= 7
     if four_bit:  # int4 on disk, widened to int8 by a Cast ORT folds at load (so QLinearConv still fuses)
         hint = w_value.name or "weight"  # type: ignore[union-attr]
-        packed = writer.const(graph, ir.Tensor(w_q.astype(ml_dtypes.int4), dtype=ir.DataType.INT4), f"{hint}_int4")
+        packed = writer.const(owner, ir.Tensor(w_q.astype(ml_dtypes.int4), dtype=ir.DataType.INT4), f"{hint}_int4")
         cast = make_node("Cast", [packed], {"to": ir.DataType.INT8}, names=writer.names, name_hint=f"{hint}_to_int8")
-        graph.append(cast)
-        inputs = [cast.outputs[0], writer.const(graph, w_scale, f"{hint}_scale"), writer.const(graph, zero, f"{hint}_zero_point")]
+        inputs = [cast.outputs[0], writer.const(owner, w_scale, f"{hint}_scale"), writer.const(owner, zero, f"{hint}_zero_point")]
         attrs = {"axis": axis} if axis is not None and w_scale.ndim == 1 else {}
         dq = make_node("DequantizeLinear", inputs, attrs, names=writer.names, name_hint=f"{hint}_DequantizeLinear")
-        graph.append(dq)
+        if first is not None:
+            owner.insert_before(first, [cast, dq])
+        else:
+            owner.extend([cast, dq])
         out = dq.outputs[0]
         writer.stats.int4_weights += 1
     else:
-        out = writer.dequantize(graph, w_q, w_scale, zero, axis, w_value.name or "weight")  # type: ignore[union-attr]
+        out = writer.dequantize(owner, w_q, w_scale, zero, axis, w_value.name or "weight", before=first)  # type: ignore[union-attr]
     node.replace_input_with(placement.weight, out)
     if key is not None:
         writer._weights[key] = out
