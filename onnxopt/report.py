@@ -286,7 +286,7 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
         if v.latency is not None:
             lat = v.latency
             console.print(f"[dim]latency: candidate ÷ reference, median of {lat.pairs} "
-                          f"{'paired blocks' if lat.paired else 'runs each'} in {lat.seconds:.1f} s, 95% interval[/dim]")
+                          f"{'paired blocks' if lat.paired else 'runs each'} in {lat.seconds:.2f} s, 95% interval[/dim]")
             for warning in lat.warnings:
                 console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         for row in v.drop_outputs if len(v.drop_outputs) > 1 or any(r["metric"] != "top1" for r in v.drop_outputs) else []:
