@@ -184,6 +184,8 @@ def replace_input_weight(node: ir.Node, index: int, array: np.ndarray, names: Na
     """
     graph = node.graph
     assert graph is not None, "node must belong to a graph"
+    if index >= len(node.inputs):  # an optional input the node does not have yet (a Conv's bias)
+        node.resize_inputs(index + 1)
     old = node.inputs[index]
     base = hint or (old.name if old is not None and old.name else f"{node.name or node.op_type}_in{index}")
     # np.ascontiguousarray would turn a scalar into shape [1], which stops ORT fusing Add/Mul

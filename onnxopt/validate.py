@@ -26,7 +26,7 @@ import onnxruntime as ort
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
 from onnxopt.measure import count_macs, count_parameters, file_size, stored_weight_bytes
-from onnxopt.metrics import BUILTIN_METRICS, Metric, cosine, output_drops, top1_accuracy, top1_agreement
+from onnxopt.metrics import BUILTIN_METRICS, Metric, metric_drop, output_drops, top1_agreement
 from onnxopt.progress import Progress
 from onnxopt.io import has_external_data, tensor_bytes
 from onnxopt.sessions import LARGE_MODEL_BYTES, SessionFactory, run_batches
@@ -134,18 +134,9 @@ def collect_outputs(
 
 
 def drop_between(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> tuple[float, str, dict[str, float] | None]:
-    """The drop on one output, its basis, and accuracies when labels apply."""
-    if labels is not None:
-        ref_acc, cand_acc = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
-        if ref_acc is not None and cand_acc is not None:
-            return ref_acc - cand_acc, "top-1 accuracy (labels)", {"reference": ref_acc, "candidate": cand_acc}
-    agreement = top1_agreement(reference, candidate)
-    if agreement is not None:
-        return 1.0 - agreement, "1 - top-1 agreement with the reference", None
-    cos = cosine(reference, candidate)
-    if cos is not None:
-        return 1.0 - cos, "1 - cosine similarity with the reference", None
-    return 0.0 if np.array_equal(reference, candidate) else 1.0, "exact equality", None
+    """The drop on one output by the first-output rule (top-1 where it applies, else 1 - cosine), its basis, accuracies."""
+    return metric_drop("top1" if top1_agreement(reference, candidate) is not None else "cosine", reference, candidate,
+                       labels)
 
 
 def _common_outputs(ref: ort.InferenceSession, cand: ort.InferenceSession) -> list[str]:

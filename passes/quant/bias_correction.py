@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnxopt.activations import iter_activations
 from onnxopt.data import Dataset
-from onnxopt.graph import Names, add_initializer, constant_array, replace_input_weight
+from onnxopt.graph import Names, constant_array, replace_input_weight
 from onnxopt.progress import Progress
 from onnxopt.sessions import SessionFactory
 
@@ -111,12 +111,6 @@ def apply_corrections(prepared: ir.Model, layers: Sequence[ir.Node], corrections
         if bias is None or bias.shape != shift.shape:
             continue
         new = (bias.astype(np.float64) - shift).astype(np.float32)
-        if has_bias:
-            replace_input_weight(node, 2, new, names)
-        else:
-            graph = node.graph
-            assert graph is not None
-            node.resize_inputs(3)
-            node.replace_input_with(2, add_initializer(graph, new, names.fresh(f"{node.name or node.op_type}_bias")))
+        replace_input_weight(node, 2, new, names, hint=None if has_bias else f"{node.name or node.op_type}_bias")
         count += 1
     return count

@@ -46,13 +46,7 @@ def _scale_producer(node: ir.Node, alpha: float, beta: float, names: Names) -> b
         return False
     replace_input_weight(node, 1, (w * np.float32(alpha)).astype(np.float32), names)
     new_b = (b * np.float32(alpha) + np.float32(beta)).astype(np.float32)
-    if has_bias:
-        replace_input_weight(node, 2, new_b, names)
-    else:
-        graph = node.graph
-        assert graph is not None
-        node.resize_inputs(3)
-        node.replace_input_with(2, add_initializer(graph, new_b, names.fresh(f"{node.name or node.op_type}_bias")))
+    replace_input_weight(node, 2, new_b, names, hint=None if has_bias else f"{node.name or node.op_type}_bias")
     return True
 
 
@@ -126,11 +120,8 @@ def fold_bias_add(model: ir.Model) -> int:
                 b = constant_array(producer.inputs[2]) if has_bias else np.zeros(channels, np.float32)
                 if b is None or b.shape != (channels,):
                     continue
-                if has_bias:
-                    replace_input_weight(producer, 2, (b + add).astype(np.float32), names)
-                else:
-                    producer.resize_inputs(3)
-                    producer.replace_input_with(2, add_initializer(graph, add, names.fresh(f"{producer.name or 'conv'}_bias")))
+                replace_input_weight(producer, 2, (b + add).astype(np.float32), names,
+                                     hint=None if has_bias else f"{producer.name or 'conv'}_bias")
                 reroute(node.outputs[0], x)
                 graph.remove(node, safe=True)
                 count += 1
