@@ -255,6 +255,61 @@ def _no_kernel_note(model: ir.Model) -> str | None:
     return f"no integer kernel in ONNX Runtime, left float: {listed}"
 
 
+def _report_placement(report: Any, plan: Plan, stats: InsertionStats, prepared: ir.Model, pc: PlaceContext,
+                      reasons: Mapping[str, str]) -> None:
+    """Each node left float with its reason, and each quantized node with its kernel and output grid."""
+    for node, reason in [*((n, r) for n, r in plan.skipped.values())]:
+        report.skip(f"{node.op_type} {node.name}", reason)
+    by_name = {n.name: n for n in iter_nodes(prepared)}
+    for name, reason in reasons.items():
+        node = by_name.get(name)
+        if node is not None and not isinstance(place(node, pc), str):
+            report.skip(f"{node.op_type} {name}", reason)
+    for planned in plan.nodes.values():
+        out = planned.output
+        params = stats.params.get(out.name) if out is not None and out.name else None
+        report.items.append({"node": planned.node.name, "op": planned.node.op_type, "kernel": planned.rule.kernel,
+                             "output": None if params is None else {"scale": params.scale, "zero_point": params.zero_point},
+                             "relu_folded": planned.absorbed is not None})
+
+
+def _report_fallback(fallback: Any, max_drop: float, figures: dict[str, Any], report: Any) -> None:
+    """The accuracy fallback's figures, its budget choice in the shape every pass reports, and its notes."""
+    figures["fallback"] = {"initial_drop": fallback.initial_drop, "final_drop": fallback.final_drop,
+                           "within_budget": fallback.within_budget, "kept_float": fallback.kept_float}
+    # the same shape as every pass's budget choice (onnxopt.budget.BudgetChoice.to_dict), for the report
+    tried = [{"setting": "all quantized", "drop": fallback.initial_drop,
+              "within": fallback.initial_drop <= max_drop + 1e-12}]
+    tried += [{"setting": f"+{k['node']} float", "drop": float(k["drop_after"]),
+               "within": float(k["drop_after"]) <= max_drop + 1e-12} for k in fallback.kept_float]
+    figures["budget"] = {
+        "limit": max_drop, "rung": len(fallback.kept_float) if fallback.within_budget else None,
+        "chosen": f"{len(fallback.kept_float)} node(s) back to float" if fallback.within_budget else None,
+        "ladder": "nodes back to float, most sensitive first (greedy, on the selection part)", "tried": tried,
+        "reason": (f"drop on the selection part {fallback.final_drop * 100:.2f} pt within {max_drop * 100:.2f} pt"
+                   if fallback.within_budget else
+                   f"still {fallback.final_drop * 100:.2f} pt after {len(fallback.kept_float)} node(s) back to float")}
+    if fallback.kept_float:
+        report.notes.append("accuracy fallback kept float: " + ", ".join(
+            f"{k['node']} ({k['op']}, drop {float(k['drop_before']):.4f} -> {float(k['drop_after']):.4f})"
+            for k in fallback.kept_float))
+    if not fallback.within_budget:
+        report.notes.append(f"accuracy fallback could not reach the budget: drop {fallback.final_drop:.4f} after "
+                            f"{len(fallback.kept_float)} nodes back to float (raise fallback_steps or exclude more)")
+
+
+def _report_saturation(stats: InsertionStats, saturation: str, figures: dict[str, Any], report: Any) -> None:
+    """The layers whose int16 weight pairs can saturate on CPUs without VNNI, and whether they were fixed."""
+    figures["saturation"] = stats.saturation
+    if stats.saturation:
+        fixed = [s for s in stats.saturation if s["fixed"] and saturation == "fix"]
+        report.notes.append(
+            f"{len(stats.saturation)} layers can saturate int16 weight pairs on CPUs without VNNI (vpmaddubsw)"
+            + (f"; {len(fixed)} fixed by widening their weight scales (at most "
+               f"{max(float(s['max_scale_widening']) for s in fixed):.2f}x)" if fixed else
+               "; not fixed (quant.saturation=report): results differ between CPUs"))
+
+
 class QuantPass(Pass[QuantConfig]):
     """int8 QDQ quantization placed where ONNX Runtime fuses it into integer kernels (static, dynamic, int4 weight-only)."""
 
@@ -289,23 +344,7 @@ class QuantPass(Pass[QuantConfig]):
         data = ctx.require_calibration(self.name)
         reference = model.clone()
         pc = PlaceContext(config.activation_type, config.per_channel)
-        prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
-                            rewrite=True, activations=config.rewrite_activations)
-        if config.smoothquant > 0:
-            from onnxopt_passes.quant.smooth import smooth_layernorms
-
-            smoothed = smooth_layernorms(prepared, data, ctx.sessions, config.smoothquant, progress=ctx.progress)
-            report.notes.append(f"SmoothQuant (alpha {config.smoothquant}): {smoothed} LayerNormalization outputs "
-                                "had their outlier channels moved into the weights reading them")
-        prepared, int4_grid = _grid_storage(prepared, config, report)
-        excluded = _explicit_exclusions(prepared, config, pc)
-        if config.keep_outputs_float:
-            for name, reason in output_exclusions(prepared, pc).items():
-                excluded.setdefault(name, reason)
-        for target in int8_weight_targets(prepared, {})[0]:  # what static QDQ does not cover, said per weight
-            report.skip(f"{target.readers[0].op_type} weight {target.value.name}",
-                        "static int8 quantizes Conv/MatMul/Gemm only: recurrent and embedding weights stay float "
-                        "(quant.mode=dynamic stores them int8 weight-only)")
+        prepared, int4_grid, excluded = self._static_graph(model, data, config, pc, ctx, report)
         anchors_total = Counter(n.op_type for n in iter_nodes(prepared) if n.op_type in _ANCHORS)
 
         def plan_for(model_: ir.Model, extra: Mapping[str, str]) -> Plan:
@@ -373,6 +412,75 @@ class QuantPass(Pass[QuantConfig]):
             quantized, plan, stats = build(kept) if kept else (quantized, plan, stats)
         else:
             kept = frozenset()
+        quantized, plan, stats, kept, speed = self._speed_guard(build, quantized, plan, stats, kept, reference, data,
+                                                                config, ctx, report, prepared)
+
+        _report_placement(report, plan, stats, prepared, pc, {**excluded, **unreached})
+        report.figures = self._static_figures(quantized, plan, stats, config, ctx, report, anchors_total, len(ranges),
+                                              len(data), fallback, speed)
+        return PassResult(quantized, True, report)
+
+    def _static_graph(self, model: ir.Model, data: Any, config: QuantConfig, pc: PlaceContext, ctx: PassContext,
+                      report: Any) -> tuple[ir.Model, bool, dict[str, str]]:
+        """The graph static QDQ is placed on (rewrites, SmoothQuant, int4 grid), and the nodes kept float with why."""
+        prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
+                            rewrite=True, activations=config.rewrite_activations)
+        if config.smoothquant > 0:
+            from onnxopt_passes.quant.smooth import smooth_layernorms
+
+            smoothed = smooth_layernorms(prepared, data, ctx.sessions, config.smoothquant, progress=ctx.progress)
+            report.notes.append(f"SmoothQuant (alpha {config.smoothquant}): {smoothed} LayerNormalization outputs "
+                                "had their outlier channels moved into the weights reading them")
+        prepared, int4_grid = _grid_storage(prepared, config, report)
+        excluded = _explicit_exclusions(prepared, config, pc)
+        if config.keep_outputs_float:
+            for name, reason in output_exclusions(prepared, pc).items():
+                excluded.setdefault(name, reason)
+        for target in int8_weight_targets(prepared, {})[0]:  # what static QDQ does not cover, said per weight
+            report.skip(f"{target.readers[0].op_type} weight {target.value.name}",
+                        "static int8 quantizes Conv/MatMul/Gemm only: recurrent and embedding weights stay float "
+                        "(quant.mode=dynamic stores them int8 weight-only)")
+        return prepared, int4_grid, excluded
+
+    def _static_figures(self, quantized: ir.Model, plan: Plan, stats: InsertionStats, config: QuantConfig,
+                        ctx: PassContext, report: Any, anchors_total: Counter[str], calibrated: int, samples: int,
+                        fallback: Any, speed: dict[str, Any] | None) -> dict[str, Any]:
+        """The static run's figures, notes and one-line summary (which opens with a warning when int8 is slower)."""
+        quantized_ops = _count_ops(plan.nodes)
+        figures: dict[str, Any] = {
+            "mode": "static", "method": config.method, "activation_type": config.activation_type,
+            "per_channel": config.per_channel, "quantized_nodes": quantized_ops,
+            "anchor_ops_total": dict(anchors_total), "activation_qdq_pairs": stats.activation_pairs,
+            "weights_quantized": stats.weights, "biases_int32": stats.biases,
+            "weight_bytes_float": stats.float_weight_bytes, "weight_bytes_int8": stats.int_weight_bytes,
+            "weights_stored_int4": stats.int4_weights,
+            "calibrated_tensors": calibrated, "calibration_samples": samples,
+        }
+        if fallback is not None:
+            _report_fallback(fallback, ctx.max_drop, figures, report)
+        if speed is not None:
+            figures["speed"] = speed
+        if config.saturation != "off":
+            _report_saturation(stats, config.saturation, figures, report)
+        self._kernels(quantized, config, ctx, figures, report)
+        note = _no_kernel_note(quantized)
+        if note:
+            report.notes.append(note)
+        anchors_q = sum(v for k, v in quantized_ops.items() if k in _ANCHORS)
+        kernels = figures.get("ort_integer_kernels", {})
+        report.summary = (f"static int8 ({config.method}, {config.activation_type} activations): "
+                          f"{anchors_q}/{sum(anchors_total.values())} Conv/MatMul/Gemm and "
+                          f"{sum(quantized_ops.values()) - anchors_q} other ops quantized"
+                          + (f"; ORT runs {sum(kernels.values())} integer kernels" if kernels else "")
+                          + (f"; {len(fallback.kept_float)} kept float by fallback" if fallback and fallback.kept_float else ""))
+        if report.warnings:
+            report.summary = "SLOWER THAN FP32 - " + report.summary
+        return figures
+
+    def _speed_guard(self, build: Any, quantized: ir.Model, plan: Plan, stats: InsertionStats, kept: frozenset[str],
+                     reference: ir.Model, data: Any, config: QuantConfig, ctx: PassContext, report: Any, prepared: ir.Model
+                     ) -> tuple[ir.Model, Plan, InsertionStats, frozenset[str], dict[str, Any] | None]:
+        """Time int8 against fp32; return slow region kinds to float (revert) and warn first thing if still slower."""
         speed: dict[str, Any] | None = None
         if config.speed_guard != "off" and one_session_at_a_time(reference, quantized):
             report.notes.append("speed guard skipped: the model is large enough that two sessions at once would double "
@@ -394,77 +502,7 @@ class QuantPass(Pass[QuantConfig]):
                     + ("regions that did not pay are already back in float: " if speed["tried"] else "")
                     + "consider keeping this model float or quantizing with --set quant.exclude_ops=...")
 
-        for node, reason in [*((n, r) for n, r in plan.skipped.values())]:
-            report.skip(f"{node.op_type} {node.name}", reason)
-        by_name = {n.name: n for n in iter_nodes(prepared)}
-        for name, reason in {**excluded, **unreached}.items():
-            node = by_name.get(name)
-            if node is not None and not isinstance(place(node, pc), str):
-                report.skip(f"{node.op_type} {name}", reason)
-        for planned in plan.nodes.values():
-            out = planned.output
-            params = stats.params.get(out.name) if out is not None and out.name else None
-            report.items.append({"node": planned.node.name, "op": planned.node.op_type, "kernel": planned.rule.kernel,
-                                 "output": None if params is None else {"scale": params.scale, "zero_point": params.zero_point},
-                                 "relu_folded": planned.absorbed is not None})
-        quantized_ops = _count_ops(plan.nodes)
-        figures: dict[str, Any] = {
-            "mode": "static", "method": config.method, "activation_type": config.activation_type,
-            "per_channel": config.per_channel, "quantized_nodes": quantized_ops,
-            "anchor_ops_total": dict(anchors_total), "activation_qdq_pairs": stats.activation_pairs,
-            "weights_quantized": stats.weights, "biases_int32": stats.biases,
-            "weight_bytes_float": stats.float_weight_bytes, "weight_bytes_int8": stats.int_weight_bytes,
-            "weights_stored_int4": stats.int4_weights,
-            "calibrated_tensors": len(ranges), "calibration_samples": len(data),
-        }
-        if fallback is not None:
-            figures["fallback"] = {"initial_drop": fallback.initial_drop, "final_drop": fallback.final_drop,
-                                   "within_budget": fallback.within_budget, "kept_float": fallback.kept_float}
-            # the same shape as every pass's budget choice (onnxopt.budget.BudgetChoice.to_dict), for the report
-            tried = [{"setting": "all quantized", "drop": fallback.initial_drop,
-                      "within": fallback.initial_drop <= ctx.max_drop + 1e-12}]
-            tried += [{"setting": f"+{k['node']} float", "drop": float(k["drop_after"]),
-                       "within": float(k["drop_after"]) <= ctx.max_drop + 1e-12} for k in fallback.kept_float]
-            figures["budget"] = {
-                "limit": ctx.max_drop, "rung": len(fallback.kept_float) if fallback.within_budget else None,
-                "chosen": f"{len(fallback.kept_float)} node(s) back to float" if fallback.within_budget else None,
-                "ladder": "nodes back to float, most sensitive first (greedy, on the selection part)", "tried": tried,
-                "reason": (f"drop on the selection part {fallback.final_drop * 100:.2f} pt within {ctx.max_drop * 100:.2f} pt"
-                           if fallback.within_budget else
-                           f"still {fallback.final_drop * 100:.2f} pt after {len(fallback.kept_float)} node(s) back to float")}
-            if fallback.kept_float:
-                report.notes.append("accuracy fallback kept float: " + ", ".join(
-                    f"{k['node']} ({k['op']}, drop {float(k['drop_before']):.4f} -> {float(k['drop_after']):.4f})"
-                    for k in fallback.kept_float))
-            if not fallback.within_budget:
-                report.notes.append(f"accuracy fallback could not reach the budget: drop {fallback.final_drop:.4f} after "
-                                    f"{len(fallback.kept_float)} nodes back to float (raise fallback_steps or exclude more)")
-        if speed is not None:
-            figures["speed"] = speed
-        if config.saturation != "off":
-            figures["saturation"] = stats.saturation
-            if stats.saturation:
-                fixed = [s for s in stats.saturation if s["fixed"] and config.saturation == "fix"]
-                report.notes.append(
-                    f"{len(stats.saturation)} layers can saturate int16 weight pairs on CPUs without VNNI (vpmaddubsw)"
-                    + (f"; {len(fixed)} fixed by widening their weight scales (at most "
-                       f"{max(float(s['max_scale_widening']) for s in fixed):.2f}x)" if fixed else
-                       "; not fixed (quant.saturation=report): results differ between CPUs"))
-        self._kernels(quantized, config, ctx, figures, report)
-        note = _no_kernel_note(quantized)
-        if note:
-            report.notes.append(note)
-        anchors_q = sum(v for k, v in quantized_ops.items() if k in _ANCHORS)
-        kernels = figures.get("ort_integer_kernels", {})
-        report.summary = (f"static int8 ({config.method}, {config.activation_type} activations): "
-                          f"{anchors_q}/{sum(anchors_total.values())} Conv/MatMul/Gemm and "
-                          f"{sum(quantized_ops.values()) - anchors_q} other ops quantized"
-                          + (f"; ORT runs {sum(kernels.values())} integer kernels" if kernels else "")
-                          + (f"; {len(fallback.kept_float)} kept float by fallback" if fallback and fallback.kept_float else ""))
-        if report.warnings:
-            report.summary = "SLOWER THAN FP32 - " + report.summary
-        report.figures = figures
-        return PassResult(quantized, True, report)
+        return quantized, plan, stats, kept, speed
 
     def _correct_biases(self, prepared: ir.Model, quantized: ir.Model, plan: Plan, data: Any, ctx: PassContext,
                         report: Any) -> bool:

@@ -111,8 +111,21 @@ def build_plan(model: ir.Model, excluded: dict[int, tuple[ir.Node, str]], pc: Pl
                skip_graphs: Iterable[ir.Graph] = ()) -> Plan:
     """The plan for ``model`` with the ``excluded`` nodes kept float."""
     plan = Plan()
+    candidates = _candidates(model, excluded, pc, skip_graphs, plan)
+    chosen = _grow_from_anchors(candidates)
+    _record_tensors(plan, chosen)
+    _share_scales(plan, chosen)
+    return plan
+
+
+Candidate = tuple[ir.Node, OpRule, Placement]
+
+
+def _candidates(model: ir.Model, excluded: dict[int, tuple[ir.Node, str]], pc: PlaceContext,
+                skip_graphs: Iterable[ir.Graph], plan: Plan) -> list[Candidate]:
+    """Every node the placement table can quantize and nobody excluded; anchors it cannot take go to ``plan.skipped``."""
     blocked = {id(g) for g in skip_graphs}
-    candidates: list[tuple[ir.Node, OpRule, Placement]] = []
+    candidates: list[Candidate] = []
     for graph in iter_graphs(model):
         if id(graph) in blocked:
             continue
@@ -126,8 +139,22 @@ def build_plan(model: ir.Model, excluded: dict[int, tuple[ir.Node, str]], pc: Pl
                 continue
             rule, placement = placed
             candidates.append((node, rule, placement))
+    return candidates
 
-    chosen: dict[int, tuple[ir.Node, OpRule, Placement]] = {id(n): (n, r, p) for n, r, p in candidates if r.role == "anchor"}
+
+def _feeds_quantized(value: ir.Value, chosen: dict[int, Candidate]) -> bool:
+    """Whether a chosen node reads ``value`` as a quantized activation."""
+    for node in consumers(value):
+        if id(node) in chosen:
+            _, _, p = chosen[id(node)]
+            if any(node.inputs[i] is value for i in p.activations if i < len(node.inputs)):
+                return True
+    return False
+
+
+def _grow_from_anchors(candidates: list[Candidate]) -> dict[int, Candidate]:
+    """The anchors (Conv/MatMul/Gemm), then every follower whose inputs are integer already, until nothing joins."""
+    chosen: dict[int, Candidate] = {id(n): (n, r, p) for n, r, p in candidates if r.role == "anchor"}
     followers = [(n, r, p) for n, r, p in candidates if r.role != "anchor"]
 
     def int_available(value: ir.Value) -> bool:
@@ -139,14 +166,6 @@ def build_plan(model: ir.Model, excluded: dict[int, tuple[ir.Node, str]], pc: Pl
             if before is not None and id(before) in chosen and _absorbing_activation(producer.inputs[0]) is producer:
                 return True
         return id(producer) in chosen and _quantized_output(producer)[0] is value
-
-    def feeds_quantized(value: ir.Value) -> bool:
-        for node in consumers(value):
-            if id(node) in chosen:
-                _, _, p = chosen[id(node)]
-                if any(node.inputs[i] is value for i in p.activations if i < len(node.inputs)):
-                    return True
-        return False
 
     changed = True
     while changed:
@@ -161,15 +180,19 @@ def build_plan(model: ir.Model, excluded: dict[int, tuple[ir.Node, str]], pc: Pl
             if rule.role in ("passthrough", "rescale"):
                 joins = ints[0]
             else:
-                joins = all(ints) or (any(ints) and feeds_quantized(_quantized_output(node)[0]))
+                joins = all(ints) or (any(ints) and _feeds_quantized(_quantized_output(node)[0], chosen))
             if joins:
                 chosen[id(node)] = (node, rule, placement)
                 changed = True
+    return chosen
 
+
+def _record_tensors(plan: Plan, chosen: dict[int, Candidate]) -> None:
+    """Each chosen node's plan entry, and the tensors to calibrate (rescale outputs keep their input's grid)."""
     rescaled = {id(n.outputs[0]) for n, r, _ in chosen.values() if r.role == "rescale"}
     for node, rule, placement in chosen.values():
         out, act = _quantized_output(node)
-        quantize_output = rule.output == "required" or feeds_quantized(out)
+        quantize_output = rule.output == "required" or _feeds_quantized(out, chosen)
         planned = NodePlan(node, rule, placement, out if quantize_output else None, act if quantize_output else None)
         plan.nodes[id(node)] = planned
         for value in _activation_values(node, placement):
@@ -183,6 +206,10 @@ def build_plan(model: ir.Model, excluded: dict[int, tuple[ir.Node, str]], pc: Pl
             plan.outputs[id(planned.output)] = planned
             if act is not None:
                 plan.absorbed.add(planned.output.name)
+
+
+def _share_scales(plan: Plan, chosen: dict[int, Candidate]) -> None:
+    """Ops whose kernel needs one grid on inputs and output (Concat, pooling, ...) get their tensors merged."""
     for node, rule, placement in chosen.values():
         if not rule.shared_scale:
             continue
@@ -196,4 +223,3 @@ def build_plan(model: ir.Model, excluded: dict[int, tuple[ir.Node, str]], pc: Pl
             continue
         for other in names[1:]:
             plan.merge(names[0], other)
-    return plan
