@@ -289,9 +289,24 @@ def remove_node(node: ir.Node) -> None:
     graph.remove(node, safe=True)
 
 
+#: Ops whose optional outputs ONNX Runtime requires even when nobody reads them (Attention's present_key and
+#: present_value whenever past_key is given): onnx-ir's dead-code pass trims unused optional outputs as ONNX allows,
+#: which turns such a node into one ORT refuses at run time.
+OUTPUTS_ORT_REQUIRES = frozenset({("", "Attention")})
+
+
 def cleanup(model: ir.Model) -> None:
     """Remove unused nodes and initializers and sort topologically (main graph and subgraphs)."""
+    pinned: list[tuple[ir.Graph, ir.Value]] = []
+    for node in iter_nodes(model):  # held as graph outputs while the pass runs, so it keeps them
+        if (node.domain if node.domain != "ai.onnx" else "", node.op_type) in OUTPUTS_ORT_REQUIRES and node.graph is not None:
+            for out in node.outputs:
+                if out.name and not out.uses() and not out.is_graph_output():
+                    node.graph.outputs.append(out)
+                    pinned.append((node.graph, out))
     ir_passes.RemoveUnusedNodesPass()(model)
+    for graph, out in pinned:
+        graph.outputs.remove(out)
     # onnx-ir drops unused initializers of the main graph only; subgraphs keep replaced weights otherwise
     for graph in model.graph.subgraphs():
         for value in list(graph.initializers.values()):

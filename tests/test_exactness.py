@@ -238,3 +238,29 @@ def test_sequence_input_data_goes_through_prune_and_lowrank(tmp_path: Path) -> N
     write_case(NodeCase("seq_in", proto, values, [np.full(4, 2.0, np.float32)]), tmp_path / "seq_in")
     runs = check_folder(tmp_path / "seq_in", ["prune", "lowrank"])
     assert [(r.label, r.status) for r in runs] == [("prune", "ok"), ("lowrank", "ok")], [r.detail for r in runs]
+
+
+def test_cleanup_keeps_optional_outputs_ort_ties_to_inputs() -> None:
+    """An Attention reading past_key/past_value whose present_* outputs nobody reads keeps them through cleanup.
+
+    ONNX allows leaving them out, but ONNX Runtime's kernel requires them whenever the past is given; onnx-ir's
+    dead-code pass trimmed them, and distill's fused graph (the teacher's copy) then failed at run time.
+    """
+    import onnx_ir as ir
+
+    from onnxopt.graph import cleanup
+    from onnxopt.node_corpus import node_cases, with_weights
+
+    case = with_weights(node_cases(names=["test_attention_4d_with_past_and_present_qk_matmul_bias_3d_mask"])[0])
+    assert case is not None
+    proto = onnx.ModelProto()
+    proto.CopyFrom(case.model)
+    del proto.graph.output[1:]  # only Y leaves the graph: the present_* and qk outputs are unused
+    model = ir.serde.deserialize_model(proto)
+    cleanup(model)
+    (attention,) = [n for n in model.graph if n.op_type == "Attention"]
+    assert len(attention.outputs) == 4
+    feed = {"Q": case.inputs[0]}
+    (got,) = run_model(model, feed)
+    (expected,) = run_model(proto, feed)
+    np.testing.assert_array_equal(got, expected)
