@@ -156,7 +156,7 @@ class _Ledger:
                 # the latency field is whatever validate measures today (the timing module is another change's)
                 result = validate(self.original, candidate, self.ctx.confirmation, sessions=self.ctx.sessions,
                                   metrics=list(self.ctx.registered_metrics.values()) or _builtin_metrics(),
-                                  declared=self.ctx.metrics, latency_runs=15)
+                                  declared=self.ctx.metrics)
                 row.update(drop_confirmation=result.drop, latency_ms=result.candidate.latency_ms,
                            reference_latency_ms=result.reference.latency_ms)
             else:

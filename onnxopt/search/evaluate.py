@@ -34,7 +34,7 @@ from onnxopt.io import (
     serialize_model,
     tensor_bytes,
 )
-from onnxopt.measure import count_macs, count_parameters, median_latency_ms
+from onnxopt.measure import count_macs, count_parameters
 from onnxopt.plugins import load_registry
 from onnxopt.search.recipe import (
     Recipe,
@@ -49,7 +49,7 @@ from onnxopt.split import split_dataset
 from onnxopt.timing import LatencyComparison, TimingConfig, compare_latency, compare_latency_isolated, model_sources
 from onnxopt.validate import collect_outputs, drop_between
 
-__all__ = ["WorkerSetup", "Evaluator", "init_worker", "evaluate_in_worker", "latency_feed", "interleaved_latency",
+__all__ = ["WorkerSetup", "Evaluator", "init_worker", "evaluate_in_worker", "latency_feed",
            "time_candidate", "latency_fields", "SCREEN_SECONDS"]
 
 #: Chains kept in memory per worker, at most this many bytes of weights in all.
@@ -86,14 +86,6 @@ def latency_feed(dataset: Dataset, model: ir.Model, batch: int = 1) -> dict[str,
     if fixed or not dataset.arrays:
         return next(dataset.batches())
     return {k: v[:batch] for k, v in dataset.arrays.items()}
-
-
-def interleaved_latency(sessions: Sequence[Any], feed: dict[str, np.ndarray], runs: int = 30, rounds: int = 3) -> list[float]:
-    """Median batch latency (ms) of each session (old API: one session alone, or a reference and a candidate paired)."""
-    if len(sessions) == 2:
-        result = compare_latency(sessions[0], sessions[1], feed)
-        return [result.reference_ms, result.candidate_ms]
-    return [median_latency_ms(s, feed, warmup=3, runs=max(1, runs)) for s in sessions]
 
 
 def latency_fields(result: LatencyComparison) -> dict[str, Any]:
