@@ -22,12 +22,14 @@ import onnx
 import pytest
 from rich.console import Console
 
+from onnxopt.errors import OnnxoptError
 from onnxopt.search.driver import SearchResult, _finish
 from onnxopt.search.evaluate import latency_fields
 from onnxopt.search.report import print_search
 from onnxopt.search.state import SearchState
 from onnxopt.sessions import SessionFactory
 from onnxopt.timing import (
+    SESSION_FLOOR,
     TimingConfig,
     compare_latency,
     compare_latency_isolated,
@@ -111,6 +113,19 @@ def test_interval_and_wording_follow_the_order_statistics() -> None:
     assert format_ratio(1.2, 1.1, 1.3) == "1.20× (1.10–1.30), 1.2× slower"
     # an interval that excludes 1 by less than the timing resolves (two sessions of one model can differ by ~1%)
     assert format_ratio(0.99, 0.985, 0.995) == "0.99× (0.98–0.99), no measurable difference (under 3%)"
+
+
+def test_interval_is_never_narrower_than_the_session_floor() -> None:
+    """Two sessions of one model differ steadily by a few tenths of a percent; no interval may claim finer."""
+    rng = np.random.default_rng(2)
+    reference = np.exp(rng.normal(0.0, 1e-4, 4000))  # ms, almost no spread
+    candidate = reference * 1.004  # 0.4% slower every single run
+    result = compare_unpaired(reference, candidate)
+    assert result.ratio == pytest.approx(1.004, rel=1e-3)
+    assert result.low <= result.ratio * (1 - SESSION_FLOOR) + 1e-12 and result.low < 1.0 < result.high
+    assert result.verdict == "same"
+    with pytest.raises(OnnxoptError, match="precision"):
+        TimingConfig(precision=SESSION_FLOOR / 2)
 
 
 def test_validate_cli_reports_the_interval_in_text_and_json(models: dict[str, Path], tmp_path: Path) -> None:
