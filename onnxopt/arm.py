@@ -29,7 +29,7 @@ from onnxopt.data import Dataset
 from onnxopt.errors import OnnxoptError
 from onnxopt.metrics import top1_agreement
 from onnxopt.sessions import PROVIDER_ALIASES
-from onnxopt.validate import drop_between
+from onnxopt.validate import gated_drop
 
 __all__ = ["Arm64Runtime", "ArmComparison", "ArmModelRun", "find_runtime", "run_models", "compare_on_arm64",
            "validate_on_arm64", "format_comparison", "SETUP_SCRIPT", "SYSROOT_ENV", "TARGETS"]
@@ -173,8 +173,12 @@ def run_models(runtime: Arm64Runtime, models: Sequence[str | os.PathLike[str]], 
 def compare_on_arm64(reference: str | os.PathLike[str], candidate: str | os.PathLike[str], dataset: Dataset,
                      x86_outputs: Mapping[str, Mapping[str, np.ndarray]], output_names: Sequence[str], *,
                      providers: Sequence[str] | None = None, threads: int = 1,
-                     runtime: Arm64Runtime | None = None) -> ArmComparison:
-    """Run both models on aarch64 and compare with their x86 outputs (``{"reference"|"candidate": {name: array}}``)."""
+                     runtime: Arm64Runtime | None = None, declared: Mapping[str, str] | None = None) -> ArmComparison:
+    """Run both models on aarch64 and compare with their x86 outputs (``{"reference"|"candidate": {name: array}}``).
+
+    The drop on arm64 is validate's: every output by its metric (``declared``, i.e. ``--metric``, else chosen
+    from the output), the worst gated.
+    """
     runtime = runtime or find_runtime()
     outputs, info = run_models(runtime, [reference, candidate], dataset, output_names, providers=providers, threads=threads)
     result = ArmComparison("arm64", info.get("onnxruntime", "?"), info.get("machine", "?"),
@@ -188,18 +192,23 @@ def compare_on_arm64(reference: str | os.PathLike[str], candidate: str | os.Path
                           max(diffs) if diffs else None, top1_agreement(x86[first], arm[first]),
                           emulated_wall_seconds=meta.get("emulated_wall_seconds"))
         if dataset.labels is not None:
-            _, _, acc = drop_between(arm[first], arm[first], dataset.labels)
-            _, _, acc_x86 = drop_between(x86[first], x86[first], dataset.labels)
-            run.accuracy_arm = None if acc is None else acc["candidate"]
-            run.accuracy_x86 = None if acc_x86 is None else acc_x86["candidate"]
+            run.accuracy_arm = _accuracy(arm, dataset.labels, declared)
+            run.accuracy_x86 = _accuracy(x86, dataset.labels, declared)
         result.runs[role] = run
-    result.drop, result.drop_basis, _ = drop_between(outputs[0][first], outputs[1][first], dataset.labels)
+    result.drop, result.drop_basis, _, _ = gated_drop(outputs[0], outputs[1], dataset.labels, declared)
     return result
+
+
+def _accuracy(outputs: Mapping[str, np.ndarray], labels: np.ndarray, declared: Mapping[str, str] | None) -> float | None:
+    """The accuracy against the labels of the output they describe (the one validate gives them to), if any."""
+    rows = gated_drop(outputs, outputs, labels, declared)[3]
+    return next((r["accuracy"]["candidate"] for r in rows if r.get("accuracy")), None)
 
 
 def validate_on_arm64(reference: str | os.PathLike[str], candidate: str | os.PathLike[str], *,
                       eval_data: str | os.PathLike[str] | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
-                      providers: Sequence[str] | None = None, threads: int = 1, seed: int = 0) -> ArmComparison:
+                      providers: Sequence[str] | None = None, threads: int = 1, seed: int = 0,
+                      metrics: Mapping[str, str] | None = None) -> ArmComparison:
     """`onnxopt validate --target arm64`: both models on x86 (CPU) and on aarch64, compared."""
     from onnxopt.api import load_data
     from onnxopt.io import load_model
@@ -219,7 +228,8 @@ def validate_on_arm64(reference: str | os.PathLike[str], candidate: str | os.Pat
     if not names:
         raise OnnxoptError("the candidate has none of the reference's outputs", "compare models with the same outputs")
     x86 = {"reference": collect_outputs(ref_s, dataset, names), "candidate": collect_outputs(cand_s, dataset, names)}
-    return compare_on_arm64(reference, candidate, dataset, x86, names, providers=providers, threads=threads, runtime=runtime)
+    return compare_on_arm64(reference, candidate, dataset, x86, names, providers=providers, threads=threads, runtime=runtime,
+                            declared=metrics)
 
 
 def format_comparison(result: ArmComparison) -> list[str]:

@@ -302,7 +302,8 @@ def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: t
                                  metrics=_declared(metrics))
     if target == "arm64":
         arm = validate_on_arm64(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
-                                providers=providers.split(",") if providers else None, threads=threads)
+                                providers=providers.split(",") if providers else None, threads=threads,
+                                metrics=_declared(metrics))
     run = RunReport(input=str(reference), output=None, validation=result, max_drop=max_drop,
                     gate_passed=None if max_drop is None else result.drop <= max_drop and (arm is None or arm.drop <= max_drop))
     console = Console(soft_wrap=True)
@@ -358,6 +359,8 @@ def list_passes(as_json: bool) -> None:
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), required=True, help="Evaluation data the budget is measured on.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Calibration data for the passes that need it.")
 @click.option("--max-drop", type=float, default=0.01, show_default=True, help="Accuracy budget (0.01 = 1 pt).")
+@click.option("--metric", "metrics", multiple=True, metavar="OUTPUT=METRIC",
+              help="How an output's drop is measured: top1, cosine, snr, match, none or a plugin's metric (repeatable).")
 @click.option("--passes", default=None, help="Passes to search over, e.g. prune,quant [default: every installed pass that declares a search space].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the best model within budget here.")
 @click.option("--report", "report_paths_given", type=click.Path(path_type=Path), multiple=True,
@@ -381,7 +384,8 @@ def list_passes(as_json: bool) -> None:
 @_timing_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_guarded
-def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: float, passes: str | None, output: Path | None,
+def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: float, metrics: tuple[str, ...],
+                   passes: str | None, output: Path | None,
                    report_paths_given: tuple[Path, ...], plot_path: Path | None, objective: str, workers: int, executor: str,
                    max_candidates: int, space: Path | None, threads: int, latency_batch: int, seed: int,
                    keep_models: bool, restart: bool, pick: int | None, repeat: int, time_budget: float, isolate: bool,
@@ -413,7 +417,7 @@ def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: fl
                             report=report_path, plot=plot_path, objective=objective, workers=workers, executor=executor,
                             max_candidates=max_candidates, space=space, seed=seed, threads=threads,
                             latency_batch=latency_batch, keep_models=keep_models, restart=restart, progress=progress,
-                            timing=_timing(repeat, time_budget, isolate, threads))
+                            timing=_timing(repeat, time_budget, isolate, threads), metrics=_declared(metrics))
     except KeyboardInterrupt:
         where = f"finished candidates are in {report_path}; rerun the same command to resume" if report_path else \
             "nothing kept (give --report to make a search resumable)"

@@ -26,7 +26,7 @@ import onnxruntime as ort
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
 from onnxopt.measure import count_macs, count_parameters, file_size, stored_weight_bytes
-from onnxopt.metrics import BUILTIN_METRICS, Metric, metric_drop, output_drops, top1_agreement
+from onnxopt.metrics import BUILTIN_METRICS, Metric, output_drops
 from onnxopt.progress import Progress
 from onnxopt.io import has_external_data, tensor_bytes
 from onnxopt.sessions import LARGE_MODEL_BYTES, SessionFactory, run_batches
@@ -40,7 +40,7 @@ from onnxopt.timing import (
     sample_latency_ms,
 )
 
-__all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop", "drop_between",
+__all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop",
            "one_session_at_a_time", "latency_feed", "gated_drop", "measure_drop_detail"]
 
 
@@ -131,12 +131,6 @@ def collect_outputs(
     if task:
         task.close()
     return {n: np.concatenate(p, axis=0) if p else np.empty(0) for n, p in parts.items()}
-
-
-def drop_between(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> tuple[float, str, dict[str, float] | None]:
-    """The drop on one output by the first-output rule (top-1 where it applies, else 1 - cosine), its basis, accuracies."""
-    return metric_drop("top1" if top1_agreement(reference, candidate) is not None else "cosine", reference, candidate,
-                       labels)
 
 
 def _common_outputs(ref: ort.InferenceSession, cand: ort.InferenceSession) -> list[str]:

@@ -299,3 +299,83 @@ def test_search_on_a_ray_instance_the_test_started(digits: Path, tmp_path: Path)
         assert os.getpid() not in {c["worker"] for c in result.candidates}
     finally:
         ray.shutdown()
+
+
+def _two_output_model(folder: Path) -> tuple[Path, Path]:
+    """x[N,32] -> scores = Relu(x) (no weights: no pass can touch it) and head = Gemm -> Relu -> Gemm [N,16]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tests.graphs import init, make_model
+
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Relu", ["x"], ["scores"], name="scores"),
+             helper.make_node("Gemm", ["x", "w0", "b0"], ["g0"], transB=1, name="gemm0"),
+             helper.make_node("Relu", ["g0"], ["h0"], name="relu0"),
+             helper.make_node("Gemm", ["h0", "w1", "b1"], ["head"], transB=1, name="gemm1")]
+    inits = [init("w0", (rng.standard_normal((64, 32)) / np.sqrt(32)).astype(np.float32)),
+             init("b0", np.zeros(64, np.float32)),
+             init("w1", (rng.standard_normal((16, 64)) / 8).astype(np.float32)),
+             init("b1", np.zeros(16, np.float32))]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                       [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 32]),
+                        helper.make_tensor_value_info("head", TensorProto.FLOAT, ["N", 16])], inits)
+    onnx.save(model, folder / "two.onnx")
+    np.savez(folder / "eval.npz", x=rng.standard_normal((240, 32)).astype(np.float32))
+    return folder / "two.onnx", folder / "eval.npz"
+
+
+def test_search_measures_every_output(tmp_path: Path) -> None:
+    """Only the second output is hurt: search's drop (pick and confirmation) is apply's, every output by its metric."""
+    from onnxopt.metrics import cosine, top1_agreement
+
+    model_path, eval_path = _two_output_model(tmp_path)
+    space = {"cluster": PassSpace("ladder", ({"k": 256}, {"k": 2}), fixed={"mode": "dense", "init": "linear"})}
+    reference = load_model(model_path)
+    split = split_dataset(load_data(reference, eval_path), 0)
+    x = np.load(eval_path)["x"]
+    ref_scores, ref_head = run_model(model_path, {"x": x})
+
+    def candidate_outputs(c: dict) -> list[np.ndarray]:
+        model, _ = apply_recipe(reference, recipe_from_json(c["recipe"]), registry=load_registry(),
+                                sessions=SessionFactory(), calibration=None, evaluation=split.selection)
+        return run_model(model, {"x": x})
+
+    from onnxopt.timing import TimingConfig
+
+    result = search(model_path, eval_data=eval_path, max_drop=0.01, passes="cluster", space=space, workers=1,
+                    timing=TimingConfig(repeat=2, time_budget=0.5))
+    by_k = {c["recipe"][-1]["settings"].get("k"): c for c in result.candidates if c["status"] == "ok"}
+    sel, conf = split.selection_indices, split.confirmation_indices
+    scores, head = candidate_outputs(by_k[2])
+    assert top1_agreement(ref_scores[sel], scores[sel]) == 1.0  # the first output is untouched ...
+    hurt = 1.0 - top1_agreement(ref_head[sel], head[sel])
+    assert hurt > 0.05  # ... the second is not, and the drop says so (the first-output rule measured 0)
+    assert by_k[2]["drop"] == pytest.approx(hurt, abs=1e-9)
+    assert result.best is not None and result.best["key"] != by_k[2]["key"]
+    scores, head = candidate_outputs(result.best)
+    assert result.best["drop_confirmation"] == pytest.approx(1.0 - top1_agreement(ref_head[conf], head[conf]), abs=1e-9)
+
+    # declared metrics (--metric) reach the search's figures, as in apply: head by cosine, scores left out
+    proc = run_cli("search", model_path, "--eval", eval_path, "--passes", "cluster", "--max-drop", "0.01",
+                   "--metric", "head=cosine", "--space", _space_file(tmp_path, space), "--report", tmp_path / "s.json",
+                   "--workers", "1", "--repeat", "2", "--time-budget", "0.5", "-q", cwd=tmp_path)
+    assert proc.returncode in (0, 3), proc.stderr
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["settings"]["metrics"] == {"head": "cosine"}
+    cand = next(c for c in doc["candidates"] if c["status"] == "ok" and c["recipe"][-1]["settings"].get("k") == 2)
+    _, head = candidate_outputs(cand)
+    assert cand["drop"] == pytest.approx(1.0 - cosine(ref_head[sel], head[sel]), abs=1e-6)
+    bad = run_cli("search", model_path, "--eval", eval_path, "--passes", "cluster", "--metric", "head=nonsense", "-q",
+                  cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown metric" in bad.stderr
+
+
+def _space_file(folder: Path, space: dict) -> Path:
+    lines = []
+    for name, entry in space.items():
+        settings = ", ".join("{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in s.items()) + " }" for s in entry.settings)
+        fixed = ", ".join(f"{k} = {json.dumps(v)}" for k, v in entry.fixed.items())
+        lines += [f"[{name}]", f'kind = "{entry.kind}"', f"fixed = {{ {fixed} }}", f"settings = [{settings}]", ""]
+    (folder / "space.toml").write_text("\n".join(lines))
+    return folder / "space.toml"

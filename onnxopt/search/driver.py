@@ -114,11 +114,9 @@ def rebuild_candidate(evaluator: Evaluator, candidate: dict[str, Any]) -> ir.Mod
 
 
 def _reference_figures(evaluator: Evaluator, model_path: Path) -> dict[str, Any]:
-    from onnxopt.validate import drop_between
-
     shapes = {k: tuple(v.shape) for k, v in evaluator.feed.items()}
     macs = count_macs(evaluator.reference, shapes)
-    _, basis, acc = drop_between(evaluator.ref_outputs, evaluator.ref_outputs, evaluator.evaluation.labels)
+    _, basis, acc = evaluator._drop(evaluator.ref_outputs, evaluator.ref_outputs, evaluator.evaluation.labels)
     return {"path": str(model_path), "size_bytes": file_size(model_path), "parameters": count_parameters(evaluator.reference),
             "macs": macs.total if not macs.unknown else None, "accuracy": None if acc is None else acc["reference"],
             "drop_basis": basis, "samples": len(evaluator.evaluation), "output": evaluator.output}
@@ -166,13 +164,16 @@ def search(
     progress: Progress | None = None,
     registry: Registry | None = None,
     timing: TimingConfig | None = None,
+    metrics: dict[str, str] | None = None,
 ) -> SearchResult:
     """Search pass settings for the smallest (or fastest) model within ``max_drop``; see the module docstring.
 
     With ``report``, the JSON is written after every candidate and a rerun with
     the same path resumes. Candidates' models are cached next to it
     (``<report>.models/``) while the search runs and removed when it completes
-    unless ``keep_models``.
+    unless ``keep_models``. ``metrics`` declares the drop metric per output
+    (``--metric``), as in :func:`onnxopt.api.apply`: every candidate's drop is
+    apply's gated drop (every output by its metric, the worst).
     """
     src = Path(model)
     _check_settings(eval_data, max_drop, objective, max_candidates, workers, latency_batch)
@@ -180,6 +181,9 @@ def search(
     check_model_output(output, "-o")
     out_path, report_path, plot_path = _check_paths(src, data, eval_data, output, report, plot)
     registry = registry or load_registry()
+    from onnxopt.api import _check_metrics  # the API module imports this package's callers; import late
+
+    declared = _check_metrics(metrics, registry)
     if passes is None:  # every installed pass that declares a search space
         names = searchable_passes(registry, objective)
     else:
@@ -190,12 +194,14 @@ def search(
     budget_passes = tuple(p for p in search_space.passes if search_space.entries[p].uses_budget)
     progress = progress or Progress(enabled=False)
 
-    fp = fingerprint(src, eval_data, data, max_drop=max_drop, seed=seed, threads=threads, latency_batch=latency_batch)
+    fp = fingerprint(src, eval_data, data, max_drop=max_drop, seed=seed, threads=threads, latency_batch=latency_batch,
+                     metrics=declared)
     state = SearchState.open(report_path, fp, restart=restart)
     state.settings = {"passes": list(search_space.passes), "base": base, "objective": objective, "max_drop": max_drop,
                       "max_candidates": max_candidates, "workers": workers, "executor": executor, "seed": seed,
                       "threads": threads, "latency_batch": latency_batch, "space": search_space.to_dict(),
-                      "data": None if data is None else str(Path(data).resolve()), "eval": str(Path(eval_data).resolve())}
+                      "data": None if data is None else str(Path(data).resolve()), "eval": str(Path(eval_data).resolve()),
+                      "metrics": declared}
     state.complete = False
     state.start_session()
 
@@ -209,7 +215,7 @@ def search(
                             data=None if data is None else str(Path(data).resolve()), max_drop=max_drop,
                             budget_passes=budget_passes, seed=seed, threads=threads, cache_dir=str(cache_dir.resolve()),
                             latency_runs=latency_runs, latency_batch=latency_batch,
-                            timing=timing or TimingConfig(threads=threads))
+                            timing=timing or TimingConfig(threads=threads), metrics=tuple(sorted(declared.items())))
         # the driver's own evaluator: reference figures, serial timing, the final model (and the only one with --workers 1)
         local = Evaluator(setup)
         state.reference = _reference_figures(local, src.resolve())
@@ -409,9 +415,11 @@ def write_candidate(report: str | os.PathLike[str], candidate_id: int, output: s
         raise OnnxoptError(f"search {report} has no measured candidate #{candidate_id}", f"pick one of: {ids}")
     refuse_overwriting([("the input model", reference["path"]), ("the search JSON", report)], [("output", output)])
     fp = fingerprint(reference["path"], settings["eval"], settings["data"], max_drop=settings["max_drop"],
-                     seed=settings["seed"], threads=settings["threads"], latency_batch=settings.get("latency_batch", 1))
+                     seed=settings["seed"], threads=settings["threads"], latency_batch=settings.get("latency_batch", 1),
+                     metrics=settings.get("metrics") or {})
     SearchState.open(report, fp)  # a JSON whose model or data changed since is refused
     setup = WorkerSetup(model=reference["path"], eval_data=settings["eval"], data=settings["data"],
-                        max_drop=settings["max_drop"], seed=settings["seed"], threads=settings["threads"])
+                        max_drop=settings["max_drop"], seed=settings["seed"], threads=settings["threads"],
+                        metrics=tuple(sorted((settings.get("metrics") or {}).items())))
     save_model(rebuild_candidate(Evaluator(setup), candidate), output)
     return candidate

@@ -47,7 +47,7 @@ from onnxopt.search.recipe import (
 from onnxopt.sessions import SessionFactory
 from onnxopt.split import split_dataset
 from onnxopt.timing import LatencyComparison, TimingConfig, compare_latency, compare_latency_isolated, model_sources
-from onnxopt.validate import collect_outputs, drop_between
+from onnxopt.validate import collect_outputs, gated_drop
 
 __all__ = ["WorkerSetup", "Evaluator", "init_worker", "evaluate_in_worker", "latency_feed",
            "time_candidate", "latency_fields", "SCREEN_SECONDS"]
@@ -78,6 +78,8 @@ class WorkerSetup:
     latency_runs: int = 30  # kept for old JSON/callers; the timing is set by ``timing``
     latency_batch: int = 1
     timing: TimingConfig | None = None
+    #: ``--metric OUTPUT=METRIC`` pairs: how each output's drop is measured (as in apply and validate)
+    metrics: tuple[tuple[str, str], ...] = ()
 
 
 def latency_feed(dataset: Dataset, model: ir.Model, batch: int = 1) -> dict[str, np.ndarray]:
@@ -141,31 +143,42 @@ class Evaluator:
         self.confirmation: Dataset = self.split.confirmation
         self.calibration = load_data(self.reference, setup.data) if setup.data else None
         self.ref_session = self.sessions.create(self.reference)
-        self.output = self.ref_session.get_outputs()[0].name
-        self.ref_outputs = collect_outputs(self.ref_session, self.evaluation, [self.output])[self.output]
+        # every output by its metric (declared, else chosen from the output), the worst gated: apply's and
+        # validate's drop (onnxopt.metrics.output_drops), so a search's pick means what apply's gate means
+        self.declared = dict(setup.metrics)
+        self.registered = dict(self.registry.metrics)
+        self.outputs = [o.name for o in self.ref_session.get_outputs()]
+        self.output = self.outputs[0]  # the first output, named in the JSON's reference figures
+        self.ref_outputs = collect_outputs(self.ref_session, self.evaluation, self.outputs)
         self.feed = latency_feed(self.evaluation, self.reference, setup.latency_batch)
         self.timing = setup.timing or TimingConfig(threads=setup.threads)
         self._memory: OrderedDict[str, _Built] = OrderedDict()
         self.cache_dir = Path(setup.cache_dir) if setup.cache_dir else None
 
     # -- the accuracy drop ---------------------------------------------------------------------------------------
+    def _drop(self, ref: dict[str, np.ndarray], out: dict[str, np.ndarray], labels: np.ndarray | None,
+              ) -> tuple[float, str, dict[str, float] | None]:
+        drop, basis, acc, _ = gated_drop(ref, out, labels, self.declared, self.registered)
+        return drop, basis, acc
+
     def measure(self, model: ir.Model, data: Dataset | None = None) -> tuple[float, str, dict[str, float] | None, Any]:
         """Drop, its basis and accuracies of ``model`` on the evaluation data (or a prefix of it); and its session."""
         data = data or self.evaluation
         session = self.sessions.create(model)
-        if self.output not in {o.name for o in session.get_outputs()}:
-            raise OnnxoptError(f"the candidate lost the output {self.output}", "a pass changed the model's interface")
-        out = collect_outputs(session, data, [self.output])[self.output]
+        missing = [n for n in self.outputs if n not in {o.name for o in session.get_outputs()}]
+        if missing:
+            raise OnnxoptError(f"the candidate lost the output {missing[0]}", "a pass changed the model's interface")
+        out = collect_outputs(session, data, self.outputs)
         n = len(data)
-        drop, basis, acc = drop_between(self.ref_outputs[:n], out, data.labels)
+        drop, basis, acc = self._drop({k: v[:n] for k, v in self.ref_outputs.items()}, out, data.labels)
         return drop, basis, acc, session
 
     def confirm(self, model: ir.Model) -> tuple[float, str, dict[str, float] | None]:
         """Drop, basis and accuracies of ``model`` on the confirmation part (the pick's honest figure)."""
         ref_s, session = self.ref_session, self.sessions.create(model)
-        ref = collect_outputs(ref_s, self.confirmation, [self.output])[self.output]
-        out = collect_outputs(session, self.confirmation, [self.output])[self.output]
-        return drop_between(ref, out, self.confirmation.labels)
+        ref = collect_outputs(ref_s, self.confirmation, self.outputs)
+        out = collect_outputs(session, self.confirmation, self.outputs)
+        return self._drop(ref, out, self.confirmation.labels)
 
     def _early_reject(self, model: ir.Model) -> float | None:
         """The drop on the first quarter of the data when it is over budget beyond doubt, else None."""
@@ -244,7 +257,8 @@ class Evaluator:
                 left = self.setup.max_drop - max(0.0, self._prefix_drop(current) if current.recipe else 0.0)
                 step = Step(step.pass_name, step.settings, max(0.0, left))
             model, report = run_step(current.model, step, registry=self.registry, sessions=self.sessions,
-                                     calibration=self.calibration, evaluation=self.evaluation, seed=self.setup.seed)
+                                     calibration=self.calibration, evaluation=self.evaluation, seed=self.setup.seed,
+                                     metrics=self.declared, registered_metrics=self.registered)
             current = _Built(model, (*current.recipe, step), [*current.summaries, f"{report.pass_name}: {report.summary}"])
             self._remember(recipe_key(current.recipe), current)
         return current

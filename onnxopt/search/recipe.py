@@ -86,12 +86,16 @@ def run_step(
     evaluation: Dataset | None,
     seed: int = 0,
     progress: Progress | None = None,
+    metrics: dict[str, str] | None = None,
+    registered_metrics: dict[str, Any] | None = None,
 ) -> tuple[ir.Model, PassReport]:
     """Run one step on ``model`` (left as it was); every step gets a fresh RNG from ``seed``, so a chain
-    rebuilt from a cached prefix is the same as one built from scratch."""
+    rebuilt from a cached prefix is the same as one built from scratch. ``metrics`` (``--metric``) and the
+    registered metrics are how a budget-reading step measures its drop, as in apply."""
     plan = plan_passes(registry, [step.pass_name], {step.pass_name: step.settings} if step.settings else None)
     ctx = PassContext(sessions=sessions, progress=progress or Progress(enabled=False), rng=np.random.default_rng(seed),
-                      calibration=calibration, evaluation=evaluation, max_drop=step.max_drop, seed=seed)
+                      calibration=calibration, evaluation=evaluation, max_drop=step.max_drop, seed=seed,
+                      metrics=dict(metrics or {}), registered_metrics=dict(registered_metrics or {}))
     out, reports = run_passes(model, plan, ctx, registry)
     return out, reports[0]
 
@@ -106,12 +110,14 @@ def apply_recipe(
     evaluation: Dataset | None,
     seed: int = 0,
     progress: Progress | None = None,
+    metrics: dict[str, str] | None = None,
 ) -> tuple[ir.Model, list[PassReport]]:
-    """Rebuild a candidate's model from its recipe (as the search JSON stores it)."""
+    """Rebuild a candidate's model from its recipe (as the search JSON stores it; ``metrics`` as the search had)."""
     reports = []
     for step in recipe:
         model, report = run_step(model, step, registry=registry, sessions=sessions, calibration=calibration,
-                                 evaluation=evaluation, seed=seed, progress=progress)
+                                 evaluation=evaluation, seed=seed, progress=progress, metrics=metrics,
+                                 registered_metrics=dict(registry.metrics))
         reports.append(report)
     return model, reports
 

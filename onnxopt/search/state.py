@@ -42,11 +42,14 @@ def _file_id(path: str | os.PathLike[str] | None) -> str | None:
 
 
 def fingerprint(model: str | os.PathLike[str], eval_data: str | os.PathLike[str], data: str | os.PathLike[str] | None,
-                *, max_drop: float, seed: int, threads: int, latency_batch: int = 1) -> dict[str, Any]:
+                *, max_drop: float, seed: int, threads: int, latency_batch: int = 1,
+                metrics: dict[str, str] | None = None) -> dict[str, Any]:
     """What must match for stored candidates to be reused."""
     import onnxruntime
 
-    return {"model": _file_id(model), "eval": _file_id(eval_data), "data": _file_id(data), "max_drop": max_drop,
+    # declared drop metrics change every candidate's figure; an empty declaration keeps older JSONs resumable
+    extra = {"metrics": dict(sorted(metrics.items()))} if metrics else {}
+    return {**extra, "model": _file_id(model), "eval": _file_id(eval_data), "data": _file_id(data), "max_drop": max_drop,
             "seed": seed, "threads": threads, "latency_batch": latency_batch, "onnxruntime": onnxruntime.__version__,
             # candidates are measured on the selection part of --eval (onnxopt.split): older runs measured all of it
             "selection": f"split share {SELECTION_SHARE}"}
