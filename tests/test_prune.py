@@ -281,3 +281,33 @@ def test_refit_reduces_the_error_of_the_readers(build: str, digits) -> None:
             rows = [i for i in result.report.items if "refit" in i]
             assert rows and all(r["error_after"] <= r["error_before"] for r in rows)
     assert errors[True] < 0.8 * errors[False], errors
+
+
+def test_sensitivity_scan_is_done_once_per_ladder(digits, monkeypatch) -> None:
+    """Strength aside, the same model, data and settings give the same curves: a second strength reuses the scan and
+    prunes exactly as a fresh scan would; another setting (round_to) scans again."""
+    import onnxopt_passes.prune as prune_pkg
+    from onnxopt.io import serialize_model
+    from onnxopt_passes.prune import distribution
+
+    model = load_model(digits / "cnn.onnx")
+    calib = load_dataset(digits / "calib.npz", input_specs(model))
+    scans = []
+    real_scan = prune_pkg.scan_sensitivity
+    monkeypatch.setattr(prune_pkg, "scan_sensitivity", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+
+    def run(config: PruneConfig):
+        return PrunePass().apply(model, config, PassContext(calibration=calib))
+
+    weak, strong = (PruneConfig(target_macs=t, distribution="sensitivity") for t in (0.8, 0.5))
+    distribution._SCANS.clear()
+    fresh = serialize_model(run(strong).model)
+    distribution._SCANS.clear()
+    first = run(weak)
+    second = run(strong)
+    assert len(scans) == 2  # the fresh run and the ladder's first rung; its second rung scanned nothing
+    assert not any("scan reused" in n for n in first.report.notes)
+    assert any("scan reused" in n for n in second.report.notes)
+    assert serialize_model(second.model) == fresh
+    run(PruneConfig(target_macs=0.5, distribution="sensitivity", round_to=1))
+    assert len(scans) == 3

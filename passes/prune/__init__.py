@@ -36,7 +36,9 @@ from .distribution import (
     SCAN_SAMPLES,
     Limits,
     build_keep,
+    cached_scan,
     plan_for_target,
+    scan_key,
     scan_sensitivity,
     sensitivity_plan,
     uniform_plan,
@@ -207,6 +209,7 @@ class _Round:
 
     counts: dict[str, int]
     reached: float | None = None
+    scan_reused: bool = False
 
 
 def _plan(model: ir.Model, cg: ChannelGraph, groups: list[Group], order: Mapping[str, np.ndarray], config: PruneConfig,
@@ -228,18 +231,26 @@ def _plan(model: ir.Model, cg: ChannelGraph, groups: list[Group], order: Mapping
         _, macs = cost.evaluate(build_keep(cg, groups, order, uniform))
         target = ("macs", macs / max(dense["macs"], 1))
     ratio_for: Callable[[float], Mapping[str, float]] | None = None
+    reused = False
     if config.distribution == "sensitivity":
         assert data is not None
-        grams = None
-        if config.refit:
-            by_layer = input_grams(model, cg.consumers, data.take(SCAN_SAMPLES), ctx.sessions, ctx.rng, ctx.progress)
-            grams = {c.node.name or "": g for c, g in by_layer.items()}
-        curves = scan_sensitivity(model, groups, order, limits, data, ctx.sessions,
-                                  lambda m, counts: _pruned_copy(m, config, order, counts, protect, grams, ctx.sessions, shapes),
-                                  ctx.progress)
+
+        def scan() -> dict[str, list[tuple[float, float]]]:
+            grams = None
+            if config.refit:
+                by_layer = input_grams(model, cg.consumers, data.take(SCAN_SAMPLES), ctx.sessions, ctx.rng, ctx.progress)
+                grams = {c.node.name or "": g for c, g in by_layer.items()}
+            return scan_sensitivity(model, groups, order, limits, data, ctx.sessions,
+                                    lambda m, counts: _pruned_copy(m, config, order, counts, protect, grams, ctx.sessions,
+                                                                   shapes), ctx.progress)
+
+        # the same model, order, samples and settings give the same curves whatever the strength: a ladder scans once
+        unstrengthened = replace(config, ratio=0.0, target_macs=None, target_params=None, rounds=1)
+        key = scan_key(model, order, data, f"{unstrengthened!r}|{sorted(protect)}|{shapes}|{ctx.sessions.providers}")
+        curves, reused = cached_scan(key, scan)
         ratio_for = sensitivity_plan(groups, curves)
     counts, reached = plan_for_target(cg, groups, order, cost, target, dense, limits, ratio_for)
-    return _Round(counts, reached)
+    return _Round(counts, reached, reused)
 
 
 def prune_model(model: ir.Model, config: PruneConfig, ctx: PassContext) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[str, str]], list[str]]:
@@ -278,6 +289,10 @@ def prune_model(model: ir.Model, config: PruneConfig, ctx: PassContext) -> tuple
         order = _orders(model, cg, groups, config, ctx, data)
         planned = _plan(model, cg, groups, order, config, ctx, data, r / config.rounds, dense_figures, sizes, shapes, protect)
         last = planned
+        if planned.scan_reused:
+            note = "sensitivity scan reused: same model, data and settings as an earlier run but for the strength"
+            if note not in notes:
+                notes.append(note)
         if config.saliency == "reconstruct" and data is not None:
             grams = input_grams(model, cg.consumers, data, ctx.sessions, ctx.rng, ctx.progress)
             removals = {g.key: g.size - planned.counts.get(g.key, g.size) for g in groups}

@@ -8,7 +8,9 @@ integer and SIMD kernels stay efficient, and fixed channels always kept.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ from .cost import CostModel
 from .groups import ChannelGraph, Group
 
 __all__ = ["Limits", "kept_count", "build_keep", "uniform_plan", "plan_for_target", "scan_sensitivity",
-           "sensitivity_plan", "SCAN_RATIOS"]
+           "sensitivity_plan", "SCAN_RATIOS", "scan_key", "cached_scan"]
 
 #: Ratios each group is pruned at, alone, by the sensitivity scan; the largest is also the most a group loses.
 SCAN_RATIOS = (0.25, 0.5, 0.75, 0.9)
@@ -168,6 +170,50 @@ def scan_sensitivity(model: ir.Model, groups: Sequence[Group], order: Mapping[st
     if task:
         task.close()
     return curves
+
+
+Curves = dict[str, list[tuple[float, float]]]
+#: Scans kept per process (a few floats per group each), newest last.
+SCAN_CACHE_ENTRIES = 8
+_SCANS: OrderedDict[str, Curves] = OrderedDict()
+
+
+def scan_key(model: ir.Model, order: Mapping[str, np.ndarray], dataset: Dataset, settings: str) -> str | None:
+    """What a scan depends on, hashed: the model's bytes, the channel order, the scan's samples and ``settings``
+    (every pass setting but the strength). None when the model is too large to hash cheaply (no caching).
+
+    A budget ladder (and a search's ladder) plans one model at many strengths: with this key the scan, the
+    costly part (one run of the data per group and ratio), is done once.
+    """
+    from onnxopt.io import PROTOBUF_LIMIT, has_external_data, serialize_model, tensor_bytes
+
+    if has_external_data(model) or tensor_bytes(model) >= PROTOBUF_LIMIT:
+        return None
+    digest = hashlib.sha256(serialize_model(model))
+    for key in sorted(order):
+        digest.update(key.encode() + b"\0" + np.ascontiguousarray(order[key]).tobytes())
+    sample = dataset.take(SCAN_SAMPLES)
+    for feed in [sample.arrays] if sample.arrays else sample.feeds:
+        for name in sorted(feed):
+            value = feed[name]
+            if not isinstance(value, np.ndarray):
+                return None  # sequence / optional feeds: not worth hashing
+            digest.update(f"{name}{value.shape}{value.dtype}".encode() + np.ascontiguousarray(value).tobytes())
+    digest.update(settings.encode())
+    return digest.hexdigest()
+
+
+def cached_scan(key: str | None, scan: Callable[[], Curves]) -> tuple[Curves, bool]:
+    """The curves stored under ``key``, else ``scan()`` (stored); and whether they were reused."""
+    if key is not None and key in _SCANS:
+        _SCANS.move_to_end(key)
+        return _SCANS[key], True
+    curves = scan()
+    if key is not None:
+        _SCANS[key] = curves
+        while len(_SCANS) > SCAN_CACHE_ENTRIES:
+            _SCANS.popitem(last=False)
+    return curves, False
 
 
 def sensitivity_plan(groups: Sequence[Group], curves: Mapping[str, list[tuple[float, float]]]) -> Callable[[float], dict[str, float]]:
