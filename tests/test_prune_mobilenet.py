@@ -7,6 +7,7 @@ examples/digits/eval.npz, which l1 pruning never sees (it picks on weights alone
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +63,31 @@ def test_true_five_percent_l1_holds_with_refit_on_data() -> None:
     """A true 5% (``round_to=1``, 77 of 1536 channels) by l1 wrecks this net alone (about 0.5 agreement: each
     layer's output shrinks and the folded BatchNorm statistics no longer fit, compounding over the blocks);
     the least-squares refit on --data restores it. It fits on train.npz samples, and is judged on eval.npz."""
-    train = np.load(ROOT / "examples" / "digits" / "train.npz")["x"][:256]
-    calib = Dataset("train[:256]", arrays={"x": np.repeat(np.repeat(train, 4, axis=2), 4, axis=3).astype(np.float32)})
     config = PruneConfig(ratio=0.05, round_to=1, saliency="l1", reconstruct=True)
-    agreement, cosine, removed = _agreement(config, PassContext(calibration=calib))
+    agreement, cosine, removed = _agreement(config, PassContext(calibration=_train_calibration()))
     assert removed >= 70
     assert agreement >= 0.90 and cosine > 0.95, (agreement, cosine, removed)
+
+
+def _train_calibration() -> Dataset:
+    train = np.load(ROOT / "examples" / "digits" / "train.npz")["x"][:256]
+    return Dataset("train[:256]", arrays={"x": np.repeat(np.repeat(train, 4, axis=2), 4, axis=3).astype(np.float32)})
+
+
+def test_refit_is_the_default_when_data_is_given() -> None:
+    """``prune.reconstruct`` unset: with --data the readers are refit (the true 5% l1 prune holds), without it, not;
+    ``reconstruct=false`` with data is l1 alone again (the wreck the refit prevents)."""
+    calib = _train_calibration()
+    model = load_model(MNV3)
+    config = PruneConfig(ratio=0.05, round_to=1, saliency="l1")
+    with_data = PrunePass().apply(model, config, PassContext(calibration=calib))
+    assert with_data.report.figures.get("refit_layers", 0) > 0
+    assert any("prune.reconstruct=false" in n for n in with_data.report.notes)
+    assert "refit_layers" not in PrunePass().apply(model, config, PassContext()).report.figures
+    agreement, _, removed = _agreement(config, PassContext(calibration=calib))
+    assert removed >= 70 and agreement >= 0.90, agreement
+    alone, _, _ = _agreement(replace(config, reconstruct=False), PassContext(calibration=calib))
+    assert alone < agreement - 0.2, (alone, agreement)
 
 
 def _dead_channel_model(pad: int) -> onnx.ModelProto:

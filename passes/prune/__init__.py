@@ -69,8 +69,9 @@ class PruneConfig:
     saliency: Saliency = option("l1", "which channels go: l1/l2 = smallest filter norm; activation = smallest mean "
                                       "|x| on --data; reconstruct = those the next layers can best do without "
                                       "(greedy least squares on --data), then a least-squares refit of those layers")
-    reconstruct: bool = option(False, "refit the layers that read pruned channels by ridge least squares on --data "
-                                      "(always on with saliency=reconstruct)")
+    reconstruct: bool | None = option(None, "refit the layers that read pruned channels by ridge least squares on "
+                                             "--data (always on with saliency=reconstruct); unset: on whenever --data "
+                                             "is given (measured: benchmarks/results/prune_refit.md), false to turn it off")
     distribution: Literal["uniform", "sensitivity"] = option(
         "uniform", "one ratio for every group, or per-group ratios from a sensitivity scan on --data "
                    "that meet the same MACs (or the target)")
@@ -103,7 +104,7 @@ class PruneConfig:
 
     @property
     def refit(self) -> bool:
-        return self.reconstruct or self.saliency == "reconstruct"
+        return bool(self.reconstruct) or self.saliency == "reconstruct"
 
     @property
     def needs_data(self) -> bool:
@@ -373,7 +374,15 @@ class PrunePass(Pass[PruneConfig]):
                 for share in self.BUDGET_MACS]
 
     def run(self, model: ir.Model, config: PruneConfig, ctx: PassContext) -> PassResult:
+        auto_refit = config.reconstruct is None and ctx.calibration is not None
+        # unset, the refit follows the data: with --data it is on (on the digits models, a MobileNetV3-style net
+        # and PP-OCR cls it kept agreement where l1 alone lost it: benchmarks/results/prune_refit.md), without
+        # --data there is nothing to fit on
+        config = replace(config, reconstruct=ctx.calibration is not None) if config.reconstruct is None else config
         report = self.new_report(config)
+        if auto_refit:
+            report.notes.append("readers refit on --data (prune.reconstruct is on by default with --data; "
+                                "--set prune.reconstruct=false turns it off)")
         if config.needs_data and ctx.calibration is None:
             mode = "saliency=" + config.saliency if config.saliency in ("activation", "reconstruct") else (
                 "reconstruct=true" if config.reconstruct else "distribution=sensitivity")
