@@ -46,7 +46,6 @@ from .distribution import (
 from .groups import ChannelGraph, Group
 from .ops import discover
 from .reconstruct import compose_log, refit_consumers, refit_from_grams
-from .restore import restore_statistics
 from .saliency import activation_scores, activation_stats, energy_scores, magnitude_scores, probe_values, ranking
 from .selection import greedy_orders, input_grams
 from .surgery import SliceLog, apply_surgery
@@ -88,9 +87,6 @@ class PruneConfig:
     compensate: bool = option(False, "fold each removed channel's constant part (what it outputs with its filters "
                                     "zeroed: a BatchNorm shift through the activation) into the readers' biases, measured "
                                     "on one zero input (needs static input dims, --data or --shape)")
-    restore: Literal["none", "stats"] = option(
-        "none", "stats: rescale the outputs of every layer that reads removed channels so that their per-channel "
-                "std, estimated without data (propagated from the inputs through the net), is the dense model's again")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -202,22 +198,10 @@ def _pruned_copy(model: ir.Model, config: PruneConfig, order: Mapping[str, np.nd
     keep = build_keep(cg, groups, order, counts)
     if config.compensate:
         cg, _ = _compensated(clone, cg, keep, config, sessions, shapes)
-    if config.restore == "stats":
-        cg, _ = _restored(clone, cg, keep, config)
     log = apply_surgery(clone, cg, keep)
     if grams:
         refit_from_grams(model, clone, cg.consumers, log, grams, config.ridge)
     return clone
-
-
-def _restored(model: ir.Model, cg: ChannelGraph, keep: np.ndarray, config: PruneConfig) -> tuple[ChannelGraph, list[str]]:
-    """The data-free statistics restore (:mod:`.restore`); the channel graph to cut with (rediscovered: a bias
-    made for a bias-less layer must be sliced with it), and notes."""
-    done, left = restore_statistics(model, cg, keep, Names(model))
-    notes = [f"statistics restored (data-free) on {done} layer(s) reading removed channels"] if done else []
-    if left:
-        notes.append(f"statistics not restored on {len(left)} reader(s) (not followed or no bias): {', '.join(left[:5])}")
-    return (discover(model, attention_heads=config.attention_heads) if done else cg), notes
 
 
 @dataclass
@@ -319,9 +303,6 @@ def prune_model(model: ir.Model, config: PruneConfig, ctx: PassContext) -> tuple
         if config.compensate:
             cg, folded_notes = _compensated(model, cg, keep, config, ctx.sessions, shapes)
             notes.extend(n for n in folded_notes if n not in notes)
-        if config.restore == "stats":
-            cg, restore_notes = _restored(model, cg, keep, config)
-            notes.extend(n for n in restore_notes if n not in notes)
         log = apply_surgery(model, cg, keep)
         compose_log(origin, log)
         if config.refit and dense is not None and data is not None:
