@@ -262,6 +262,13 @@ def main() -> None:
     write(rows + [r for r in old if r["model"] in OCR])
 
 
+def _data(row: dict[str, Any]) -> str:
+    """Which data a row used (older rows of the JSON have no ``data`` field: digits, or synthetic text lines)."""
+    if row["model"] not in OCR:
+        return "digits (labels)"
+    return "text crops (labels)" if row.get("data", "").startswith("rendered") else "synthetic lines (no labels)"
+
+
 def _pt(v: float | None) -> str:
     return "-" if v is None else f"{v * 100:.2f}"
 
@@ -286,16 +293,14 @@ def write(rows: list[dict[str, Any]]) -> None:
         "noisy. Models the gate refused were written with --force so that their fresh drop could be measured too "
         "(gate column).",
         "",
-        "| model | passes | max-drop | chosen | drop selection | drop confirmation | drop fresh | gate | size | latency |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | data | passes | max-drop | chosen | drop selection | drop confirmation | drop fresh | gate | size | latency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['passes']} | {r['max_drop']:g} | {r['chosen']} | {_pt(r['drop_selection'])} | "
-                     f"{_pt(r['drop_confirmation'])} | {_pt(r['drop_fresh'])} | {'pass' if r['gate_passed'] else 'REFUSED'} | "
-                     f"{r['size_ratio']:.3f} | {r['latency_ratio']:.3f} |" if r['latency_ratio'] else
-                     f"| {r['model']} | {r['passes']} | {r['max_drop']:g} | {r['chosen']} | {_pt(r['drop_selection'])} | "
-                     f"{_pt(r['drop_confirmation'])} | {_pt(r['drop_fresh'])} | {'pass' if r['gate_passed'] else 'REFUSED'} | "
-                     f"{r['size_ratio']:.3f} | - |")
+        latency = f"{r['latency_ratio']:.3f}" if r["latency_ratio"] else "-"
+        lines.append(f"| {r['model']} | {_data(r)} | {r['passes']} | {r['max_drop']:g} | {r['chosen']} | "
+                     f"{_pt(r['drop_selection'])} | {_pt(r['drop_confirmation'])} | {_pt(r['drop_fresh'])} | "
+                     f"{'pass' if r['gate_passed'] else 'REFUSED'} | {r['size_ratio']:.3f} | {latency} |")
     if any(r["model"] in OCR for r in rows):
         lines += ["", "PP-OCR rows (ppocr_cls: ch_ppocr_mobile_v2.0_cls, 3×48×192; ppocr_det: ch_PP-OCRv4_det, "
                   "3×160×160). No real images ship with the models. **cls** runs on rendered text crops "
