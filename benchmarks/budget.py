@@ -311,7 +311,7 @@ def write(rows: list[dict[str, Any]]) -> None:
                   "fresh crops drawn independently (and 64 more as --data). **det** runs on synthetic text-line images "
                   "(light paper, dark glyph strokes; text_lines) without labels: 1 − cosine of its [N, 1, H, W] "
                   "probability map against the original's; 24 / 24 / 16 samples. Each row's data is in budget.json "
-                  "(`data`). det ran cluster and quant only (its prune sensitivity scan took 8 minutes for one budget)."]
+                  "(`data`). det ran cluster and quant only (its prune sensitivity scan took 8 minutes for one budget before the scan was cached; not re-run)."]
     # an unchanged model (every pass rolled back) has no win, whatever the latency noise says
     changed = [r for r in rows if len(r["rollbacks"]) < len(r["passes"].split(","))]
     held = [r for r in rows if r["drop_fresh"] <= r["max_drop"] + 1e-12]
