@@ -53,7 +53,7 @@ class ClusterConfig:
         "dense: clustered float values in place (same graph, compresses well with zip)")
     granularity: Literal["tensor", "channel"] = option(
         "tensor", "one codebook per weight tensor, or one per output channel (used where each channel has at least "
-        f"{MIN_VALUES_PER_CENTROID}·k weights)")
+        f"{MIN_VALUES_PER_CENTROID}·k weights; with init=grid wherever there is an output-channel axis)")
     init: Init = option("kmeans++", "kmeans++ (D² seeding), linear (evenly spaced), density (quantiles), grid (a uniform "
                         "symmetric grid per row: k=16 is the int4 grid quant then stores in 4 bits), or optimal "
                         "(exact 1-D k-means by dynamic programming where affordable, never worse than kmeans++)")
@@ -90,7 +90,8 @@ def _layout(target: Target, shape: tuple[int, ...], config: ClusterConfig) -> tu
     if target.axis is None:
         return None, "per tensor: no single output-channel axis"
     per_row = int(np.prod(shape)) // shape[target.axis]
-    if per_row < MIN_VALUES_PER_CENTROID * config.k:
+    # a grid row is one step, not k values, once quant stores it in 4 bits: per channel pays whatever the row length
+    if per_row < MIN_VALUES_PER_CENTROID * config.k and config.init != "grid":
         return None, f"per tensor: {per_row} weights per channel < {MIN_VALUES_PER_CENTROID}·k"
     return target.axis, None
 
@@ -147,8 +148,9 @@ class ClusterPass(Pass[ClusterConfig]):
     BUDGET_K = (256, 128, 64, 32, 16, 8, 4, 2)
 
     def budget_ladder(self, config: ClusterConfig, ctx: PassContext) -> list[tuple[str, ClusterConfig]]:
-        """k from 256 down to 2 at the configured granularity."""
-        return [(f"k={k} ({config.granularity})", replace(config, k=k)) for k in self.BUDGET_K]
+        """k from 256 down to 2 at the configured granularity (16, 8, 4 for init=grid, the k a grid takes)."""
+        ladder = (16, 8, 4) if config.init == "grid" else self.BUDGET_K
+        return [(f"k={k} ({config.granularity})", replace(config, k=k)) for k in ladder]
 
     def run(self, model: ir.Model, config: ClusterConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)
