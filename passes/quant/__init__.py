@@ -51,6 +51,7 @@ from onnxopt_passes.quant.exposure import if_of
 from onnxopt_passes.quant.fallback import run_fallback
 from onnxopt_passes.quant.handlers import ABSORBED_ACTIVATIONS, RULES, PlaceContext, place, rescale_factor
 from onnxopt_passes.quant.kernels import ort_kernels
+from onnxopt_passes.quant.adaround import AdaRounder, layer_inputs
 from onnxopt_passes.quant.grid import grid_levels
 from onnxopt_passes.quant.outputs import output_exclusions
 from onnxopt_passes.quant.plan import Plan, build_plan
@@ -99,9 +100,11 @@ class QuantConfig:
     saturation: Literal["fix", "report", "off"] = option(
         "fix", "u8 x s8 kernels on x86 CPUs without VNNI add weight pairs in int16 and saturate: fix widens, per layer "
                "and channel, the weight scales just enough that no pair can overflow; report only lists the layers")
-    rounding: Literal["nearest", "gptq"] = option(
+    rounding: Literal["nearest", "gptq", "adaround"] = option(
         "nearest", "weight rounding: nearest; gptq: second-order (inverse-Hessian) rounding of int4 weight-only "
-                   "MatMul/Gemm from the --data activations")
+                   "MatMul/Gemm from the --data activations; adaround: static int8 Conv/MatMul/Gemm weights rounded "
+                   "down or up as learned (AdaRound) to keep each layer's output on the --data activations")
+    adaround_iterations: int = option(400, "Adam iterations per layer of rounding=adaround", unit="iterations")
     bias_correction: bool = option(
         False, "static int8: measure each quantized Conv/Gemm's mean output error per channel on --data and fold it "
                "into its bias, then quantize again")
@@ -125,6 +128,10 @@ class QuantConfig:
             raise ValueError(f"smoothquant {self.smoothquant} is not in [0, 1]")
         if self.speed_rounds < 3:
             raise ValueError(f"speed_rounds {self.speed_rounds} is under 3 (an interval needs a few rounds)")
+        if self.rounding == "adaround" and (self.mode != "static" or self.weight_bits != 8):
+            raise ValueError("rounding=adaround is for static int8 (mode=static, weight_bits=8); int4 weight-only takes gptq")
+        if self.adaround_iterations < 10:
+            raise ValueError(f"adaround_iterations {self.adaround_iterations} is under 10")
         if self.fallback_samples < 1 or self.fallback_steps < 1:
             raise ValueError("fallback_samples and fallback_steps must be positive")
 
@@ -388,6 +395,8 @@ class QuantPass(Pass[QuantConfig]):
         if not plan.nodes:
             raise PassSkipped("nothing to quantize: the calibration data reached none of the quantizable nodes")
 
+        rounder = self._adaround(prepared, plan, data, config, ctx, report) if config.rounding == "adaround" else None
+
         def build(kept_float: frozenset[str]) -> tuple[ir.Model, Plan, InsertionStats]:
             clone = prepared.clone()
             extra = {k: "kept float by the accuracy fallback or the speed guard" for k in kept_float}
@@ -395,7 +404,7 @@ class QuantPass(Pass[QuantConfig]):
             if collapse_float_activations(clone, set(p.nodes)):
                 p = settle(clone, extra)  # the plan again, on the graph with the single ops back
             stats = insert_qdq(clone, p, ranges, config.activation_type, Names(clone), saturation=config.saturation,
-                               int4_grid=int4_grid)
+                               int4_grid=int4_grid, rounder=rounder)
             cleanup(clone)
             return clone, p, stats
 
@@ -419,6 +428,20 @@ class QuantPass(Pass[QuantConfig]):
         report.figures = self._static_figures(quantized, plan, stats, config, ctx, report, anchors_total, len(ranges),
                                               len(data), fallback, speed)
         return PassResult(quantized, True, report)
+
+    def _adaround(self, prepared: ir.Model, plan: Plan, data: Any, config: QuantConfig, ctx: PassContext,
+                  report: Any) -> AdaRounder:
+        """The layer inputs' second moments on --data, for AdaRound-rounding the weights as they are written."""
+        layers = []
+        for planned in plan.nodes.values():
+            slot = planned.placement.weight
+            w = constant_array(planned.node.inputs[slot]) if slot is not None else None
+            if w is not None and planned.node.op_type in ("Conv", "MatMul", "Gemm"):
+                layers.append((planned.node, w))
+        inputs = layer_inputs(prepared, layers, data, ctx.sessions, progress=ctx.progress)
+        report.notes.append(f"AdaRound: weights of {len(inputs)} of {len(layers)} Conv/MatMul/Gemm rounded as learned "
+                            f"({config.adaround_iterations} iterations each) on {len(data)} --data samples")
+        return AdaRounder(inputs, config.adaround_iterations, ctx.progress, len(inputs))
 
     def _static_graph(self, model: ir.Model, data: Any, config: QuantConfig, pc: PlaceContext, ctx: PassContext,
                       report: Any) -> tuple[ir.Model, bool, dict[str, str]]:

@@ -10,7 +10,7 @@ only quantized readers see the DQ.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -25,7 +25,10 @@ from onnxopt_passes.quant.plan import NodePlan, Plan
 from onnxopt_passes.quant.saturation import check_weight, pair_safe_scale, reduction_rows
 from onnxopt_passes.quant.scheme import QParams, activation_params, quantize, quantize_bias, weight_params
 
-__all__ = ["InsertionStats", "group_params", "insert_qdq"]
+__all__ = ["InsertionStats", "group_params", "insert_qdq", "Rounder"]
+
+#: (node, float weight, weight scale, scale axis) -> the weight's int8 levels, or None to round to nearest
+Rounder = Callable[[ir.Node, np.ndarray, np.ndarray, "int | None"], "np.ndarray | None"]
 
 
 @dataclass
@@ -62,11 +65,13 @@ def group_params(plan: Plan, ranges: Mapping[str, tuple[float, float]], activati
 class _Writer:
     """Creates Q/DQ nodes and quantized initializers in the right graph, with fresh names."""
 
-    def __init__(self, names: Names, stats: InsertionStats, saturation: str = "off", int4_grid: bool = False) -> None:
+    def __init__(self, names: Names, stats: InsertionStats, saturation: str = "off", int4_grid: bool = False,
+                 rounder: Rounder | None = None) -> None:
         self.names = names
         self.stats = stats
         self.saturation = saturation
         self.int4_grid = int4_grid
+        self.rounder = rounder
         self._weights: dict[tuple[int, int | None, float], ir.Value] = {}
 
     def const(self, graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
@@ -183,6 +188,9 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
     owner = w_value.graph if key is not None and w_value.is_initializer() and w_value.graph is not None else graph  # type: ignore[union-attr]
     first = owner.node(0) if owner is not graph and len(owner) else None
     w_q = quantize(w, w_scale, 0, "int8", axis)
+    if writer.rounder is not None and not (grid is not None and np.array_equal(w_scale, grid)):  # a grid is exact
+        learned = writer.rounder(node, w, w_scale, axis)
+        w_q = w_q if learned is None else learned
     if rows is not None:
         _record_saturation(node, w, w_q, weight_params(w, axis), w_scale, writer)
     # a Conv weight's zero point (0) is left out: ORT fuses QLinearConv all the same; its QGemm/MatMulInteger
@@ -248,7 +256,8 @@ def _group_params_of_node(planned: NodePlan, params: Mapping[str, QParams]) -> Q
 
 
 def insert_qdq(model: ir.Model, plan: Plan, ranges: Mapping[str, tuple[float, float]], activation_type: str,
-               names: Names, *, saturation: str = "off", int4_grid: bool = False) -> InsertionStats:
+               names: Names, *, saturation: str = "off", int4_grid: bool = False,
+               rounder: Rounder | None = None) -> InsertionStats:
     """Edit ``model`` in place following ``plan``; every planned tensor must have a range.
 
     ``saturation``: ``fix`` widens weight scales where u8 x s8 int16 pairs could saturate, ``report`` only
@@ -256,7 +265,7 @@ def insert_qdq(model: ir.Model, plan: Plan, ranges: Mapping[str, tuple[float, fl
     already on an int4 grid are stored in 4 bits (needs opset 21; see :mod:`~onnxopt_passes.quant.grid`).
     """
     stats = InsertionStats()
-    writer = _Writer(names, stats, saturation, int4_grid)
+    writer = _Writer(names, stats, saturation, int4_grid, rounder)
     params = group_params(plan, ranges, activation_type)
     _rescaled_params(plan, params)
     stats.params = params
