@@ -56,7 +56,7 @@ from onnxopt_passes.quant.grid import grid_levels
 from onnxopt_passes.quant.outputs import output_exclusions
 from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
-from onnxopt_passes.quant.speed import latency_ratio, region_kinds
+from onnxopt_passes.quant.speed import latency_ratio, quantized_islands, region_kinds
 from onnxopt_passes.quant.rewrites import (collapse_float_activations, expand_activations, expansion_groups, fold_bias_add,
                                            fold_hardsigmoid, tag_hardswish_chains)
 from onnxopt_passes.quant.weight_only import WeightOnlyStats, int8_weight_targets, quantize_int4_node, quantize_int8_weight
@@ -96,6 +96,11 @@ class QuantConfig:
         "revert", "time int8 against fp32 (paired, interleaved) after quantizing; revert: return to float the kinds of "
                   "regions whose Q/DQ transitions cost more than their integer kernels win, and warn first thing if the "
                   "model is still slower; warn: only warn; off: no timing")
+    speed_islands: int = option(
+        0, "when the model is still slower than fp32 after the region kinds, the speed guard times at most this many "
+           "single connected quantized regions (smallest first), then single Conv/MatMul/Gemm of the regions that did "
+           "not pay, back in float, and keeps each that pays; weights go back to float with them, so the file grows "
+           "(0: region kinds only, weights always stay int8; 12 suits MobileNetV3-style nets)", unit="regions")
     speed_rounds: int = option(7, "at least this many paired blocks (onnxopt.timing) per latency comparison of the speed guard", unit="blocks")
     saturation: Literal["fix", "report", "off"] = option(
         "fix", "u8 x s8 kernels on x86 CPUs without VNNI add weight pairs in int16 and saturate: fix widens, per layer "
@@ -126,6 +131,8 @@ class QuantConfig:
             raise ValueError(f"bins {self.bins} is under 128")
         if not 0.0 <= self.smoothquant <= 1.0:
             raise ValueError(f"smoothquant {self.smoothquant} is not in [0, 1]")
+        if self.speed_islands < 0:
+            raise ValueError(f"speed_islands {self.speed_islands} is negative")
         if self.speed_rounds < 3:
             raise ValueError(f"speed_rounds {self.speed_rounds} is under 3 (an interval needs a few rounds)")
         if self.rounding == "adaround" and (self.mode != "static" or self.weight_bits != 8):
@@ -516,6 +523,14 @@ class QuantPass(Pass[QuantConfig]):
                                                                          config, ctx, speed, report,
                                                                          expansion_groups(prepared))
             final = latency_ratio(quantized, reference, feed, ctx.sessions, rounds=config.speed_rounds)
+            if config.speed_guard == "revert" and config.speed_islands and final.median > 1.0:
+                # still slower than fp32: single regions and layers, which only then are worth their timing
+                speed["int8_over_fp32_after_kinds"] = final.to_dict()
+                before = kept
+                quantized, plan, stats, kept = self._revert_slow_islands(build, quantized, plan, stats, kept, feed,
+                                                                         config, ctx, speed, report)
+                if kept != before:
+                    final = latency_ratio(quantized, reference, feed, ctx.sessions, rounds=config.speed_rounds)
             speed["int8_over_fp32"] = final.to_dict()
             if final.median > 1.0:
                 verdict = "SLOWER than fp32" if final.low > 1.0 else "SLOWER than fp32 by its median (not beyond timing noise)"
@@ -566,6 +581,40 @@ class QuantPass(Pass[QuantConfig]):
                     quantized, plan, stats = trial
                     report.notes.append(f"speed guard: {len(names)} {kind} nodes back to float "
                                         f"({ratio.median:.2f}x the latency with them quantized)")
+        return quantized, plan, stats, kept
+
+    def _revert_slow_islands(self, build: Callable[[frozenset[str]], tuple[ir.Model, Plan, InsertionStats]],
+                             quantized: ir.Model, plan: Plan, stats: InsertionStats, kept: frozenset[str],
+                             feed: Mapping[str, Any], config: QuantConfig, ctx: PassContext, speed: dict[str, Any],
+                             report: Any) -> tuple[ir.Model, Plan, InsertionStats, frozenset[str]]:
+        """Return to float single connected quantized regions (smallest first), then single Conv/MatMul/Gemm of
+        those that did not pay, keeping each change the paired ratio says is faster; at most ``speed_islands``."""
+        islands = [i for i in quantized_islands(p.node for p in plan.nodes.values() if p.node.name not in kept)
+                   if not set(i) <= kept][:config.speed_islands]
+        if not islands:
+            return quantized, plan, stats, kept
+        back = 0
+        # then, with what is left of the budget, each Conv/MatMul/Gemm of an island that did not pay on its own
+        anchors = [[n.name] for n in iter_nodes(quantized) if n.name and n.op_type in _ANCHORS
+                   and any(n.name in i and len(i) > 1 for i in islands)]
+        units = [*islands, *anchors][:max(config.speed_islands, len(islands))]
+        with ctx.progress.task("quant: timing single regions against float", total=len(units)) as task:
+            for names in units:
+                task.advance()
+                if set(names) <= kept:
+                    continue
+                trial = build(kept | frozenset(names))
+                ratio = latency_ratio(trial[0], quantized, feed, ctx.sessions, rounds=config.speed_rounds)
+                keep_float = ratio.high < 1.0
+                ops = "+".join(sorted({n.op_type for n in iter_nodes(quantized) if n.name in set(names)}))
+                speed["tried"].append({"kind": f"region {names[0]} ({ops})", "nodes": len(names), "scope": "region",
+                                       "float_over_int8": ratio.to_dict(), "returned_to_float": keep_float})
+                if keep_float:
+                    kept = kept | frozenset(names)
+                    quantized, plan, stats = trial
+                    back += 1
+        if back:
+            report.notes.append(f"speed guard: {back} of {len(units)} single quantized regions or layers timed back to float")
         return quantized, plan, stats, kept
 
     def _kernels(self, model: ir.Model, config: QuantConfig, ctx: PassContext, figures: dict[str, Any], report: Any) -> None:
