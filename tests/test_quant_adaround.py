@@ -75,3 +75,24 @@ def test_adaround_on_the_digits_cnn_beats_nearest_on_held_out_samples() -> None:
     assert _optimized_ops(result.model).count("QLinearConv") == 8  # still integer kernels
     saturation = result.report.figures["saturation"]
     assert saturation and all(layer["fixed"] for layer in saturation)  # learned rounding keeps the int16 pairs safe
+
+
+def test_cluster_grid_adaround_beats_nearest_levels_on_held_out_samples() -> None:
+    """cluster.rounding=adaround: the int4 grid's levels learned on calib.npz; judged on eval.npz (held out)."""
+    from onnxopt_passes.cluster import ClusterConfig, ClusterPass
+
+    digits = ROOT / "examples" / "digits"
+    data = Dataset("calib", {"x": np.load(digits / "calib.npz")["x"]}, batch_size=32)
+    held = np.load(digits / "eval.npz")["x"]
+    model = load_model(digits / "cnn.onnx")
+    ref = run_model(str(digits / "cnn.onnx"), {"x": held})[0]
+    errors = {}
+    for rounding in ("nearest", "adaround"):
+        result = ClusterPass().apply(model.clone(), ClusterConfig(init="grid", k=16, granularity="channel",
+                                                                  rounding=rounding), PassContext(calibration=data))
+        y = run_model(result.model, {"x": held})[0]
+        errors[rounding] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        if rounding == "adaround":
+            assert any("AdaRound" in n for n in result.report.notes)
+            assert {item["init"] for item in result.report.items} == {"grid (adaround)"}
+    assert errors["adaround"] < 0.8 * errors["nearest"], errors
