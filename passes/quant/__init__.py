@@ -589,7 +589,9 @@ class QuantPass(Pass[QuantConfig]):
                              report: Any) -> tuple[ir.Model, Plan, InsertionStats, frozenset[str]]:
         """Return to float single connected quantized regions (smallest first), then single Conv/MatMul/Gemm of
         those that did not pay, keeping each change the paired ratio says is faster; at most ``speed_islands``."""
-        islands = [i for i in quantized_islands(p.node for p in plan.nodes.values() if p.node.name not in kept)
+        # nodes still in the graph: a folded rescale (x * 1/6 into the next scale) is no region of its own
+        islands = [i for i in quantized_islands(p.node for p in plan.nodes.values()
+                                                if p.node.name not in kept and p.node.graph is not None)
                    if not set(i) <= kept][:config.speed_islands]
         if not islands:
             return quantized, plan, stats, kept
