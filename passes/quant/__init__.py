@@ -430,6 +430,8 @@ class QuantPass(Pass[QuantConfig]):
             kept = frozenset()
         quantized, plan, stats, kept, speed = self._speed_guard(build, quantized, plan, stats, kept, reference, data,
                                                                 config, ctx, report, prepared)
+        if rounder is not None:
+            rounder.close()
 
         _report_placement(report, plan, stats, prepared, pc, {**excluded, **unreached})
         report.figures = self._static_figures(quantized, plan, stats, config, ctx, report, anchors_total, len(ranges),

@@ -63,7 +63,8 @@ def conv_patches(x: np.ndarray, node: ir.Node, kernel: tuple[int, ...], groups: 
 
 def _accepts(node: ir.Node, weight: np.ndarray) -> bool:
     if node.op_type == "Conv":
-        return weight.ndim == 4 and weight.shape[1] * weight.shape[2] * weight.shape[3] <= MAX_K
+        return (weight.ndim == 4 and weight.shape[1] * weight.shape[2] * weight.shape[3] <= MAX_K
+                and attribute(node, "auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"))
     return weight.ndim == 2 and (weight.shape[1] if node.op_type == "Gemm" and attribute(node, "transB", 0)
                                  else weight.shape[0]) <= MAX_K
 
@@ -78,15 +79,19 @@ def layer_inputs(model: ir.Model, layers: Iterable[tuple[ir.Node, np.ndarray]], 
     for batch in iter_activations(model, names, dataset, sessions, progress=progress,
                                   description="quant: layer inputs for AdaRound"):
         for node, weight in chosen:
-            x = np.asarray(batch[str(node.inputs[0].name)], np.float64)
-            if node.op_type == "Conv":
-                groups = int(attribute(node, "group", 1))
-                cols = conv_patches(x, node, tuple(weight.shape[2:]), groups)
-            else:
-                cols = x.reshape(1, -1, x.shape[-1])
+            x = np.asarray(batch[str(node.inputs[0].name)], np.float32)
             name = str(node.name)
-            sums[name] = sums.get(name, 0) + np.einsum("gsk,gsl->gkl", cols, cols)
-            counts[name] = counts.get(name, 0) + cols.shape[1]
+            # one sample at a time for a Conv: its patches are K times the input, bounded memory whatever the batch
+            parts = ([x[i:i + 1] for i in range(x.shape[0])] if node.op_type == "Conv"
+                     else [x.reshape(-1, x.shape[-1])])
+            for part in parts:
+                if node.op_type == "Conv":
+                    cols = conv_patches(part, node, tuple(weight.shape[2:]), int(attribute(node, "group", 1)))
+                else:
+                    cols = part[None]
+                cols = cols.astype(np.float64)
+                sums[name] = sums.get(name, 0) + np.einsum("gsk,gsl->gkl", cols, cols)
+                counts[name] = counts.get(name, 0) + cols.shape[1]
     return {n: LayerInput(sums[n] / max(counts[n], 1), counts[n]) for n in sums}
 
 
@@ -166,6 +171,7 @@ class AdaRounder:
         self.iterations = iterations
         self._cache: dict[tuple[str, bytes], np.ndarray] = {}
         self._task = progress.task("quant: AdaRound", total=total) if progress is not None else None
+        self._total = total
         self.changed = 0  # weights rounded the other way than nearest
         self.layers = 0
 
@@ -185,4 +191,12 @@ class AdaRounder:
             self._cache[key] = from_rows(node, levels, weight.shape).astype(np.int8)
             if self._task is not None:
                 self._task.advance()
+                if self.layers >= self._total:
+                    self.close()
         return self._cache[key]
+
+    def close(self) -> None:
+        """Remove the progress bar (all layers done, or the pass is)."""
+        if self._task is not None:
+            self._task.close()
+            self._task = None
