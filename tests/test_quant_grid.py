@@ -92,3 +92,10 @@ def test_prune_cluster_quant_is_20x_smaller_within_1pt_on_held_out_digits(tmp_pa
     proto = onnx.load(str(out))
     assert sum(t.data_type == onnx.TensorProto.INT4 for t in proto.graph.initializer) >= 5
     assert _optimized_ops(ir.load(str(out))).count("QLinearConv") == 8  # stacked, and still all integer kernels
+
+
+def test_cluster_budget_ladder_under_grid_offers_only_grid_sizes() -> None:
+    """--max-drop climbs k under init=grid too: only the k a 4-bit grid takes (k=256 used to crash the config)."""
+    config = ClusterConfig(init="grid", k=16, granularity="channel")
+    ladder = ClusterPass().budget_ladder(config, PassContext())
+    assert [c.k for _, c in ladder] == [16, 8, 4] and all(c.init == "grid" for _, c in ladder)
