@@ -550,6 +550,8 @@ def compact_proto(proto: onnx.ModelProto) -> None:
             tensor.name = new(tensor.name)
         for sparse in graph.sparse_initializer:
             sparse.values.name = new(sparse.values.name)
+        for annotation in graph.quantization_annotation:
+            annotation.tensor_name = new(annotation.tensor_name)
     for node in nodes:
         node.input[:] = [new(n) for n in node.input]
         node.output[:] = [new(n) for n in node.output]
