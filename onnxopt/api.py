@@ -125,6 +125,7 @@ def apply(
     providers: Sequence[str] | None = None,
     threads: int = 1,
     external_data: bool | None = None,
+    compact: bool = False,
     seed: int = 0,
     validate_result: bool = True,
     progress: Progress | None = None,
@@ -149,7 +150,8 @@ def apply(
     ``command`` is the command line as typed, for the warning that shows how
     to hold a budget. Under ``max_drop`` a pass that leaves the chain over it
     (on the selection part) is rolled back unless ``rollback`` is False (then
-    the chain runs as asked and the gate alone decides).
+    the chain runs as asked and the gate alone decides). ``compact`` writes short internal names and no
+    intermediate shape annotations (lossless; see :func:`onnxopt.io.compact_proto`).
     """
     src = Path(model)
     reports = report_paths(report)
@@ -232,7 +234,7 @@ def apply(
             if output is not None and one_session_at_a_time(reference, candidate):
                 # A large candidate is written first (beside -o, not yet in place) and let go: validation then reads
                 # it back memory-mapped, so the passes' arrays and an ORT session never hold weights at once.
-                staged = stage_model(candidate, output, external_data=keep_external)
+                staged = stage_model(candidate, output, external_data=keep_external, compact=compact)
                 del candidate
                 gc.collect()
                 candidate = load_model(staged.path, check=False, normalize=False)
@@ -263,7 +265,7 @@ def apply(
             if staged is not None:
                 staged.commit()
             else:
-                save_model(candidate, output, external_data=keep_external)
+                save_model(candidate, output, external_data=keep_external, compact=compact)
             run.written = True
             if run.validation is not None:
                 from onnxopt.measure import file_size

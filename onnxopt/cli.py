@@ -170,6 +170,8 @@ def _apply_command(model: Path, names: list[str], settings: tuple[str, ...], rec
 @click.option("--providers", default=None, help="Execution providers for validation, e.g. dnnl (CPU is always added).")
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT intra-op threads for validation and latency.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights in a .data file next to the output.")
+@click.option("--compact", is_flag=True,
+              help="Write short internal names and no intermediate shape annotations (lossless; ORT infers shapes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
 @click.option("--no-validate", is_flag=True, help="Skip validation on ONNX Runtime.")
 @_timing_options
@@ -178,8 +180,8 @@ def _apply_command(model: Path, names: list[str], settings: tuple[str, ...], rec
 def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[str, ...], recipe: Path | None,
           data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None,
           metrics: tuple[str, ...], holdout: Path | None, force: bool, no_rollback: bool,
-          report_path: tuple[Path, ...], providers: str | None, threads: int, external_data: bool | None, seed: int,
-          no_validate: bool, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
+          report_path: tuple[Path, ...], providers: str | None, threads: int, external_data: bool | None, compact: bool,
+          seed: int, no_validate: bool, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
     """Run passes on MODEL, validate against it on ONNX Runtime, and write the result to -o."""
     from onnxopt.api import GATE_EXIT_CODE, apply as run_apply
 
@@ -206,8 +208,8 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
         run = run_apply(model, names, output, settings=merged, data=data, eval_data=eval_data, shapes=_shapes(shapes),
                         max_drop=max_drop, force=force, report=list(report_path),
                         providers=providers.split(",") if providers else None, threads=threads,
-                        external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress,
-                        timing=_timing(repeat, time_budget, isolate, threads),
+                        external_data=external_data, compact=compact, seed=seed, validate_result=not no_validate,
+                        progress=progress, timing=_timing(repeat, time_budget, isolate, threads),
                         metrics=declared, holdout=holdout, rollback=not no_rollback,
                         command=_apply_command(model, names, settings, recipe, data, eval_data, metrics, holdout, output))
     console = Console(soft_wrap=True)

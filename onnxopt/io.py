@@ -36,6 +36,7 @@ __all__ = [
     "load_model",
     "save_model",
     "serialize_model",
+    "compact_proto",
     "tensor_bytes",
     "has_external_data",
     "same_file",
@@ -489,15 +490,89 @@ def has_external_data(model: ir.Model) -> bool:
                for g in (model.graph, *model.graph.subgraphs()) for v in g.initializers.values())
 
 
-def serialize_model(model: ir.Model) -> bytes:
-    """Serialise a model under the protobuf limit to bytes (external tensors are read in)."""
+def serialize_model(model: ir.Model, *, compact: bool = False) -> bytes:
+    """Serialise a model under the protobuf limit to bytes (external tensors are read in); ``compact``: see
+    :func:`compact_proto`."""
     if tensor_bytes(model) >= PROTOBUF_LIMIT:
         raise OnnxoptError("model is over 2 GB and cannot be serialised in memory",
                            "save it with external data instead")
     if has_external_data(model):
         # Read external tensors into a clone: the caller's model keeps its memory-mapped weights.
         model = ir.external_data.load_to_model(model.clone())
-    return ir.serde.serialize_model(model).SerializeToString()
+    proto = ir.serde.serialize_model(model)
+    if compact:
+        compact_proto(proto)
+    return proto.SerializeToString()
+
+
+def _short_names() -> Iterator[str]:
+    """a, b, ..., z, aa, ab, ...: the shortest names first."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    width = 1
+    while True:
+        for i in range(len(letters) ** width):
+            name = ""
+            for _ in range(width):
+                i, r = divmod(i, len(letters))
+                name = letters[r] + name
+            yield name
+        width += 1
+
+
+def compact_proto(proto: onnx.ModelProto) -> None:
+    """Shorten every internal tensor name, drop node names and the intermediate shape annotations, in place.
+
+    Both are lossless for ONNX Runtime (it infers shapes at load), and on a small quantized model they are much of
+    the file: a 4-bit 19k-parameter CNN holds ~9 KB of weights but ~15 KB of names and value_info. The main
+    graph's inputs and outputs keep their names (callers feed and read them); subgraphs and local functions
+    are renamed through one map, so a body still reads its outer-scope values (local functions have their own
+    scope and are left as they are).
+    """
+    main = proto.graph
+    keep = {v.name for v in (*main.input, *main.output)}
+    fresh = (n for n in _short_names() if n not in keep)
+    rename: dict[str, str] = {}
+
+    def new(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in rename:
+            rename[name] = next(fresh)
+        return rename[name]
+
+    nodes = (n for n in iter_nodes_proto(main))
+    graphs = [main, *iter_subgraphs_proto(main)]
+    for graph in graphs:
+        del graph.value_info[:]
+        for value in (*(graph.input if graph is not main else ()), *(graph.output if graph is not main else ())):
+            value.name = new(value.name)
+        for tensor in graph.initializer:
+            tensor.name = new(tensor.name)
+        for sparse in graph.sparse_initializer:
+            sparse.values.name = new(sparse.values.name)
+        for annotation in graph.quantization_annotation:
+            annotation.tensor_name = new(annotation.tensor_name)
+    for node in nodes:
+        node.input[:] = [new(n) for n in node.input]
+        node.output[:] = [new(n) for n in node.output]
+        node.ClearField("name")  # optional in ONNX; ORT names nodes itself
+        node.ClearField("doc_string")
+
+
+def iter_subgraphs_proto(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Every subgraph (If/Loop/Scan bodies) under ``graph``, recursively."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                        list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
+                yield sub
+                yield from iter_subgraphs_proto(sub)
+
+
+def iter_nodes_proto(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of its subgraphs."""
+    for g in (graph, *iter_subgraphs_proto(graph)):
+        yield from g.node
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -581,8 +656,12 @@ def stage_model(
     *,
     external_data: bool | None = None,
     check: bool = True,
+    compact: bool = False,
 ) -> StagedModel:
-    """Write and check ``model`` in a temporary folder beside ``path``; :func:`save_model` then commits it."""
+    """Write and check ``model`` in a temporary folder beside ``path``; :func:`save_model` then commits it.
+
+    ``compact`` shortens internal names and drops intermediate shape annotations (:func:`compact_proto`); a model
+    written with external data is not compacted (its names are a small share of it)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -601,7 +680,7 @@ def stage_model(
         if external_data:
             ir.save(model, tmp_model, external_data=data_name)
         else:
-            tmp_model.write_bytes(serialize_model(model))
+            tmp_model.write_bytes(serialize_model(model, compact=compact))
         if check:
             try:
                 onnx.checker.check_model(str(tmp_model))
@@ -625,6 +704,7 @@ def save_model(
     *,
     external_data: bool | None = None,
     check: bool = True,
+    compact: bool = False,
 ) -> Path:
     """Save atomically: write and check in a temporary folder beside ``path``, then rename into place.
 
@@ -632,7 +712,7 @@ def save_model(
     external or when the model is over the protobuf limit; the data file is
     ``<name>.data`` next to the model.
     """
-    return stage_model(model, path, external_data=external_data, check=check).commit()
+    return stage_model(model, path, external_data=external_data, check=check, compact=compact).commit()
 
 
 def _commit(moves: list[tuple[Path, Path]]) -> None:

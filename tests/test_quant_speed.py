@@ -157,3 +157,21 @@ def test_cli_prints_the_slower_warning_first_and_writes_it_to_the_json_report(tm
     assert proc.stdout.splitlines()[0].startswith("WARNING (quant): the int8 model is SLOWER than fp32")
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passes"][0]["warnings"][0].startswith("the int8 model is SLOWER than fp32")
+
+
+def test_speed_islands_return_single_regions_of_a_slower_model_to_float() -> None:
+    """On the transition-bound graph (int8 about 1.8x fp32, far beyond timing noise) the kinds alone cannot help:
+    every region holds a conv. With speed_islands the guard times single regions and layers back in float."""
+    proto = transition_bound()
+    data = {"x": RNG.standard_normal((16, 4, 32, 32)).astype(np.float32)}
+    result = _quant(proto, data, speed_islands=12, speed_rounds=3)
+    speed = result.report.figures["speed"]
+    assert speed["int8_over_fp32_after_kinds"]["median"] > 1.0  # the stage ran because the model was slower
+    regions = [t for t in speed["tried"] if t.get("scope") == "region"]
+    assert 0 < len(regions) <= 12
+    for t in regions:  # a region goes back to float exactly when its paired ratio's 95% interval is wholly under 1
+        assert t["returned_to_float"] == (t["float_over_int8"]["high"] < 1.0)
+    back = [t for t in regions if t["returned_to_float"]]
+    assert back, regions
+    plain = _quant(proto, data, speed_guard="off")
+    assert _optimized_ops(result.model).count("QLinearConv") < _optimized_ops(plain.model).count("QLinearConv")

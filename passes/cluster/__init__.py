@@ -27,11 +27,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import Pass, PassContext, PassResult, PassSkipped, hookimpl, option
-from onnxopt.graph import Names, cleanup, opset_version, reroute
+from onnxopt.graph import Names, attribute, cleanup, opset_version, reroute
 from onnxopt.opset import ensure_opset
 from onnxopt.pass_api import PassReport, PassSpace
 
 from onnxopt_passes.cluster.kmeans import Clustering, Init, cluster_rows
+from onnxopt_passes.quant.adaround import adaround_rows, layer_inputs
 from onnxopt_passes.cluster.storage import DECODE_OPSET, Decoder, as_rows, from_rows, index_bits
 from onnxopt_passes.cluster.targets import WEIGHT_SLOTS, Target, find_targets
 
@@ -53,7 +54,7 @@ class ClusterConfig:
         "dense: clustered float values in place (same graph, compresses well with zip)")
     granularity: Literal["tensor", "channel"] = option(
         "tensor", "one codebook per weight tensor, or one per output channel (used where each channel has at least "
-        f"{MIN_VALUES_PER_CENTROID}·k weights)")
+        f"{MIN_VALUES_PER_CENTROID}·k weights; with init=grid wherever there is an output-channel axis)")
     init: Init = option("kmeans++", "kmeans++ (D² seeding), linear (evenly spaced), density (quantiles), grid (a uniform "
                         "symmetric grid per row: k=16 is the int4 grid quant then stores in 4 bits), or optimal "
                         "(exact 1-D k-means by dynamic programming where affordable, never worse than kmeans++)")
@@ -63,6 +64,9 @@ class ClusterConfig:
         "auto", "storage of the shared values; auto: float16 where rounding to it adds under 1% to the tensor's "
         "clustering error (halves per-channel codebooks), else float32; the weights keep their type")
     iterations: int = option(300, "most Lloyd iterations per tensor (they stop once no weight changes cluster)")
+    rounding: Literal["nearest", "adaround"] = option(
+        "nearest", "init=grid, per channel: each weight to its nearest level, or adaround: to the level below or above "
+                   "as learned (AdaRound) to keep its Conv/MatMul/Gemm's output on the --data activations (needs --data)")
     ops: tuple[str, ...] = option(tuple(WEIGHT_SLOTS), "op types whose weight input is clustered")
     exclude: tuple[str, ...] = option((), "weight or node name globs left alone")
 
@@ -71,6 +75,8 @@ class ClusterConfig:
             raise ValueError(f"k {self.k} is not in 2..256 (indices are stored in at most 8 bits)")
         if self.init == "grid" and self.k not in (4, 8, 16):
             raise ValueError(f"init=grid takes k 4, 8 or 16 (a symmetric grid quant can store in 4 bits), not {self.k}")
+        if self.rounding == "adaround" and self.init != "grid":
+            raise ValueError("rounding=adaround needs init=grid (it learns the rounding onto the grid's levels)")
         if self.min_size < 0 or self.iterations < 1:
             raise ValueError("min_size must be >= 0 and iterations >= 1")
         unknown = [op for op in self.ops if op not in WEIGHT_SLOTS]
@@ -90,7 +96,8 @@ def _layout(target: Target, shape: tuple[int, ...], config: ClusterConfig) -> tu
     if target.axis is None:
         return None, "per tensor: no single output-channel axis"
     per_row = int(np.prod(shape)) // shape[target.axis]
-    if per_row < MIN_VALUES_PER_CENTROID * config.k:
+    # a grid row is one step, not k values, once quant stores it in 4 bits: per channel pays whatever the row length
+    if per_row < MIN_VALUES_PER_CENTROID * config.k and config.init != "grid":
         return None, f"per tensor: {per_row} weights per channel < {MIN_VALUES_PER_CENTROID}·k"
     return target.axis, None
 
@@ -147,8 +154,9 @@ class ClusterPass(Pass[ClusterConfig]):
     BUDGET_K = (256, 128, 64, 32, 16, 8, 4, 2)
 
     def budget_ladder(self, config: ClusterConfig, ctx: PassContext) -> list[tuple[str, ClusterConfig]]:
-        """k from 256 down to 2 at the configured granularity."""
-        return [(f"k={k} ({config.granularity})", replace(config, k=k)) for k in self.BUDGET_K]
+        """k from 256 down to 2 at the configured granularity (16, 8, 4 for init=grid, the k a grid takes)."""
+        ladder = (16, 8, 4) if config.init == "grid" else self.BUDGET_K
+        return [(f"k={k} ({config.granularity})", replace(config, k=k)) for k in ladder]
 
     def run(self, model: ir.Model, config: ClusterConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)
@@ -162,12 +170,13 @@ class ClusterPass(Pass[ClusterConfig]):
             if note:
                 report.notes.append(note)
             targets, _ = find_targets(model, config.ops, config.min_size, config.exclude)
+        moments = self._layer_inputs(model, targets, config, ctx, report) if config.rounding == "adaround" else {}
         names = Names(model)
         decoders: dict[int, Decoder] = {}
         totals = np.zeros(3)  # seconds clustering, squared error, squared weights
         with ctx.progress.task(f"cluster: k-means (k={config.k})", total=len(targets)) as task:
             for target in targets:
-                totals += self._cluster(target, config, ctx, names, decoders, report)
+                totals += self._cluster(target, config, ctx, names, decoders, report, moments.get(target.name))
                 task.advance()
         if not report.items:
             raise PassSkipped("every candidate weight was left alone")
@@ -176,8 +185,29 @@ class ClusterPass(Pass[ClusterConfig]):
         self._describe(report, config, float(seconds), float(error / energy) if energy > 0 else 0.0)
         return PassResult(model, True, report)
 
+    def _layer_inputs(self, model: ir.Model, targets: list[Target], config: ClusterConfig, ctx: PassContext,
+                      report: PassReport) -> dict[str, np.ndarray]:
+        """Per target weight, the input second moment of the one Conv/MatMul/Gemm reading it (AdaRound's data)."""
+        data = ctx.require_calibration(self.name)
+        layers: dict[str, tuple[ir.Node, np.ndarray]] = {}
+        for target in targets:
+            readers = [node for node, slot in target.value.uses()]
+            if len(readers) != 1 or readers[0].op_type not in ("Conv", "MatMul", "Gemm") or not readers[0].name:
+                continue
+            node = readers[0]
+            weight = target.value.const_value.numpy()  # type: ignore[union-attr]
+            expected = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and attribute(node, "transB", 0)) else 1
+            if node.inputs[1] is target.value and target.axis == expected and weight.ndim >= 2:
+                layers[target.name] = (node, weight)
+        found = layer_inputs(model, layers.values(), data, ctx.sessions, progress=ctx.progress)
+        moments = {t: found[str(n.name)].moment for t, (n, _) in layers.items() if str(n.name) in found}
+        report.notes.append(f"AdaRound onto the grid: {len(moments)} of {len(targets)} weights, from {len(data)} "
+                            "--data samples (the others: nearest level)")
+        return moments
+
     def _cluster(self, target: Target, config: ClusterConfig, ctx: PassContext, names: Names,
-                 decoders: dict[int, Decoder], report: PassReport) -> tuple[float, float, float]:
+                 decoders: dict[int, Decoder], report: PassReport,
+                 moment: np.ndarray | None = None) -> tuple[float, float, float]:
         """Cluster one weight and write it back; returns seconds spent clustering, squared error, squared weights."""
         tensor = target.value.const_value
         assert tensor is not None
@@ -189,6 +219,11 @@ class ClusterPass(Pass[ClusterConfig]):
         axis, note = _layout(target, shape, config)
         start = time.perf_counter()
         clustering = cluster_rows(as_rows(weight, axis), config.k, config.init, config.iterations, ctx.rng)
+        if moment is not None and axis is not None and config.init == "grid":
+            half = config.k // 2
+            step = clustering.centroids[:, 1] - clustering.centroids[:, 0]
+            levels = adaround_rows(as_rows(weight, axis).astype(np.float64), step, moment, qmin=-half, qmax=half - 1)
+            clustering = Clustering(clustering.centroids, (levels + half).astype(np.uint8), "grid (adaround)")
         seconds = time.perf_counter() - start
         reference = weight.astype(np.float64)
         # a grid's codebook stays float32: float16 levels would no longer be exact multiples of one step

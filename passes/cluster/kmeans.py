@@ -19,7 +19,7 @@ import numpy as np
 
 from onnxopt_passes.cluster.optimal import optimal_centroids
 
-__all__ = ["Init", "INITS", "SortedRows", "Clustering", "cluster_rows", "grid_rows", "assign", "count_below", "row_keys", "lloyd"]
+__all__ = ["Init", "INITS", "SortedRows", "Clustering", "cluster_rows", "grid_rows", "GRID_CLIPS", "assign", "count_below", "row_keys", "lloyd"]
 
 Init = Literal["kmeans++", "linear", "density", "optimal", "grid"]
 
@@ -268,14 +268,33 @@ def _distinct_values(data: SortedRows, k: int) -> np.ndarray:
     return centroids
 
 
+#: Steps tried per row by :func:`grid_rows`, as shares of the step that just reaches the row's largest |w|:
+#: clipping the few largest weights buys a finer grid for all the others (at k = 16 the squared error of a
+#: Gaussian row is about a third lower at the best share than at 1).
+GRID_CLIPS = np.linspace(0.45, 1.0, 23)
+
+
 def grid_rows(rows: np.ndarray, k: int) -> Clustering:
-    """Each row on a uniform symmetric grid of ``k`` levels, ``step * (-k/2 .. k/2 - 1)`` with
-    ``step = max|row| / (k/2 - 1)``: the values a symmetric int4 (k = 16) weight takes, so quantization after
-    clustering stores them exactly in 4 bits. No Lloyd iterations: they would move the levels off the grid."""
+    """Each row on a uniform symmetric grid of ``k`` levels, ``step * (-k/2 .. k/2 - 1)``: the values a symmetric
+    int4 (k = 16) weight takes, so quantization after clustering stores them exactly in 4 bits.
+
+    The step is, per row, the one of :data:`GRID_CLIPS` × ``max|row| / (k/2 - 1)`` with the least squared error
+    (the lowest level -k/2 also counts: a row whose largest magnitude is negative may sit one level lower). No
+    Lloyd iterations: they would move the levels off the grid."""
     half = k // 2
-    absmax = np.abs(rows).max(axis=1).astype(np.float64)
-    step = np.where(absmax > 0, absmax / max(half - 1, 1), 1.0)
-    labels = np.clip(np.rint(rows / step[:, None]), -half, half - 1) + half
+    data = rows.astype(np.float64, copy=False)
+    top = np.maximum(data.max(axis=1), -data.min(axis=1) * (half - 1) / half)  # |w| the step must reach at level half-1
+    top = np.where(top > 0, top, 1.0)
+    best_error = np.full(rows.shape[0], np.inf)
+    step = top / max(half - 1, 1)
+    for clip in GRID_CLIPS:  # a handful of candidates, each one vectorized over all rows
+        candidate = top * clip / max(half - 1, 1)
+        levels = np.clip(np.rint(data / candidate[:, None]), -half, half - 1)
+        error = np.square(levels * candidate[:, None] - data).sum(axis=1)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        step = np.where(better, candidate, step)
+    labels = np.clip(np.rint(data / step[:, None]), -half, half - 1) + half
     centroids = step[:, None] * (np.arange(k, dtype=np.float64) - half)[None, :]
     return Clustering(centroids, labels.astype(np.uint8), "grid")
 

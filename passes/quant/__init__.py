@@ -51,11 +51,12 @@ from onnxopt_passes.quant.exposure import if_of
 from onnxopt_passes.quant.fallback import run_fallback
 from onnxopt_passes.quant.handlers import ABSORBED_ACTIVATIONS, RULES, PlaceContext, place, rescale_factor
 from onnxopt_passes.quant.kernels import ort_kernels
+from onnxopt_passes.quant.adaround import AdaRounder, layer_inputs
 from onnxopt_passes.quant.grid import grid_levels
 from onnxopt_passes.quant.outputs import output_exclusions
 from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
-from onnxopt_passes.quant.speed import latency_ratio, region_kinds
+from onnxopt_passes.quant.speed import latency_ratio, quantized_islands, region_kinds
 from onnxopt_passes.quant.rewrites import (collapse_float_activations, expand_activations, expansion_groups, fold_bias_add,
                                            fold_hardsigmoid, tag_hardswish_chains)
 from onnxopt_passes.quant.weight_only import WeightOnlyStats, int8_weight_targets, quantize_int4_node, quantize_int8_weight
@@ -95,13 +96,20 @@ class QuantConfig:
         "revert", "time int8 against fp32 (paired, interleaved) after quantizing; revert: return to float the kinds of "
                   "regions whose Q/DQ transitions cost more than their integer kernels win, and warn first thing if the "
                   "model is still slower; warn: only warn; off: no timing")
+    speed_islands: int = option(
+        0, "when the model is still slower than fp32 after the region kinds, the speed guard times at most this many "
+           "single connected quantized regions (smallest first), then single Conv/MatMul/Gemm of the regions that did "
+           "not pay, back in float, and keeps each that pays; weights go back to float with them, so the file grows "
+           "(0: region kinds only, weights always stay int8; 12 suits MobileNetV3-style nets)", unit="regions")
     speed_rounds: int = option(7, "at least this many paired blocks (onnxopt.timing) per latency comparison of the speed guard", unit="blocks")
     saturation: Literal["fix", "report", "off"] = option(
         "fix", "u8 x s8 kernels on x86 CPUs without VNNI add weight pairs in int16 and saturate: fix widens, per layer "
                "and channel, the weight scales just enough that no pair can overflow; report only lists the layers")
-    rounding: Literal["nearest", "gptq"] = option(
+    rounding: Literal["nearest", "gptq", "adaround"] = option(
         "nearest", "weight rounding: nearest; gptq: second-order (inverse-Hessian) rounding of int4 weight-only "
-                   "MatMul/Gemm from the --data activations")
+                   "MatMul/Gemm from the --data activations; adaround: static int8 Conv/MatMul/Gemm weights rounded "
+                   "down or up as learned (AdaRound) to keep each layer's output on the --data activations")
+    adaround_iterations: int = option(400, "Adam iterations per layer of rounding=adaround", unit="iterations")
     bias_correction: bool = option(
         False, "static int8: measure each quantized Conv/Gemm's mean output error per channel on --data and fold it "
                "into its bias, then quantize again")
@@ -123,8 +131,14 @@ class QuantConfig:
             raise ValueError(f"bins {self.bins} is under 128")
         if not 0.0 <= self.smoothquant <= 1.0:
             raise ValueError(f"smoothquant {self.smoothquant} is not in [0, 1]")
+        if self.speed_islands < 0:
+            raise ValueError(f"speed_islands {self.speed_islands} is negative")
         if self.speed_rounds < 3:
             raise ValueError(f"speed_rounds {self.speed_rounds} is under 3 (an interval needs a few rounds)")
+        if self.rounding == "adaround" and (self.mode != "static" or self.weight_bits != 8):
+            raise ValueError("rounding=adaround is for static int8 (mode=static, weight_bits=8); int4 weight-only takes gptq")
+        if self.adaround_iterations < 10:
+            raise ValueError(f"adaround_iterations {self.adaround_iterations} is under 10")
         if self.fallback_samples < 1 or self.fallback_steps < 1:
             raise ValueError("fallback_samples and fallback_steps must be positive")
 
@@ -388,6 +402,8 @@ class QuantPass(Pass[QuantConfig]):
         if not plan.nodes:
             raise PassSkipped("nothing to quantize: the calibration data reached none of the quantizable nodes")
 
+        rounder = self._adaround(prepared, plan, data, config, ctx, report) if config.rounding == "adaround" else None
+
         def build(kept_float: frozenset[str]) -> tuple[ir.Model, Plan, InsertionStats]:
             clone = prepared.clone()
             extra = {k: "kept float by the accuracy fallback or the speed guard" for k in kept_float}
@@ -395,7 +411,7 @@ class QuantPass(Pass[QuantConfig]):
             if collapse_float_activations(clone, set(p.nodes)):
                 p = settle(clone, extra)  # the plan again, on the graph with the single ops back
             stats = insert_qdq(clone, p, ranges, config.activation_type, Names(clone), saturation=config.saturation,
-                               int4_grid=int4_grid)
+                               int4_grid=int4_grid, rounder=rounder)
             cleanup(clone)
             return clone, p, stats
 
@@ -414,11 +430,27 @@ class QuantPass(Pass[QuantConfig]):
             kept = frozenset()
         quantized, plan, stats, kept, speed = self._speed_guard(build, quantized, plan, stats, kept, reference, data,
                                                                 config, ctx, report, prepared)
+        if rounder is not None:
+            rounder.close()
 
         _report_placement(report, plan, stats, prepared, pc, {**excluded, **unreached})
         report.figures = self._static_figures(quantized, plan, stats, config, ctx, report, anchors_total, len(ranges),
                                               len(data), fallback, speed)
         return PassResult(quantized, True, report)
+
+    def _adaround(self, prepared: ir.Model, plan: Plan, data: Any, config: QuantConfig, ctx: PassContext,
+                  report: Any) -> AdaRounder:
+        """The layer inputs' second moments on --data, for AdaRound-rounding the weights as they are written."""
+        layers = []
+        for planned in plan.nodes.values():
+            slot = planned.placement.weight
+            w = constant_array(planned.node.inputs[slot]) if slot is not None else None
+            if w is not None and planned.node.op_type in ("Conv", "MatMul", "Gemm"):
+                layers.append((planned.node, w))
+        inputs = layer_inputs(prepared, layers, data, ctx.sessions, progress=ctx.progress)
+        report.notes.append(f"AdaRound: weights of {len(inputs)} of {len(layers)} Conv/MatMul/Gemm rounded as learned "
+                            f"({config.adaround_iterations} iterations each) on {len(data)} --data samples")
+        return AdaRounder(inputs, config.adaround_iterations, ctx.progress, len(inputs))
 
     def _static_graph(self, model: ir.Model, data: Any, config: QuantConfig, pc: PlaceContext, ctx: PassContext,
                       report: Any) -> tuple[ir.Model, bool, dict[str, str]]:
@@ -493,6 +525,14 @@ class QuantPass(Pass[QuantConfig]):
                                                                          config, ctx, speed, report,
                                                                          expansion_groups(prepared))
             final = latency_ratio(quantized, reference, feed, ctx.sessions, rounds=config.speed_rounds)
+            if config.speed_guard == "revert" and config.speed_islands and final.median > 1.0:
+                # still slower than fp32: single regions and layers, which only then are worth their timing
+                speed["int8_over_fp32_after_kinds"] = final.to_dict()
+                before = kept
+                quantized, plan, stats, kept = self._revert_slow_islands(build, quantized, plan, stats, kept, feed,
+                                                                         config, ctx, speed, report)
+                if kept != before:
+                    final = latency_ratio(quantized, reference, feed, ctx.sessions, rounds=config.speed_rounds)
             speed["int8_over_fp32"] = final.to_dict()
             if final.median > 1.0:
                 verdict = "SLOWER than fp32" if final.low > 1.0 else "SLOWER than fp32 by its median (not beyond timing noise)"
@@ -543,6 +583,42 @@ class QuantPass(Pass[QuantConfig]):
                     quantized, plan, stats = trial
                     report.notes.append(f"speed guard: {len(names)} {kind} nodes back to float "
                                         f"({ratio.median:.2f}x the latency with them quantized)")
+        return quantized, plan, stats, kept
+
+    def _revert_slow_islands(self, build: Callable[[frozenset[str]], tuple[ir.Model, Plan, InsertionStats]],
+                             quantized: ir.Model, plan: Plan, stats: InsertionStats, kept: frozenset[str],
+                             feed: Mapping[str, Any], config: QuantConfig, ctx: PassContext, speed: dict[str, Any],
+                             report: Any) -> tuple[ir.Model, Plan, InsertionStats, frozenset[str]]:
+        """Return to float single connected quantized regions (smallest first), then single Conv/MatMul/Gemm of
+        those that did not pay, keeping each change the paired ratio says is faster; at most ``speed_islands``."""
+        # nodes still in the graph: a folded rescale (x * 1/6 into the next scale) is no region of its own
+        islands = [i for i in quantized_islands(p.node for p in plan.nodes.values()
+                                                if p.node.name not in kept and p.node.graph is not None)
+                   if not set(i) <= kept][:config.speed_islands]
+        if not islands:
+            return quantized, plan, stats, kept
+        back = 0
+        # then, with what is left of the budget, each Conv/MatMul/Gemm of an island that did not pay on its own
+        anchors = [[n.name] for n in iter_nodes(quantized) if n.name and n.op_type in _ANCHORS
+                   and any(n.name in i and len(i) > 1 for i in islands)]
+        units = [*islands, *anchors][:max(config.speed_islands, len(islands))]
+        with ctx.progress.task("quant: timing single regions against float", total=len(units)) as task:
+            for names in units:
+                task.advance()
+                if set(names) <= kept:
+                    continue
+                trial = build(kept | frozenset(names))
+                ratio = latency_ratio(trial[0], quantized, feed, ctx.sessions, rounds=config.speed_rounds)
+                keep_float = ratio.high < 1.0
+                ops = "+".join(sorted({n.op_type for n in iter_nodes(quantized) if n.name in set(names)}))
+                speed["tried"].append({"kind": f"region {names[0]} ({ops})", "nodes": len(names), "scope": "region",
+                                       "float_over_int8": ratio.to_dict(), "returned_to_float": keep_float})
+                if keep_float:
+                    kept = kept | frozenset(names)
+                    quantized, plan, stats = trial
+                    back += 1
+        if back:
+            report.notes.append(f"speed guard: {back} of {len(units)} single quantized regions or layers timed back to float")
         return quantized, plan, stats, kept
 
     def _kernels(self, model: ir.Model, config: QuantConfig, ctx: PassContext, figures: dict[str, Any], report: Any) -> None:

@@ -10,7 +10,7 @@ only quantized readers see the DQ.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -25,7 +25,10 @@ from onnxopt_passes.quant.plan import NodePlan, Plan
 from onnxopt_passes.quant.saturation import check_weight, pair_safe_scale, reduction_rows
 from onnxopt_passes.quant.scheme import QParams, activation_params, quantize, quantize_bias, weight_params
 
-__all__ = ["InsertionStats", "group_params", "insert_qdq"]
+__all__ = ["InsertionStats", "group_params", "insert_qdq", "Rounder"]
+
+#: (node, float weight, weight scale, scale axis) -> the weight's int8 levels, or None to round to nearest
+Rounder = Callable[[ir.Node, np.ndarray, np.ndarray, "int | None"], "np.ndarray | None"]
 
 
 @dataclass
@@ -62,21 +65,25 @@ def group_params(plan: Plan, ranges: Mapping[str, tuple[float, float]], activati
 class _Writer:
     """Creates Q/DQ nodes and quantized initializers in the right graph, with fresh names."""
 
-    def __init__(self, names: Names, stats: InsertionStats, saturation: str = "off", int4_grid: bool = False) -> None:
+    def __init__(self, names: Names, stats: InsertionStats, saturation: str = "off", int4_grid: bool = False,
+                 rounder: Rounder | None = None) -> None:
         self.names = names
         self.stats = stats
         self.saturation = saturation
         self.int4_grid = int4_grid
+        self.rounder = rounder
         self._weights: dict[tuple[int, int | None, float], ir.Value] = {}
 
     def const(self, graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
         # np.ascontiguousarray would turn a scalar into shape [1]; ORT fuses Add/Mul only with scalar scales
         return add_initializer(graph, np.asarray(array, order="C"), self.names.fresh(hint))
 
-    def dequantize(self, graph: ir.Graph, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None,
-                   hint: str, before: ir.Node | None = None) -> ir.Value:
-        inputs = [self.const(graph, q, f"{hint}_quantized"), self.const(graph, scale, f"{hint}_scale"),
-                  self.const(graph, zero_point, f"{hint}_zero_point")]
+    def dequantize(self, graph: ir.Graph, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
+                   axis: int | None, hint: str, before: ir.Node | None = None) -> ir.Value:
+        """DequantizeLinear of constant ``q``; ``zero_point=None`` leaves that input out (zero, ``q``'s type)."""
+        inputs = [self.const(graph, q, f"{hint}_quantized"), self.const(graph, scale, f"{hint}_scale")]
+        if zero_point is not None:
+            inputs.append(self.const(graph, zero_point, f"{hint}_zero_point"))
         attrs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
         node = make_node("DequantizeLinear", inputs, attrs, names=self.names, name_hint=f"{hint}_DequantizeLinear")
         if before is not None:
@@ -165,8 +172,9 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
         b = constant_array(node.inputs[placement.bias])
         assert b is not None
         b_q, b_scale, w_scale = quantize_bias(b, input_params.scale, w_scale)
-        out = writer.dequantize(graph, b_q, b_scale, np.zeros(b_scale.shape, np.int32), 0,
-                                node.inputs[placement.bias].name or "bias")  # type: ignore[union-attr]
+        # no zero point: an int32 bias's is 0 by default, and ORT fuses it all the same (measured on ORT 1.32; a
+        # weight's DequantizeLinear without one is not fused into QGemm); saves 4 bytes a channel
+        out = writer.dequantize(graph, b_q, b_scale, None, 0, node.inputs[placement.bias].name or "bias")  # type: ignore[union-attr]
         node.replace_input_with(placement.bias, out)
         writer.stats.biases += 1
         key = None  # the scales depend on this node's input: not shareable
@@ -180,15 +188,22 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
     owner = w_value.graph if key is not None and w_value.is_initializer() and w_value.graph is not None else graph  # type: ignore[union-attr]
     first = owner.node(0) if owner is not graph and len(owner) else None
     w_q = quantize(w, w_scale, 0, "int8", axis)
+    if writer.rounder is not None and not (grid is not None and np.array_equal(w_scale, grid)):  # a grid is exact
+        learned = writer.rounder(node, w, w_scale, axis)
+        w_q = w_q if learned is None else learned
     if rows is not None:
         _record_saturation(node, w, w_q, weight_params(w, axis), w_scale, writer)
-    zero = np.zeros(w_scale.shape, np.int8)
+    # a Conv weight's zero point (0) is left out: ORT fuses QLinearConv all the same; its QGemm/MatMulInteger
+    # fusions need it (both measured on ORT 1.32)
+    zero = None if node.op_type == "Conv" else np.zeros(w_scale.shape, np.int8)
     four_bit = grid is not None and np.array_equal(w_scale, grid) and int(w_q.min(initial=0)) >= -8 and int(w_q.max(initial=0)) <= 7
     if four_bit:  # int4 on disk, widened to int8 by a Cast ORT folds at load (so QLinearConv still fuses)
         hint = w_value.name or "weight"  # type: ignore[union-attr]
         packed = writer.const(owner, ir.Tensor(w_q.astype(ml_dtypes.int4), dtype=ir.DataType.INT4), f"{hint}_int4")
         cast = make_node("Cast", [packed], {"to": ir.DataType.INT8}, names=writer.names, name_hint=f"{hint}_to_int8")
-        inputs = [cast.outputs[0], writer.const(owner, w_scale, f"{hint}_scale"), writer.const(owner, zero, f"{hint}_zero_point")]
+        inputs = [cast.outputs[0], writer.const(owner, w_scale, f"{hint}_scale")]
+        if zero is not None:
+            inputs.append(writer.const(owner, zero, f"{hint}_zero_point"))
         attrs = {"axis": axis} if axis is not None and w_scale.ndim == 1 else {}
         dq = make_node("DequantizeLinear", inputs, attrs, names=writer.names, name_hint=f"{hint}_DequantizeLinear")
         if first is not None:
@@ -241,7 +256,8 @@ def _group_params_of_node(planned: NodePlan, params: Mapping[str, QParams]) -> Q
 
 
 def insert_qdq(model: ir.Model, plan: Plan, ranges: Mapping[str, tuple[float, float]], activation_type: str,
-               names: Names, *, saturation: str = "off", int4_grid: bool = False) -> InsertionStats:
+               names: Names, *, saturation: str = "off", int4_grid: bool = False,
+               rounder: Rounder | None = None) -> InsertionStats:
     """Edit ``model`` in place following ``plan``; every planned tensor must have a range.
 
     ``saturation``: ``fix`` widens weight scales where u8 x s8 int16 pairs could saturate, ``report`` only
@@ -249,7 +265,7 @@ def insert_qdq(model: ir.Model, plan: Plan, ranges: Mapping[str, tuple[float, fl
     already on an int4 grid are stored in 4 bits (needs opset 21; see :mod:`~onnxopt_passes.quant.grid`).
     """
     stats = InsertionStats()
-    writer = _Writer(names, stats, saturation, int4_grid)
+    writer = _Writer(names, stats, saturation, int4_grid, rounder)
     params = group_params(plan, ranges, activation_type)
     _rescaled_params(plan, params)
     stats.params = params

@@ -10,7 +10,10 @@ belongs to a *kind* (the op types of its connected group of quantized
 followers: HardSwish expansions, squeeze-excite gates, residual Adds, ...).
 The guard in the quant pass returns one kind at a time to float and keeps
 the change when the paired ratio says it is faster; the report lists what
-was tried.
+was tried. Then it tries single *islands* (:func:`quantized_islands`): the
+connected groups of quantized nodes, anchors included, that are still
+integer, smallest first. One island can cost more in Q/DQ transitions than
+its integer kernels win while another of the same kind pays.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import onnx_ir as ir
 from onnxopt.sessions import SessionFactory
 from onnxopt.timing import TimingConfig, compare_latency
 
-__all__ = ["Ratio", "latency_ratio", "region_kinds"]
+__all__ = ["Ratio", "latency_ratio", "region_kinds", "quantized_islands"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +114,26 @@ def region_kinds(nodes: Iterable[ir.Node], expansions: Mapping[str, list[str]],
         kind = "+".join(sorted({n.op_type for n in group}))
         kinds.setdefault(kind, []).extend(n.name or "" for n in group)
     return {k: list(dict.fromkeys(v)) for k, v in kinds.items()}
+
+
+def quantized_islands(nodes: Iterable[ir.Node]) -> list[list[str]]:
+    """The connected groups of ``nodes`` (quantized, in the QDQ model), linked where one reads another's output
+    through the Q/DQ pair (and a folded Relu/Clip) between them; as node names, smallest group first."""
+    members = {id(n): n for n in nodes if n.name}
+    parent = {k: k for k in members}
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for key, node in members.items():
+        for value in node.inputs:
+            source = _source(value)
+            if source is not None and id(source) in members:
+                parent[root(id(source))] = root(key)
+    groups: dict[int, list[str]] = {}
+    for key, node in members.items():
+        groups.setdefault(root(key), []).append(node.name or "")
+    return sorted(groups.values(), key=lambda g: (len(g), g[0]))
