@@ -164,3 +164,13 @@ def test_blas_threads_caps_and_restores() -> None:
     with factor_module.blas_threads(1) as threads:
         assert threads == 1 and get() == 1
     assert get() == before
+
+
+def test_sketch_past_the_largest_useful_rank_hands_over_to_gram() -> None:
+    w = _decaying(200, 160, 0.995)  # flat: 0.99 of the energy needs most of the rank
+    exact = np.linalg.svd(w.astype(np.float64), compute_uv=False) ** 2
+    exact_rank = int(np.argmax(1.0 - np.cumsum(exact) / exact.sum() <= 0.01 + 1e-12)) + 1
+    f = Factorization.plain(w[None], fast=True)
+    rank = f.rank_for_energy(0.99, limit=20)  # no rank above 20 would be used
+    assert rank == exact_rank > 20  # the optimal rank, from the exact spectrum, reported as not paying
+    assert f.prepared_rank == 0  # and no factors computed for it

@@ -406,11 +406,14 @@ class Factorization:
 
     def _rank_for_energy(self, energy: float, limit: int | None) -> int:
         target = 1.0 - energy + 1e-12
-        if self.fast and self._spectrum is None and self._energy_sketch(target, limit):
-            assert self._s is not None
-            hits = np.nonzero(self._tail_of(self._s**2) <= target)[0]
-            if len(hits):
-                return int(hits[0])
+        if self.fast and self._spectrum is None:
+            if self._energy_sketch(target, limit):
+                assert self._s is not None
+                hits = np.nonzero(self._tail_of(self._s**2) <= target)[0]
+                if len(hits):
+                    return int(hits[0])
+            elif self.sketch is not True:
+                self._gram()  # the sketch gave up: the Gram method gives the spectrum, and the factors by projection
         rank = int(np.argmax(self.tail() <= target))
         if not self.fast or rank == 0 or (limit is not None and rank > limit):
             return rank
