@@ -110,7 +110,8 @@ def run(models: list[str], passes: set[str] | None, large_dir: Path) -> dict[str
                              "ok": m.returncode == 0, "weight_only": case.weight_only, "weights_gb": round(gb, 4),
                              "seconds": round(m.seconds, 1), "pass_seconds": pass_seconds, "peak_rss": m.peak_rss,
                              "seconds_per_gb": round(m.seconds / gb, 1), "rss_gb_per_gb": round(m.peak_rss / 1e9 / gb, 2),
-                             "load": round(load, 1), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                             "load": round(load, 1),
+                             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                              "summary": summary or m.stderr.strip().splitlines()[-1:]})
                 print(f"  {rows[-1]['seconds']} s, {rows[-1]['rss_gb_per_gb']}x", flush=True)
                 for f in Path(tmp).glob(f"{name}_out.onnx*"):
