@@ -1,23 +1,27 @@
-"""The tool's own cost: wall seconds and peak RSS of each pass per GB of weights (issue 16).
+"""The tool's own cost: wall seconds and peak RSS of each pass per GB of weights, validation on (issue 16).
 
 Models: onnx's light VGG19 and light ResNet50 (shipped in the onnx package,
-weights are ConstantOfShape fills that load as initializers), run here; and
-the 3 GiB transformer, read from benchmarks/results/large_model.json (run
-benchmarks/large_model.py for it). Each pass runs as ``onnxopt apply MODEL
---pass P --no-validate -o OUT`` in its own subprocess under the measuring
+weights are ConstantOfShape fills that load as initializers) and the 3 GiB
+transformer of benchmarks/make_large_model.py (generated into --large-dir
+when missing). Each pass runs as a user types it, validation included:
+``onnxopt apply MODEL --pass P --eval EVAL.npz -o OUT`` (static int8 also
+gets ``--data``; 8 random evaluation samples for the light models, the
+large model's own ``inputs.npz``), in its own subprocess under the measuring
 wrapper of large_model.py (``ru_maxrss`` of that child, so file pages of
-memory-mapped weights count). Static int8 gets 8 random calibration samples.
-Single runs on a shared 2-CPU machine: indicative, not medians.
+memory-mapped weights count). The 1-minute load average is recorded before
+each run: the machine is shared, so these are single, indicative runs.
 
-Usage: python benchmarks/tool_time.py [--models vgg19,resnet50] [--passes fold,lowrank,...]
-Writes benchmarks/results/tool_time.md and .json.
+Usage: python benchmarks/tool_time.py [--models vgg19,resnet50,large] [--passes fold,lowrank,...] [--large-dir DIR]
+Writes benchmarks/results/tool_time.md and .json (models not rerun keep their rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from large_model import PASSES, run_measured  # noqa: E402
+from make_large_model import PRESETS, write_inputs  # noqa: E402
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 MODELS = {"vgg19": LIGHT / "light_vgg19.onnx", "resnet50": LIGHT / "light_resnet50.onnx"}
@@ -45,12 +50,12 @@ def _weights_gb(path: Path) -> float:
     return tensor_bytes(load_model(path)) / 1e9
 
 
-def _calibration(path: Path, out: Path, samples: int = 8) -> Path:
+def _calibration(path: Path, out: Path, samples: int = 8, seed: int = 0) -> Path:
     from onnxopt.data import input_specs
     from onnxopt.io import load_model
 
     feeds = {}
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for spec in input_specs(load_model(path)):
         shape = [samples if i == 0 else (d if isinstance(d, int) else 1) for i, d in enumerate(spec.dims or ())]
         feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
@@ -58,73 +63,105 @@ def _calibration(path: Path, out: Path, samples: int = 8) -> Path:
     return out
 
 
-def run(models: list[str], passes: set[str] | None) -> dict[str, Any]:
+def _large(folder: Path) -> tuple[Path, Path, Path]:
+    """(model, eval inputs, calibration inputs) of the 3 GiB transformer, generated when missing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / "large.onnx"
+    if not model.exists():
+        subprocess.run([sys.executable, str(Path(__file__).with_name("make_large_model.py")), str(model), "--preset",
+                        "large"], check=True)
+    spec = PRESETS["large"]
+    evals, calib = folder / "inputs.npz", folder / "calib.npz"
+    if not evals.exists():
+        write_inputs(evals, spec, 8, seed=1)
+    if not calib.exists():
+        write_inputs(calib, spec, 16, seed=2)
+    return model, evals, calib
+
+
+def run(models: list[str], passes: set[str] | None, large_dir: Path) -> dict[str, Any]:
     rows = []
     cases = [c for c in PASSES if c.label in CASES and (passes is None or c.label.split()[0] in passes)]
-    with tempfile.TemporaryDirectory(prefix="onnxopt-tooltime-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="onnxopt-tooltime-", dir=large_dir if "large" in models else None) as tmp:
         for name in models:
-            path = MODELS[name]
+            if name == "large":
+                path, evals, calib = _large(large_dir)
+            else:
+                path = MODELS[name]
+                evals = _calibration(path, Path(tmp) / f"{name}_eval.npz", seed=1)
+                calib = _calibration(path, Path(tmp) / f"{name}_calib.npz")
             gb = _weights_gb(path)
-            calib = _calibration(path, Path(tmp) / f"{name}_calib.npz")
             for case in cases:
                 out = Path(tmp) / f"{name}_out.onnx"
-                cmd = [sys.executable, "-m", "onnxopt", "apply", str(path), *case.args, "--no-validate", "-q",
-                       "-o", str(out), "--report", str(Path(tmp) / "report.json")]
+                report = Path(tmp) / "report.json"
+                report.unlink(missing_ok=True)
+                cmd = [sys.executable, "-m", "onnxopt", "apply", str(path), *case.args, "--eval", str(evals), "-q",
+                       "-o", str(out), "--report", str(report)]
                 if case.data:
                     cmd += ["--data", str(calib)]
-                print(f"{name}: {case.label} ...", flush=True)
+                load = os.getloadavg()[0]
+                print(f"{name}: {case.label} (load {load:.1f}) ...", flush=True)
                 m = run_measured(cmd, env={**os.environ})
-                summary = ""
-                if m.returncode == 0 and (Path(tmp) / "report.json").exists():
-                    summary = json.loads((Path(tmp) / "report.json").read_text())["passes"][0]["summary"]
-                rows.append({"model": name, "pass": case.label, "ok": m.returncode == 0, "weights_gb": round(gb, 4),
-                             "seconds": round(m.seconds, 1), "peak_rss": m.peak_rss,
+                summary, pass_seconds = "", None
+                if report.exists():
+                    first = json.loads(report.read_text())["passes"][0]
+                    summary, pass_seconds = first["summary"], first.get("seconds")
+                rows.append({"model": "3 GiB transformer" if name == "large" else name, "pass": case.label,
+                             "ok": m.returncode == 0, "weight_only": case.weight_only, "weights_gb": round(gb, 4),
+                             "seconds": round(m.seconds, 1), "pass_seconds": pass_seconds, "peak_rss": m.peak_rss,
                              "seconds_per_gb": round(m.seconds / gb, 1), "rss_gb_per_gb": round(m.peak_rss / 1e9 / gb, 2),
+                             "load": round(load, 1),
+                             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                              "summary": summary or m.stderr.strip().splitlines()[-1:]})
+                print(f"  {rows[-1]['seconds']} s, {rows[-1]['rss_gb_per_gb']}x", flush=True)
                 for f in Path(tmp).glob(f"{name}_out.onnx*"):
                     f.unlink()
     previous = RESULTS / "tool_time.json"
-    if previous.exists():  # light models not rerun keep their rows
-        rows = [r for r in json.loads(previous.read_text())["rows"]
-                if r["model"] in MODELS and r["model"] not in models] + rows
-    large = RESULTS / "large_model.json"
-    if large.exists():
-        data = json.loads(large.read_text())
-        gb = data["model"]["weight_bytes"] / 1e9
-        for row in data["rows"]:
-            if row.get("ok"):
-                rows.append({"model": "3 GiB transformer (large_model.json)", "pass": row["pass"], "ok": True,
-                             "weights_gb": round(gb, 3), "seconds": row["seconds"], "peak_rss": row["peak_rss"],
-                             "seconds_per_gb": round(row["seconds"] / gb, 1),
-                             "rss_gb_per_gb": round(row["peak_rss"] / 1e9 / gb, 2), "summary": row.get("summary", "")})
+    if previous.exists():  # models not rerun keep their rows (validation-on rows only)
+        done = {"3 GiB transformer" if n == "large" else n for n in models}
+        rows = [r for r in json.loads(previous.read_text())["rows"] if "load" in r and r["model"] not in done] + rows
     return {"rows": rows, "machine": {"cpus": os.cpu_count()}}
 
 
+def _target(r: dict[str, Any]) -> str:
+    if r["weights_gb"] < 2:
+        return "-"
+    limit = 1.0 if r["weight_only"] else 1.5
+    return f"{'met' if r['rss_gb_per_gb'] <= limit else 'missed'} (<= {limit:g}x)"
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
-    lines = ["# Tool time: each pass's wall seconds and peak RSS per GB of weights", "",
-             "`onnxopt apply MODEL --pass P --no-validate` per pass in its own subprocess (benchmarks/tool_time.py); "
-             "peak RSS is `ru_maxrss` (file pages of mapped weights included). Single runs on a 2-CPU machine shared "
-             "with other jobs (load average 10-18 during these runs): indicative only. The 3 GiB rows are read from "
-             "large_model.json (their own runs, also `--no-validate`; whatever code large_model.py last ran with, which for "
-             "the committed rows predates issue 16's lowrank and quant changes).", "",
+    lines = ["# Tool time: each pass's wall seconds and peak RSS per GB of weights, validation on", "",
+             "`onnxopt apply MODEL --pass P --eval EVAL.npz -o OUT` per pass, as a user types it (validation and its "
+             "latency timing included; static int8 also gets `--data`), each in its own subprocess "
+             "(benchmarks/tool_time.py). Peak RSS is `ru_maxrss` (file pages of mapped weights included); \"pass s\" is "
+             "the pass alone, from the report. Single runs on a 2-CPU machine shared with other jobs: the 1-minute load "
+             "average before each run is in the table (a load of 8 on 2 cores leaves a run about a quarter of a core). "
+             "Targets (issue 16) apply to models over 2 GB: peak RSS <= 1.5x the weights for every pass, <= 1.0x for "
+             "weight-only passes.", "",
              "On the light models (0.1-0.6 GB) the fixed cost of starting Python, onnxruntime and loading dominates: "
              "read their per-GB figures with that in mind.", "",
-             "| model | pass | weights GB | seconds | s per GB | peak RSS MiB | peak RSS GB per GB | result |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| model | pass | weights GB | wall s | pass s | s per GB | peak RSS MiB | RSS GB per GB | target | load | "
+             "date (UTC) | result |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for r in result["rows"]:
         summary = r["summary"] if isinstance(r["summary"], str) else " ".join(r["summary"])
-        lines.append(f"| {r['model']} | {r['pass']} | {r['weights_gb']:.3f} | {r['seconds']:.1f} | {r['seconds_per_gb']:.1f} | "
-                     f"{r['peak_rss'] / 2**20:,.0f} | "
-                     f"{r['rss_gb_per_gb']:.2f} | {'' if r['ok'] else 'FAILED: '}{summary[:110]} |")
+        ps = "-" if r.get("pass_seconds") is None else f"{r['pass_seconds']:.1f}"
+        lines.append(f"| {r['model']} | {r['pass']} | {r['weights_gb']:.3f} | {r['seconds']:.1f} | {ps} | "
+                     f"{r['seconds_per_gb']:.1f} | {r['peak_rss'] / 2**20:,.0f} | {r['rss_gb_per_gb']:.2f} | {_target(r)} | "
+                     f"{r['load']:.1f} | {r['date']} | {'' if r['ok'] else 'FAILED: '}{summary[:100]} |")
     path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="vgg19,resnet50", help="light models to run ('' for none: only re-read the 3 GiB rows)")
+    parser.add_argument("--models", default="vgg19,resnet50,large", help="of vgg19, resnet50, large (the 3 GiB transformer)")
+    parser.add_argument("--large-dir", type=Path, default=Path(tempfile.gettempdir()) / "onnxopt-large",
+                        help="where the 3 GiB model is (or is generated)")
     parser.add_argument("--passes", default=None, help="first words of pass labels, e.g. fold,lowrank")
     args = parser.parse_args()
-    result = run([m.strip() for m in args.models.split(",") if m.strip()], {p.strip() for p in args.passes.split(",")} if args.passes else None)
+    result = run([m.strip() for m in args.models.split(",") if m.strip()],
+                 {p.strip() for p in args.passes.split(",")} if args.passes else None, args.large_dir)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tool_time.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     write_markdown(result, RESULTS / "tool_time.md")

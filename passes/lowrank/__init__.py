@@ -28,7 +28,7 @@ from onnxopt.io import release_pages
 from onnxopt.measure import count_macs, count_parameters
 from onnxopt.pass_api import PassReport, PassSpace
 
-from onnxopt_passes.lowrank.factor import Factorization
+from onnxopt_passes.lowrank.factor import Factorization, blas_threads
 from onnxopt_passes.lowrank.layers import Layer, find_layers
 from onnxopt_passes.lowrank.ranks import allocate_macs, rank_for_energy, rank_for_ratio, rank_not_paying
 from onnxopt_passes.lowrank.rewrite import build_model
@@ -99,6 +99,13 @@ def _batch1_shapes(model: ir.Model, data: Dataset | None) -> dict[str, tuple[int
             if isinstance(v, np.ndarray)}
 
 
+def _finite(weight: np.ndarray) -> bool:
+    """True when ``weight`` holds no NaN or infinity; its pages are given back after (a mapped weight is re-read later)."""
+    finite = bool(np.isfinite(weight).all())
+    release_pages(weight)
+    return finite
+
+
 def _lowest_macs_share(layers: Sequence[Layer], margin: float, total_macs: int) -> float:
     """The model's MACs share with every layer that pays at rank 1: the most any rank rule can take off."""
     saved = sum(layer.macs - layer.factored_macs(1) for layer in layers if layer.max_rank(margin))
@@ -144,7 +151,7 @@ class LowrankPass(Pass[LowrankConfig]):
         if not layers:
             report.summary = f"nothing to factor: no Gemm/MatMul/Conv with a constant float weight ({len(skipped)} left alone)"
             return PassResult(model, False, report)
-        finite = [layer for layer in layers if np.isfinite(layer.weight).all()]
+        finite = [layer for layer in layers if _finite(layer.weight)]
         for layer in layers:
             if layer not in finite:
                 report.skip(layer.name, "weight holds NaN or infinity: an SVD of it means nothing")
@@ -180,7 +187,8 @@ class LowrankPass(Pass[LowrankConfig]):
                 report.notes.append(f"plain SVD (no input statistics: spatial split or inside a subgraph) for "
                                     f"{len(plain)} layer(s): {', '.join(plain[:5])}{' ...' if len(plain) > 5 else ''}")
         out = []
-        with ctx.progress.task("lowrank: SVD", total=len(layers)) as task:
+        # OpenBLAS capped at the idle cores: oversubscribed, its eigensolvers run many times slower (factor.py)
+        with ctx.progress.task("lowrank: SVD", total=len(layers)) as task, blas_threads():
             for layer in layers:
                 m = moments.get(layer.index)
                 if m is None:
@@ -325,7 +333,7 @@ class LowrankPass(Pass[LowrankConfig]):
                 "matrix": f"{layer.groups}×{layer.k}×{layer.n}" if layer.groups > 1 else f"{layer.k}×{layer.n}",
                 "rank": rank, "full_rank": layer.full_rank,
                 "energy_kept": round(factorization.energy_kept(rank), 5),
-                "svd": "randomized" if factorization.fast else "exact",
+                "svd": factorization.method,
                 "params": [layer.params, layer.factored_params(rank)],
             }
             added, exact = factorization.added_error(rank)

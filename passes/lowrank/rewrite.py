@@ -42,7 +42,7 @@ Writer = Callable[[ir.Node, Layer, np.ndarray, np.ndarray, "np.ndarray | None", 
 def _weight(node: ir.Node, array: np.ndarray, dtype: np.dtype, names: Names, suffix: str) -> ir.Value:
     graph = node.graph
     assert graph is not None
-    return add_initializer(graph, np.ascontiguousarray(array.astype(dtype)), names.fresh(f"{_base(node)}.lowrank_{suffix}"))
+    return add_initializer(graph, np.ascontiguousarray(array, dtype=dtype), names.fresh(f"{_base(node)}.lowrank_{suffix}"))
 
 
 def _base(node: ir.Node) -> str:

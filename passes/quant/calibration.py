@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.activations import iter_activations
+from onnxopt.activations import iter_activation_parts
 from onnxopt.data import Dataset
 from onnxopt.progress import Progress
 from onnxopt.sessions import SessionFactory
@@ -226,10 +226,11 @@ def collect_ranges(
         return {}
     exposed, outputs = expose_everywhere(model, wanted)
     stats: dict[str, RangeStats] = {n: RangeStats(histogram=Histogram(bins) if method != "minmax" else None) for n in wanted}
-    for batch in iter_activations(exposed, outputs.values(), dataset, sessions, progress=progress,
-                                  description="quant: calibrating"):
+    # a large model runs in segments (one session's worth of weights at a time): the parts come in any grouping
+    for batch in iter_activation_parts(exposed, outputs.values(), dataset, sessions, progress=progress,
+                                       description="quant: calibrating"):
         for name, output in outputs.items():
-            values = batch[output]
+            values = batch.get(output)
             # ORT returns None for a value inside an If branch this batch did not take
             if values is not None and values.dtype.kind == "f" and values.size:
                 stats[name].add(values.astype(np.float32, copy=False))

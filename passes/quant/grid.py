@@ -17,11 +17,18 @@ __all__ = ["grid_levels"]
 
 #: Relative distance to the nearest integer level tolerated (float32 rounding of ``step * level``).
 _TOLERANCE = 1e-4
+#: Elements of the first channel looked at before the full check, and the most distinct values a grid channel may
+#: show among them (16 levels, with room for float32 rounding of ``step * level`` computed different ways).
+_PROBE = 65536
+_MOST_VALUES = 256
 
 
 def grid_levels(weight: np.ndarray, axis: int | None) -> np.ndarray | None:
     """The per-channel (along ``axis``; one for all if None) step that puts ``weight`` exactly on integer
     levels in -8..7, or None when some channel is not on such a grid."""
+    first = np.moveaxis(weight, axis, 0)[0] if axis is not None and weight.ndim else weight
+    if np.unique(np.ravel(first)[:_PROBE]).size > _MOST_VALUES:
+        return None  # one channel holding many distinct values is on no 16-level grid: the usual answer, in a glance
     w = weight.astype(np.float64)
     rows = (np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1))
     absmax = np.abs(rows).max(axis=1)
