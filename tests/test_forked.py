@@ -1,0 +1,63 @@
+"""onnxopt.forked: a call or a CLI run in a forked child, its crash or hang reported instead of shared."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxopt.forked import call_forked, exit_description, run_cli_forked
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX only")
+
+
+def _kill_self(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+    time.sleep(10)
+
+
+def _raise() -> None:
+    raise ValueError("no\nway")
+
+
+def test_a_forked_call_returns_its_value() -> None:
+    result = call_forked(np.arange, 6)
+    assert result.ok and result.value.tolist() == list(range(6))
+    big = call_forked(np.ones, 3_000_000)  # 24 MB: more than a pipe holds, read while written
+    assert big.ok and big.value.shape == (3_000_000,) and big.value.sum() == 3_000_000
+
+
+def test_a_forked_call_reports_its_exception_in_one_line() -> None:
+    result = call_forked(_raise)
+    assert not result.ok and result.died is None and result.error == "ValueError: no way"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGABRT, signal.SIGSEGV, signal.SIGKILL])
+def test_a_child_killed_by_a_signal_is_reported_not_shared(signum: int) -> None:
+    result = call_forked(_kill_self, signum)
+    assert not result.ok and result.died == signal.Signals(signum).name and result.error is None
+    assert exit_description(-signum) == signal.Signals(signum).name and exit_description(3) == "exit code 3"
+
+
+def test_a_hanging_child_is_killed_at_its_timeout() -> None:
+    start = time.perf_counter()
+    result = call_forked(time.sleep, 60, timeout=1.0)
+    assert result.died == "timed out after 1 s" and time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("args", [["inspect", "{tmp}/missing.onnx"], ["inspect", "{tmp}/garbage.onnx"],
+                                  ["apply", "--bogus"], ["apply", "{tmp}/garbage.onnx", "--pass", "nosuchpass"],
+                                  ["--help"]])
+def test_a_forked_cli_run_gives_the_console_scripts_exit_code_and_stderr(args: list[str], tmp_path: Path) -> None:
+    (tmp_path / "garbage.onnx").write_bytes(b"not a model")
+    argv = [a.format(tmp=tmp_path) for a in args]
+    expected = run_cli(*argv)
+    code, seconds = run_cli_forked(argv, tmp_path / "out.txt", tmp_path / "err.txt", timeout=120)
+    assert code == expected.returncode and seconds > 0
+    assert (tmp_path / "err.txt").read_text() == expected.stderr
+    assert (tmp_path / "out.txt").read_text() == expected.stdout
