@@ -172,6 +172,9 @@ def _apply_command(model: Path, names: list[str], settings: tuple[str, ...], rec
 @click.option("--external-data/--no-external-data", default=None, help="Store weights in a .data file next to the output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
 @click.option("--no-validate", is_flag=True, help="Skip validation on ONNX Runtime.")
+@click.option("--probe/--no-probe", default=None,
+              help="Load and run the model on ORT once in a child process first, so an ORT crash is an error line "
+                   "[default: on for models with up to 64 MiB of weights].")
 @_timing_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_guarded
@@ -179,7 +182,7 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
           data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None,
           metrics: tuple[str, ...], holdout: Path | None, force: bool, no_rollback: bool,
           report_path: tuple[Path, ...], providers: str | None, threads: int, external_data: bool | None, seed: int,
-          no_validate: bool, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
+          no_validate: bool, probe: bool | None, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
     """Run passes on MODEL, validate against it on ONNX Runtime, and write the result to -o."""
     from onnxopt.api import GATE_EXIT_CODE, apply as run_apply
 
@@ -208,7 +211,7 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
                         providers=providers.split(",") if providers else None, threads=threads,
                         external_data=external_data, seed=seed, validate_result=not no_validate, progress=progress,
                         timing=_timing(repeat, time_budget, isolate, threads),
-                        metrics=declared, holdout=holdout, rollback=not no_rollback,
+                        metrics=declared, holdout=holdout, rollback=not no_rollback, probe=probe,
                         command=_apply_command(model, names, settings, recipe, data, eval_data, metrics, holdout, output))
     console = Console(soft_wrap=True)
     print_report(run, console)

@@ -61,3 +61,41 @@ def test_a_forked_cli_run_gives_the_console_scripts_exit_code_and_stderr(args: l
     assert code == expected.returncode and seconds > 0
     assert (tmp_path / "err.txt").read_text() == expected.stderr
     assert (tmp_path / "out.txt").read_text() == expected.stdout
+
+
+def test_an_ort_crash_in_the_probe_is_one_error_line_and_anything_else_is_left_to_the_run() -> None:
+    from onnxopt.errors import OnnxoptError
+    from onnxopt.validate import probe_verdict
+
+    with pytest.raises(OnnxoptError, match=r"ONNX Runtime crashed \(SIGSEGV\)"):
+        probe_verdict(call_forked(_kill_self, signal.SIGSEGV))
+    with pytest.raises(OnnxoptError, match=r"crashed \(SIGABRT\)"):
+        probe_verdict(call_forked(os.abort))
+    probe_verdict(call_forked(_raise))  # ORT raised: the run says it in its own words
+    probe_verdict(call_forked(time.sleep, 60, timeout=0.5))  # out of time: inconclusive, the run goes on
+    probe_verdict(call_forked(np.arange, 3))
+
+
+def test_apply_probes_a_small_model_and_still_reports_what_ort_refuses(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxopt.io import load_model
+    from onnxopt.sessions import SessionFactory
+    from onnxopt.validate import probe_model
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "digits"
+    model = load_model(root / "cnn.onnx")
+    probe_model(model, {"x": np.zeros((1, 1, 8, 8), np.float32)}, SessionFactory())  # loads and runs: no error
+    done = run_cli("apply", root / "cnn.onnx", "--pass", "fold", "--eval", root / "eval.npz", "--probe", "-q",
+                   "--time-budget", "0.5", "-o", tmp_path / "out.onnx")
+    assert done.returncode == 0, done.stderr
+    # an op ORT has no kernel for: ORT raises (no crash), so the probe stays silent and the run's own message is kept
+    bad = helper.make_model(helper.make_graph(
+        [helper.make_node("Celu", ["x"], ["y"], alpha=1.0)], "g", [helper.make_tensor_value_info("x", TensorProto.INT32, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [2])]), opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(bad, tmp_path / "bad.onnx")
+    probed = run_cli("apply", tmp_path / "bad.onnx", "--pass", "fold", "--probe", "-q", "-o", tmp_path / "b1.onnx")
+    unprobed = run_cli("apply", tmp_path / "bad.onnx", "--pass", "fold", "--no-probe", "-q", "-o", tmp_path / "b2.onnx")
+    assert probed.returncode == unprobed.returncode and probed.stderr == unprobed.stderr
+    assert "crashed" not in probed.stderr
