@@ -297,8 +297,10 @@ def validate_models(
     registry: Registry | None = None,
     metrics: Mapping[str, str] | None = None,
     timing: TimingConfig | None = None,
+    probe: bool | None = None,
 ) -> ValidationResult:
-    """Compare two model files on ORT (the `onnxopt validate` command); ``metrics`` as in :func:`apply`."""
+    """Compare two model files on ORT (the `onnxopt validate` command); ``metrics`` and ``probe`` as in
+    :func:`apply` (the probe runs each model)."""
     registry = registry or load_registry()
     declared = _check_metrics(metrics, registry)
     sessions = SessionFactory(providers=resolve_providers(providers), threads=threads)
@@ -308,6 +310,9 @@ def validate_models(
     if dataset is None:
         raise OnnxoptError("no data to validate on and the inputs have free dims",
                            "give --eval data.npz or --shape NAME=DIMS")
+    for model in (ref, cand):  # before this process creates sessions
+        if probe if probe is not None else tensor_bytes(model) <= PROBE_MAX_BYTES:
+            probe_model(model, latency_feed(dataset, model), sessions)
     return validate(ref, cand, dataset, sessions=sessions, metrics=list(registry.metrics.values()),
                     progress=progress, reference_path=reference, candidate_path=candidate,
                     timing=timing or TimingConfig(threads=threads), declared=declared)

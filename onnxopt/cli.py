@@ -278,12 +278,15 @@ def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
               help="Write the report here: JSON, or an HTML page for a .html name (repeatable).")
 @click.option("--target", type=click.Choice(["host", "arm64"]), default="host", show_default=True,
               help="arm64: also run both models on the aarch64 onnxruntime under emulation (scripts/setup_arm64.sh).")
+@click.option("--probe/--no-probe", default=None,
+              help="Load and run each model on ORT once in a child process first, so an ORT crash is an error line "
+                   "[default: on for models with up to 64 MiB of weights].")
 @_timing_options
 @click.option("-q", "--quiet", is_flag=True)
 @_guarded
 def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: tuple[str, ...], providers: str | None,
              threads: int, max_drop: float | None, metrics: tuple[str, ...], report_path: tuple[Path, ...], target: str,
-             repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
+             probe: bool | None, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
     """Compare CANDIDATE with REFERENCE on ONNX Runtime: metrics, drop, size, latency."""
     from onnxopt.api import GATE_EXIT_CODE, validate_models
     from onnxopt.io import refuse_overwriting
@@ -302,7 +305,7 @@ def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: t
         result = validate_models(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                  providers=providers.split(",") if providers and target == "host" else None,
                                  threads=threads, progress=progress, timing=_timing(repeat, time_budget, isolate, threads),
-                                 metrics=_declared(metrics))
+                                 metrics=_declared(metrics), probe=probe)
     if target == "arm64":
         arm = validate_on_arm64(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                 providers=providers.split(",") if providers else None, threads=threads)

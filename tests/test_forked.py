@@ -97,5 +97,8 @@ def test_apply_probes_a_small_model_and_still_reports_what_ort_refuses(tmp_path:
     onnx.save(bad, tmp_path / "bad.onnx")
     probed = run_cli("apply", tmp_path / "bad.onnx", "--pass", "fold", "--probe", "-q", "-o", tmp_path / "b1.onnx")
     unprobed = run_cli("apply", tmp_path / "bad.onnx", "--pass", "fold", "--no-probe", "-q", "-o", tmp_path / "b2.onnx")
-    assert probed.returncode == unprobed.returncode and probed.stderr == unprobed.stderr
+    assert probed.returncode == unprobed.returncode == 2 and probed.stderr == unprobed.stderr
     assert "crashed" not in probed.stderr
+    checked = [run_cli("validate", tmp_path / "bad.onnx", tmp_path / "bad.onnx", flag, "-q", "--time-budget", "0.5")
+               for flag in ("--probe", "--no-probe")]
+    assert checked[0].returncode == checked[1].returncode == 2 and checked[0].stderr == checked[1].stderr
