@@ -304,3 +304,15 @@ def test_lossy_runs_may_move_dims_that_follow_values(tmp_path: Path) -> None:
     assert case is not None
     runs = _check(case, ["fp16[min_elements=1]"], tmp_path)
     assert runs["fp16[min_elements=1]"].status == "ok" and runs["fp16[min_elements=1]"].changed, runs
+
+
+def test_an_opset_upgrade_that_changes_the_interface_is_refused(tmp_path: Path) -> None:
+    # Scan-8 carries a batch axis that Scan-9 dropped: onnx's version converter strips it from the graph's inputs
+    # ([1, 3, 2] -> [3, 2]), so distill's upgraded model no longer took the original's inputs (ORT: invalid rank)
+    from onnxopt.node_corpus import node_cases
+
+    case = node_cases(names=["test_scan_sum"])[0]
+    runs = _check(case, ["distill", "quant", "fold"], tmp_path)
+    for label in ("distill", "quant"):
+        assert runs[label].status == "refused" and "changes its interface" in runs[label].detail, runs[label]
+    assert runs["fold"].status == "ok", runs["fold"]  # fold needs no upgrade
