@@ -84,6 +84,11 @@ def to_markdown(data: dict[str, Any]) -> str:
         f"**{sum(r.status == 'bad' for r in runs)} bad**. "
         + ", ".join(f"{k} {v}" for k, v in data["environment"].items()) + ".",
         "",
+        *([] if len(cases) >= data["planned"] else [
+            f"**The sweep is not complete**: {len(cases)} of {data['planned']} cases. Cases run in a strided order "
+            f"(sorted by name, plain and `[weights]` variants interleaved; every {STRIDE}th first: 0, {STRIDE}, "
+            f"{2 * STRIDE}, ..., then 1, {STRIDE + 1}, ...), so the covered cases are an even sample of the corpus. "
+            "`python benchmarks/node_corpus.py --jobs 2 --resume` runs the rest and adds it here.", ""]),
         "Each run is `onnxopt apply CASE --pass P --no-validate --data CASE_DATA` in a child process, forked from a "
         "process that has imported onnxopt and never created an ORT session (so a run costs its work, not the "
         "imports; a crash or a hang still costs only that run); ORT's runs of the original and of each output are "
