@@ -79,6 +79,14 @@ def _wait(pid: int, deadline: float | None) -> int | None:
             os.close(pidfd)
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def call_forked(fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> ChildResult:
     """``fn(*args)`` in a forked child; its (picklable) return value comes back through a pipe."""
     start = time.perf_counter()
@@ -117,9 +125,12 @@ def call_forked(fn: Callable[..., Any], *args: Any, timeout: float | None = None
             if not chunk:
                 break
             chunks.append(chunk)
+        code = _wait(pid, time.monotonic() if timed_out else deadline)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child goes too
+        _kill(pid)
+        raise
     finally:
         os.close(read_end)
-    code = _wait(pid, time.monotonic() if timed_out else deadline)
     seconds = time.perf_counter() - start
     if code is None:
         return ChildResult(died=f"timed out after {timeout:.0f} s", seconds=seconds)
@@ -200,5 +211,9 @@ def run_cli_forked(argv: Sequence[str], stdout: Path, stderr: Path,
             code = 1
         finally:
             os._exit(code & 0xFF)
-    code = _wait(pid, None if timeout is None else time.monotonic() + timeout)
+    try:
+        code = _wait(pid, None if timeout is None else time.monotonic() + timeout)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child goes too
+        _kill(pid)
+        raise
     return code, time.perf_counter() - start
