@@ -132,7 +132,9 @@ def to_markdown(data: dict[str, Any]) -> str:
 def write(data: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS / "node_corpus.json.tmp"
-    tmp.write_text(json.dumps(data, indent=0))
+    head = json.dumps({k: v for k, v in data.items() if k != "runs"}, indent=1)[:-2]
+    runs = ",\n".join(json.dumps(r) for r in data["runs"])  # one run a line: small diffs, small file
+    tmp.write_text(f'{head},\n "runs": [\n{runs}\n]\n}}\n')
     tmp.replace(RESULTS / "node_corpus.json")
     (RESULTS / "node_corpus.md").write_text(to_markdown(data))
 
@@ -151,8 +153,7 @@ def main() -> None:
     parser.add_argument("--from-json", type=Path, default=None)
     args = parser.parse_args()
     if args.from_json:
-        data = json.loads(args.from_json.read_text())
-        (RESULTS / "node_corpus.md").write_text(to_markdown(data))
+        write(json.loads(args.from_json.read_text()))
         return
     passes = args.passes.split(",") if args.passes else list(load_registry().passes)
     pushed = [] if args.no_pushed else pushed_labels(passes)
