@@ -316,3 +316,14 @@ def test_an_opset_upgrade_that_changes_the_interface_is_refused(tmp_path: Path) 
     for label in ("distill", "quant"):
         assert runs[label].status == "refused" and "changes its interface" in runs[label].detail, runs[label]
     assert runs["fold"].status == "ok", runs["fold"]  # fold needs no upgrade
+
+
+def test_fp16_on_a_graph_without_ai_onnx_ops_imports_the_opset_for_its_casts(tmp_path: Path) -> None:
+    # onnx's training-domain tests (test_momentum[weights]: only an ai.onnx.preview.training op): fp16's Casts
+    # left the model without an ai.onnx opset import, and the save check refused it as "a bug in the pass"
+    from onnxopt.node_corpus import node_cases, with_weights
+
+    case = with_weights(node_cases(names=["test_momentum"])[0])
+    assert case is not None
+    runs = _check(case, ["fp16[min_elements=1]"], tmp_path)
+    assert runs["fp16[min_elements=1]"].status == "ok" and runs["fp16[min_elements=1]"].changed, runs
