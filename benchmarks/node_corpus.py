@@ -77,8 +77,10 @@ def to_markdown(data: dict[str, Any]) -> str:
     lines = [
         "# Node-test corpus: every pass over onnx's single-op test models",
         "",
-        f"{len(cases)} cases ({covered} planned: every {data['every']}th of {data['total_cases']} node tests from "
-        f"offset {data['offset']}, {len(cases) - weighted} plain and {weighted} `[weights]` variants) = {len(runs)} "
+        f"{len(cases)} cases ({covered} planned: "
+        + (f"all {data['total_cases']} node tests" if data["every"] == 1 else
+           f"every {data['every']}th of {data['total_cases']} node tests from offset {data['offset']}")
+        + f" and their `[weights]` variants; covered: {len(cases) - weighted} plain and {weighted} `[weights]` variants) = {len(runs)} "
         f"runs in {seconds:.0f} s ({seconds / 60:.0f} min) of wall time with {data['jobs']} jobs "
         f"({seconds * data['jobs'] / max(len(runs), 1):.2f} s per run and job, ORT checks included): "
         f"**{sum(r.status == 'bad' for r in runs)} bad**. "
