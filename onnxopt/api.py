@@ -27,7 +27,8 @@ from onnxopt.report import RunReport, report_paths, write_report
 from onnxopt.sessions import SessionFactory, resolve_providers
 from onnxopt.split import split_dataset
 from onnxopt.timing import TimingConfig
-from onnxopt.validate import ValidationResult, measure_drop, one_session_at_a_time, validate
+from onnxopt.validate import (PROBE_MAX_BYTES, ValidationResult, latency_feed, measure_drop, one_session_at_a_time,
+                              probe_model, validate)
 
 __all__ = ["apply", "validate_models", "load_data", "GATE_EXIT_CODE"]
 
@@ -135,6 +136,7 @@ def apply(
     command: str | None = None,
     rollback: bool = True,
     timing: TimingConfig | None = None,
+    probe: bool | None = None,
 ) -> RunReport:
     """Load ``model``, run ``passes``, validate against the original on ORT, and save to ``output``.
 
@@ -151,7 +153,10 @@ def apply(
     to hold a budget. Under ``max_drop`` a pass that leaves the chain over it
     (on the selection part) is rolled back unless ``rollback`` is False (then
     the chain runs as asked and the gate alone decides). ``compact`` writes short internal names and no
-    intermediate shape annotations (lossless; see :func:`onnxopt.io.compact_proto`).
+    intermediate shape annotations (lossless; see :func:`onnxopt.io.compact_proto`). ``probe`` loads and runs
+    the model on ORT once in a child process before anything else touches ORT
+    (:func:`onnxopt.validate.probe_model`), so that an ORT crash on a malformed model is an error, not a dead
+    process; None: for models with up to PROBE_MAX_BYTES of weights, when validating.
     """
     src = Path(model)
     reports = report_paths(report)
@@ -203,6 +208,11 @@ def apply(
         if not split.disjoint:
             run.notes.append(f"selection and confirmation are the same samples ({split.how}): figures are optimistic")
     comparable = all(p.pass_.comparable for p in plan)
+    # --no-validate builds no data: synthetic inputs are for the check alone
+    check_data = None if not validate_result else (
+        confirmation or calibration or (load_data(reference, None, synthetic_ok=True, seed=seed) if comparable else None))
+    if check_data is not None and (probe if probe is not None else tensor_bytes(reference) <= PROBE_MAX_BYTES):
+        probe_model(reference, latency_feed(check_data, reference), sessions)  # before this process creates sessions
     chain = run_chain(reference, plan, ctx, registry, ledger=validate_result and comparable and split is not None,
                       timed=len(plan) > 1, rollback=rollback)
     candidate, run.passes, run.ledger = chain.model, chain.reports, chain.ledger
@@ -211,9 +221,6 @@ def apply(
         run.warnings.append(f"nothing was compressed within --max-drop {max_drop}: every lossy pass "
                             f"({', '.join(lossy_asked)}) was rolled back (see the ledger); the output equals the input "
                             "up to lossless passes")
-    # --no-validate builds no data: synthetic inputs are for the check alone
-    check_data = None if not validate_result else (
-        confirmation or calibration or (load_data(reference, None, synthetic_ok=True, seed=seed) if comparable else None))
     validating = False
     if not validate_result:
         run.validation_note = "skipped (asked)"
@@ -292,8 +299,10 @@ def validate_models(
     registry: Registry | None = None,
     metrics: Mapping[str, str] | None = None,
     timing: TimingConfig | None = None,
+    probe: bool | None = None,
 ) -> ValidationResult:
-    """Compare two model files on ORT (the `onnxopt validate` command); ``metrics`` as in :func:`apply`."""
+    """Compare two model files on ORT (the `onnxopt validate` command); ``metrics`` and ``probe`` as in
+    :func:`apply` (the probe runs each model)."""
     registry = registry or load_registry()
     declared = _check_metrics(metrics, registry)
     sessions = SessionFactory(providers=resolve_providers(providers), threads=threads)
@@ -303,6 +312,9 @@ def validate_models(
     if dataset is None:
         raise OnnxoptError("no data to validate on and the inputs have free dims",
                            "give --eval data.npz or --shape NAME=DIMS")
+    for model in (ref, cand):  # before this process creates sessions
+        if probe if probe is not None else tensor_bytes(model) <= PROBE_MAX_BYTES:
+            probe_model(model, latency_feed(dataset, model), sessions)
     return validate(ref, cand, dataset, sessions=sessions, metrics=list(registry.metrics.values()),
                     progress=progress, reference_path=reference, candidate_path=candidate,
                     timing=timing or TimingConfig(threads=threads), declared=declared)

@@ -174,6 +174,9 @@ def _apply_command(model: Path, names: list[str], settings: tuple[str, ...], rec
               help="Write short internal names and no intermediate shape annotations (lossless; ORT infers shapes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
 @click.option("--no-validate", is_flag=True, help="Skip validation on ONNX Runtime.")
+@click.option("--probe/--no-probe", default=None,
+              help="Load and run the model on ORT once in a child process first, so an ORT crash is an error line "
+                   "[default: on for models with up to 64 MiB of weights].")
 @_timing_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_guarded
@@ -181,7 +184,8 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
           data: Path | None, eval_data: Path | None, shapes: tuple[str, ...], max_drop: float | None,
           metrics: tuple[str, ...], holdout: Path | None, force: bool, no_rollback: bool,
           report_path: tuple[Path, ...], providers: str | None, threads: int, external_data: bool | None, compact: bool,
-          seed: int, no_validate: bool, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
+          seed: int, no_validate: bool, probe: bool | None, repeat: int, time_budget: float, isolate: bool,
+          quiet: bool) -> None:
     """Run passes on MODEL, validate against it on ONNX Runtime, and write the result to -o."""
     from onnxopt.api import GATE_EXIT_CODE, apply as run_apply
 
@@ -210,7 +214,7 @@ def apply(model: Path, passes: str | None, output: Path | None, settings: tuple[
                         providers=providers.split(",") if providers else None, threads=threads,
                         external_data=external_data, compact=compact, seed=seed, validate_result=not no_validate,
                         progress=progress, timing=_timing(repeat, time_budget, isolate, threads),
-                        metrics=declared, holdout=holdout, rollback=not no_rollback,
+                        metrics=declared, holdout=holdout, rollback=not no_rollback, probe=probe,
                         command=_apply_command(model, names, settings, recipe, data, eval_data, metrics, holdout, output))
     console = Console(soft_wrap=True)
     print_report(run, console)
@@ -277,12 +281,15 @@ def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
               help="Write the report here: JSON, or an HTML page for a .html name (repeatable).")
 @click.option("--target", type=click.Choice(["host", "arm64"]), default="host", show_default=True,
               help="arm64: also run both models on the aarch64 onnxruntime under emulation (scripts/setup_arm64.sh).")
+@click.option("--probe/--no-probe", default=None,
+              help="Load and run each model on ORT once in a child process first, so an ORT crash is an error line "
+                   "[default: on for models with up to 64 MiB of weights].")
 @_timing_options
 @click.option("-q", "--quiet", is_flag=True)
 @_guarded
 def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: tuple[str, ...], providers: str | None,
              threads: int, max_drop: float | None, metrics: tuple[str, ...], report_path: tuple[Path, ...], target: str,
-             repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
+             probe: bool | None, repeat: int, time_budget: float, isolate: bool, quiet: bool) -> None:
     """Compare CANDIDATE with REFERENCE on ONNX Runtime: metrics, drop, size, latency."""
     from onnxopt.api import GATE_EXIT_CODE, validate_models
     from onnxopt.io import refuse_overwriting
@@ -301,7 +308,7 @@ def validate(reference: Path, candidate: Path, eval_data: Path | None, shapes: t
         result = validate_models(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                  providers=providers.split(",") if providers and target == "host" else None,
                                  threads=threads, progress=progress, timing=_timing(repeat, time_budget, isolate, threads),
-                                 metrics=_declared(metrics))
+                                 metrics=_declared(metrics), probe=probe)
     if target == "arm64":
         arm = validate_on_arm64(reference, candidate, eval_data=eval_data, shapes=_shapes(shapes),
                                 providers=providers.split(",") if providers else None, threads=threads,

@@ -4,8 +4,10 @@ Each case is written to a folder (``model.onnx`` and ``test_data_set_0``, the
 layout of onnx's own backend data), and every pass runs on it through the CLI
 in a child process (``onnxopt apply --pass P --no-validate``), so that a crash,
 an abort inside ONNX Runtime, or a hang costs one run, not the sweep. The
-checks run in a child process of their own (:func:`check_folder`), which also
-runs the original on ONNX Runtime once per case.
+child is forked from a warmed-up process that has imported onnxopt, its passes
+and ONNX Runtime but never created an ORT session (onnxopt.forked): a run then
+costs its own work, not 2-5 s of imports. ONNX Runtime's runs of the original
+and of each output happen in forked children as well.
 
 A run is ``ok``, ``refused`` or ``bad``:
 
@@ -26,13 +28,15 @@ initializer holding the case's input, so the lossy passes meet weights.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
-import subprocess
+import pkgutil
+import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +46,17 @@ import onnx
 from onnx import numpy_helper
 
 __all__ = ["NodeCase", "NodeRun", "node_cases", "with_weights", "write_case", "read_case_values", "node_pass_args",
-           "check_folder", "run_case", "NONDETERMINISTIC_OPS", "NODE_RTOL", "NODE_ATOL"]
+           "split_label", "pushed_labels",
+           "check_folder", "run_case", "run_cases", "warm_up", "NONDETERMINISTIC_OPS", "NODE_RTOL", "NODE_ATOL"]
 
 NODE_RTOL = 1e-4
 NODE_ATOL = 1e-5
 #: Ops whose outputs are random draws: only their count, shapes and dtypes can be compared.
 NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                                   "Bernoulli", "Multinomial", "Dropout"})
+#: Ops whose output shapes follow their float inputs' values (box overlaps, float ranges, scales): a lossy pass
+#: that rounds those inputs may change these dims, so there only the outputs' count, dtypes and ranks must hold.
+VALUE_SHAPED_OPS = frozenset({"NonMaxSuppression", "NonZero", "Unique", "Range", "Resize", "Upsample"})
 #: Seconds one CLI run may take before it counts as bad (a hang).
 RUN_TIMEOUT = 120.0
 
@@ -144,12 +152,28 @@ def read_case_values(folder: Path, kind: str, infos: Sequence[onnx.ValueInfoProt
             for j, info in enumerate(infos)]
 
 
-def node_pass_args(pass_name: str, model_path: Path) -> list[str]:
-    """Extra CLI arguments of ``pass_name`` on a case: the case's inputs as data, a teacher for distill."""
+def split_label(label: str) -> tuple[str, dict[str, str]]:
+    """A run label (onnxopt.corpus.corpus_runs' labels) as its pass and settings:
+    e.g. ``"cluster[min_size=16,k=4]"`` -> ``("cluster", {"min_size": "16", "k": "4"})``."""
+    name, _, rest = label.partition("[")
+    return name, dict(item.split("=", 1) for item in rest.rstrip("]").split(",") if item)
+
+
+def pushed_labels(passes: Iterable[str]) -> list[str]:
+    """The labels of the variants each pass declares to push it past its defaults (``corpus_variants``)."""
+    from onnxopt.corpus import corpus_runs
+
+    return [label for name in passes for label, settings in corpus_runs(name) if settings]
+
+
+def node_pass_args(label: str, model_path: Path) -> list[str]:
+    """Extra CLI arguments of the run ``label`` (a pass, or ``pass[key=value,...]``) on a case: the case's
+    inputs as data, a teacher for distill, the label's settings."""
     from onnxopt.corpus import corpus_settings
 
+    pass_name, settings = split_label(label)
     args = ["--data", str(model_path.parent)]
-    for key, value in corpus_settings(pass_name, model_path).items():
+    for key, value in {**corpus_settings(pass_name, model_path), **settings}.items():
         args += ["--set", f"{pass_name}.{key}={value}"]
     return args
 
@@ -193,82 +217,137 @@ def _changed(report_path: Path) -> bool:
     return any(p.get("modified") for p in report.get("passes", []))
 
 
+def warm_up() -> None:
+    """Import everything a run needs, so that each forked run starts warm (no ORT session is created here)."""
+    import onnx_graphsurgeon  # noqa: F401
+    import onnx_ir  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    import onnxopt.api  # noqa: F401
+    import onnxopt.cli  # noqa: F401
+    import onnxopt.corpus  # noqa: F401
+    from onnxopt.plugins import load_registry
+
+    for pass_cls in load_registry().passes.values():  # a pass package's modules, imported lazily by its run
+        package = sys.modules[pass_cls.__module__]
+        for info in pkgutil.walk_packages(getattr(package, "__path__", []), package.__name__ + "."):
+            importlib.import_module(info.name)
+
+
 def check_folder(folder: Path, labels: Sequence[str], timeout: float = RUN_TIMEOUT) -> list[NodeRun]:
-    """Every pass in ``labels`` on the case in ``folder``, each through the CLI in a child process."""
+    """Every pass in ``labels`` on the case in ``folder``, each through the CLI in a forked child process.
+
+    ONNX Runtime runs (the original, each output) happen in forked children too, so this process holds no ORT
+    session or thread pool when it forks (see onnxopt.forked): call it from a process that never ran ORT.
+    """
+    from onnxopt.forked import call_forked, exit_description
+
     model_path = folder / "model.onnx"
     original = onnx.load(str(model_path))
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
     inputs = read_case_values(folder, "input", original.graph.input[: _feed_count(original)])
     expected = read_case_values(folder, "output", original.graph.output)
     feed = {info.name: value for info, value in zip(original.graph.input, inputs)}
-    random_ops = any(n.op_type in NONDETERMINISTIC_OPS for n in _all_nodes(original.graph))
-    try:
-        reference: list[Any] | None = _ort_run(str(model_path), feed)
-        ort_note = ""
-    except Exception as err:  # ORT does not run every op of every opset: those cases check validity only
-        reference, ort_note = None, _one_line(err)
+    op_types = {n.op_type for n in _all_nodes(original.graph)}
+    random_ops = bool(op_types & NONDETERMINISTIC_OPS)
+    value_shaped = sorted(op_types & VALUE_SHAPED_OPS)
+    # ORT does not run every op of every opset: those cases check validity only
+    first = call_forked(_ort_run, str(model_path), feed, timeout=timeout)
+    reference: list[Any] | None = first.value if first.ok else None
+    ort_note = first.error or (f"ONNX Runtime's child process died: {first.died}" if first.died else "")
     ort_matches_expected = reference is not None and _equal(expected, reference) is None
     case_name = folder.name
     runs = []
-    for label in labels:
-        out = folder / f"out-{label}.onnx"
-        report = folder / f"report-{label}.json"
-        cmd = [sys.executable, "-m", "onnxopt", "apply", str(model_path), "--pass", label, "--no-validate", "-q",
-               "-o", str(out), "--report", str(report), *node_pass_args(label, model_path)]
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        except subprocess.TimeoutExpired:
-            runs.append(NodeRun(case_name, label, "bad", f"timed out after {timeout:.0f} s", timeout))
-            continue
-        seconds = time.perf_counter() - start
+    for i, label in enumerate(labels):
+        out = folder / f"out-{i}.onnx"
+        report = folder / f"report-{i}.json"
+        argv = ["apply", str(model_path), "--pass", split_label(label)[0], "--no-validate", "-q",
+                "-o", str(out), "--report", str(report), *node_pass_args(label, model_path)]
+        stderr_path, code_path = folder / f"stderr-{i}.txt", folder / f"rc-{i}.txt"
+        # one child runs the CLI and then checks its output (a fork less per run than two children)
+        child = call_forked(_run_and_check, argv, folder / f"stdout-{i}.txt", stderr_path, code_path,
+                            (label, out, feed, expected, reference, ort_note, random_ops, ort_matches_expected, value_shaped),
+                            timeout=timeout)
+        code, seconds, check = child.value if child.ok else (None, child.seconds, None)
+        cli_died = child.died is not None and not code_path.exists()
 
         def verdict(status: str, detail: str = "", changed: bool = False) -> NodeRun:
-            return NodeRun(case_name, label, status, " ".join(detail.split())[:300], round(seconds, 2), changed)
+            return NodeRun(case_name, label, status, " ".join(detail.split())[:300], round(seconds, 3), changed)
 
+        if child.died is not None and child.died.startswith("timed out"):
+            runs.append(verdict("bad", child.died))
+            continue
+        if cli_died:
+            tail = stderr_path.read_text(errors="replace").strip().splitlines()[-1:] if stderr_path.exists() else []
+            runs.append(verdict("bad", f"killed by {child.died}: {(tail or [''])[0]}"))
+            continue
+        if code is None:
+            code = int(code_path.read_text())
+        stderr = stderr_path.read_text(errors="replace")
         if hashlib.sha256(model_path.read_bytes()).hexdigest() != digest:
             runs.append(verdict("bad", "the input model file changed"))
             model_path.write_bytes(original.SerializeToString())
             continue
-        if proc.returncode == 2:
-            problem = _stderr_problem(proc.stderr)
-            message = next((line for line in proc.stderr.splitlines() if line.startswith("error:")), "")
+        if code == 2:
+            problem = _stderr_problem(stderr)
+            message = next((line for line in stderr.splitlines() if line.startswith("error:")), "")
             if problem:
-                runs.append(verdict("bad", f"rc 2 but {problem}: {proc.stderr.strip()[:200]}"))
+                runs.append(verdict("bad", f"rc 2 but {problem}: {stderr.strip()[:200]}"))
             elif reference is not None and any(claim.lower() in message.lower() for claim in _ORT_CLAIMS):
                 runs.append(verdict("bad", f"false refusal (ORT runs the original): {message}"))
+            elif "this is a bug" in message:  # onnxopt's own words for a pass that produced an invalid model
+                runs.append(verdict("bad", f"the refusal reports a bug: {message}"))
             else:
                 runs.append(verdict("refused", message[len("error:"):].strip()))
             continue
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-1:] or [""]
-            runs.append(verdict("bad", f"rc {proc.returncode}: {tail[0]}"))
+        if code != 0:
+            tail = stderr.strip().splitlines()[-1:] or [""]
+            how = f"killed by {exit_description(code)}" if code < 0 else f"rc {code}"
+            runs.append(verdict("bad", f"{how}: {tail[0]}"))
             continue
         changed = _changed(report)
-        try:
-            onnx.checker.check_model(str(out))
-        except Exception as err:
-            runs.append(verdict("bad", f"output fails the checker: {_one_line(err)}", changed))
-            continue
-        if reference is None:
-            runs.append(verdict("ok", f"valid (ORT does not run the original: {ort_note[:120]})", changed))
-            continue
-        try:
-            got = _ort_run(str(out), _candidate_feed(out, feed, reference))
-        except Exception as err:
-            runs.append(verdict("bad", f"ORT cannot run the output: {_one_line(err)}", changed))
-            continue
-        runs.append(verdict(*_compare(label, expected, reference, got, random_ops, ort_matches_expected), changed))
+        if check is None:
+            runs.append(verdict("bad", f"checking the output crashed: {child.error or child.died}", changed))
+        else:
+            runs.append(verdict(*check, changed))
     return runs
 
 
+def _run_and_check(argv: list[str], stdout: Path, stderr: Path, code_path: Path,
+                   check: tuple[Any, ...]) -> tuple[int, float, tuple[str, str] | None]:
+    """In a forked child: the CLI run, then (exit code 0) the checks of its output by :func:`_check_output`."""
+    from onnxopt.forked import run_cli
+
+    start = time.perf_counter()
+    code = run_cli(argv, stdout, stderr)
+    seconds = time.perf_counter() - start
+    code_path.write_text(str(code))  # the CLI came back: a crash from here on is the check's
+    return code, seconds, _check_output(*check) if code == 0 else None
+
+
+def _check_output(label: str, out: Path, feed: dict[str, Any], expected: list[Any], reference: list[Any] | None,
+                  ort_note: str, random_ops: bool, ort_matches_expected: bool,
+                  value_shaped: Sequence[str] = ()) -> tuple[str, str]:
+    """The verdict on a pass's output (exit code 0): checker, ORT, and the comparison (run in a forked child)."""
+    try:
+        onnx.checker.check_model(str(out))
+    except Exception as err:
+        return "bad", f"output fails the checker: {_one_line(err)}"
+    if reference is None:
+        return "ok", f"valid (ORT does not run the original: {ort_note[:120]})"
+    try:
+        got = _ort_run(str(out), _candidate_feed(out, feed, reference))
+    except Exception as err:
+        return "bad", f"ORT cannot run the output: {_one_line(err)}"
+    return _compare(label, expected, reference, got, random_ops, ort_matches_expected, value_shaped)
+
+
 def _compare(label: str, expected: list[Any], reference: list[Any], got: list[Any], random_ops: bool,
-             ort_matches_expected: bool) -> tuple[str, str]:
+             ort_matches_expected: bool, value_shaped: Sequence[str] = ()) -> tuple[str, str]:
     from onnxopt.corpus import _same_interface
     from onnxopt.plugins import load_registry
 
-    pass_cls = load_registry().passes[label]
+    pass_cls = load_registry().passes[split_label(label)[0]]
     if not pass_cls.comparable:
         return "ok", "runs on ORT"
     if pass_cls.lossless and not random_ops:
@@ -278,8 +357,15 @@ def _compare(label: str, expected: list[Any], reference: list[Any], got: list[An
         if ort_matches_expected and (problem := _equal(expected, got)):
             return "bad", f"differs from the expected outputs: {problem}"
         return "ok", "equal to ORT on the original" + (" and to the expected outputs" if ort_matches_expected else "")
-    problem = _same_interface(reference, got)
-    return ("bad", f"interface changed: {problem}") if problem else ("ok", "runs, same interface")
+    if value_shaped:  # dims that follow values may move with them: count, dtypes and ranks
+        flat = [np.zeros((0,) * np.ndim(v), np.asarray(v).dtype) if isinstance(v, np.ndarray) else v for v in reference]
+        problem = _same_interface(flat, [np.zeros((0,) * np.ndim(v), np.asarray(v).dtype)
+                                         if isinstance(v, np.ndarray) else v for v in got])
+        detail = f"runs, same outputs but for the dims {'/'.join(value_shaped)} takes from values"
+    else:
+        problem = _same_interface(reference, got)
+        detail = "runs, same interface"
+    return ("bad", f"interface changed: {problem}") if problem else ("ok", detail)
 
 
 #: 16-bit float outputs are compared to one unit in the last place: ORT itself gives results that far apart for the
@@ -329,33 +415,53 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
 
 
 def run_case(case: NodeCase, labels: Sequence[str], workdir: Path, timeout: float = RUN_TIMEOUT) -> list[NodeRun]:
-    """Write ``case`` under ``workdir`` and check it in a child process (which spawns one CLI run per pass)."""
+    """Write ``case`` under ``workdir`` and check it (:func:`check_folder`: every run in a forked child)."""
     folder = workdir / case.name
     write_case(case, folder)
-    budget = timeout * len(labels) + 60
-    cmd = [sys.executable, "-m", "onnxopt.node_corpus", str(folder), ",".join(labels), str(timeout)]
-    start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    except subprocess.TimeoutExpired:
-        return [NodeRun(case.name, label, "bad", "checker process timed out", budget) for label in labels]
+        return check_folder(folder, labels, timeout)
+    except Exception as err:  # a bug of the checker itself: every run of the case counts as bad
+        return [NodeRun(case.name, label, "bad", f"the checker failed: {_one_line(err)}") for label in labels]
+
+
+def _pool_case(job: tuple[int, NodeCase, list[str], str, float, bool]) -> list[NodeRun]:
+    index, case, labels, workdir, timeout, keep = job
+    folder = Path(workdir) / str(index)
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        rows = json.loads(proc.stdout.strip().splitlines()[-1])
-        return [NodeRun(**row) for row in rows]
-    except (ValueError, IndexError, TypeError):
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return [NodeRun(case.name, label, "bad", f"checker process died (rc {proc.returncode}): {tail[:200]}",
-                        time.perf_counter() - start) for label in labels]
+        return run_case(case, labels, folder, timeout)
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def _main(argv: Sequence[str]) -> None:
-    folder, labels, timeout = Path(argv[0]), [s for s in argv[1].split(",") if s], float(argv[2])
-    runs = check_folder(folder, labels, timeout)
-    for run in runs:
-        run.case = folder.name
-    print(json.dumps([r.to_dict() for r in runs]))
+#: Thread pools the forkserver's processes need not start (their threads would only be dropped by each fork).
+_ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-if __name__ == "__main__":
-    _main(sys.argv[1:])
+def run_cases(cases: Sequence[NodeCase], labels: Sequence[str] | Callable[[NodeCase], Sequence[str]],
+              workdir: Path, jobs: int = 1, timeout: float = RUN_TIMEOUT, keep: bool = False) -> Iterator[list[NodeRun]]:
+    """:func:`run_case` on each case (``labels``: the runs, or a function giving each case its runs), ``jobs``
+    cases at a time, yielding each case's runs as it finishes (not in order). The K-th case is checked in
+    ``workdir/K/NAME``, removed afterwards unless ``keep`` (``out-J.onnx``: the output of its J-th label).
+
+    The workers come from multiprocessing's forkserver: a fresh interpreter, never this process (which may
+    hold ORT sessions, e.g. under a test runner), that imports onnxopt once (:func:`warm_up`); each run is
+    then a child forked from a worker, which holds no ORT session.
+    """
+    import multiprocessing
+
+    per_case = [list(labels(case)) if callable(labels) else list(labels) for case in cases]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["onnxopt.node_corpus"])
+    saved = {k: os.environ.get(k) for k in _ONE_THREAD}
+    os.environ.update({k: v for k, v in _ONE_THREAD.items() if saved[k] is None})
+    try:
+        pool = context.Pool(max(jobs, 1), initializer=warm_up)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+    with pool:
+        jobs_ = ((i, case, case_labels, str(workdir), timeout, keep) for i, (case, case_labels) in enumerate(zip(cases, per_case)))
+        yield from pool.imap_unordered(_pool_case, jobs_)

@@ -45,6 +45,12 @@ def ensure_opset(model: ir.Model, version: int, *, why: str = "") -> tuple[ir.Mo
                                "from its source framework, or leave this pass out") from None
         raise OnnxoptError(f"cannot upgrade the model from opset {current} to {version}: {first[:200]}",
                            "re-export the model at a newer opset") from None
+    changed = _interface_change(proto.graph, upgraded.graph)
+    if changed:  # e.g. Scan 8 -> 9: the converter drops the batch axis from the graph's inputs and outputs
+        raise OnnxoptError(f"cannot upgrade the model from opset {current} to {version}"
+                           + (f" ({why})" if why else "") + f": onnx's version converter changes its interface "
+                           f"({changed})", f"export it at opset {version} or newer from its source framework, "
+                           "or leave this pass out")
     if upgraded.ir_version < 7:
         upgraded.ir_version = 7
     new = ir.serde.deserialize_model(upgraded)
@@ -55,6 +61,29 @@ def ensure_opset(model: ir.Model, version: int, *, why: str = "") -> tuple[ir.Mo
     if current < 7 <= version:
         _prelu_slopes_per_channel(new)
     return new, f"opset upgraded {current} -> {version}" + (f" ({why})" if why else "")
+
+
+def _interface_change(before: onnx.GraphProto, after: onnx.GraphProto) -> str | None:
+    """What differs between the graphs' tensor inputs/outputs (names, element types, ranks, fixed dims), or None."""
+    for kind, old, new in (("input", before.input, after.input), ("output", before.output, after.output)):
+        if [v.name for v in old] != [v.name for v in new]:
+            return f"its {kind}s are not the same"
+        for a, b in zip(old, new):
+            if not (a.type.HasField("tensor_type") and b.type.HasField("tensor_type")):
+                continue
+            ta, tb = a.type.tensor_type, b.type.tensor_type
+            if ta.elem_type != tb.elem_type:
+                return f"{kind} {a.name!r} changes its element type"
+            if ta.HasField("shape") and tb.HasField("shape"):
+                da, db = ta.shape.dim, tb.shape.dim
+                if len(da) != len(db) or any(x.HasField("dim_value") and y.HasField("dim_value")
+                                             and x.dim_value != y.dim_value for x, y in zip(da, db)):
+                    return f"{kind} {a.name!r} goes from {_dims(da)} to {_dims(db)}"
+    return None
+
+
+def _dims(dims: object) -> str:
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"
 
 
 def _prelu_slopes_per_channel(model: ir.Model) -> None:

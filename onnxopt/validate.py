@@ -41,6 +41,7 @@ from onnxopt.timing import (
 )
 
 __all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop",
+           "probe_model", "probe_verdict", "PROBE_MAX_BYTES",
            "one_session_at_a_time", "latency_feed", "gated_drop", "measure_drop_detail"]
 
 
@@ -391,3 +392,36 @@ def _validate_one_at_a_time(
     if times:
         _set_latency(result, compare_unpaired(times[0], times[1], timing))
     return result
+
+
+#: Models with at most this many bytes of weights are probed by default (:func:`probe_model`): the probe costs one
+#: more session creation and run, which is little next to a run's own sessions for such models.
+PROBE_MAX_BYTES = 2**26
+
+
+def _probe(model: ir.Model, feed: Mapping[str, Any], sessions: SessionFactory) -> None:
+    sessions.create(model).run(None, dict(feed))
+
+
+def probe_verdict(result: Any) -> None:
+    """Raise the one-line error for a probe child that died by a signal (ORT aborted or crashed); else nothing.
+
+    What ORT raises as an exception, or a probe that ran out of time, is left to the run itself to report."""
+    died = getattr(result, "died", None)
+    if died is None or died.startswith("timed out"):
+        return
+    raise OnnxoptError(f"ONNX Runtime crashed ({died}) loading or running the model on one sample, in a child "
+                       "process; nothing was written",
+                       "check the model with `onnxopt inspect` or try another onnxruntime version "
+                       "(--no-probe skips this check, and lets the crash end the process)")
+
+
+def probe_model(model: ir.Model, feed: Mapping[str, Any], sessions: SessionFactory, timeout: float = 300.0) -> None:
+    """Load ``model`` into ORT and run ``feed`` once in a forked child, so that an ORT abort or segfault on a
+    malformed model is an OnnxoptError (exit 2), not a dead CLI. A no-op where fork does not exist.
+
+    Call it before this process creates ORT sessions of its own (onnxopt.forked)."""
+    from onnxopt.forked import call_forked, can_fork
+
+    if can_fork():
+        probe_verdict(call_forked(_probe, model, feed, sessions, timeout=timeout))

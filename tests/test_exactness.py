@@ -14,7 +14,7 @@ from onnxopt.config import build_config
 from onnxopt.data import InputSpec, load_dataset, input_specs, synthetic_dataset
 from onnxopt.errors import OnnxoptError
 from onnxopt.io import load_model, save_model
-from onnxopt.node_corpus import NodeCase, check_folder, write_case
+from onnxopt.node_corpus import NodeCase, NodeRun, run_cases, write_case
 from onnxopt.opset import ensure_opset
 from onnxopt.pass_api import PassContext
 from onnxopt.plugins import load_registry
@@ -92,10 +92,15 @@ def test_fold_never_materialises_a_huge_constant_of_shape(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
 
 
-def _case_folder(proto: onnx.ModelProto, feed: list[np.ndarray], folder: Path) -> Path:
+def _node_case(proto: onnx.ModelProto, feed: list[np.ndarray], name: str) -> NodeCase:
     expected = run_model(proto, {i.name: x for i, x in zip(proto.graph.input, feed)})
-    write_case(NodeCase(folder.name, proto, feed, expected), folder)
-    return folder
+    return NodeCase(name, proto, feed, expected)
+
+
+def _check(case: NodeCase, labels: list[str], workdir: Path, keep: bool = False) -> dict[str, NodeRun]:
+    """The node-corpus verdicts of ``labels`` on ``case`` (each run a child process, as in the sweep)."""
+    (runs,) = list(run_cases([case], labels, workdir, keep=keep))
+    return {r.label: r for r in runs}
 
 
 def test_streaming_if_pattern_goes_through_every_pass(tmp_path: Path) -> None:
@@ -103,11 +108,11 @@ def test_streaming_if_pattern_goes_through_every_pass(tmp_path: Path) -> None:
     # fold wrote it out of topological order, so nothing could be compressed
     proto = streaming_if_model()
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32) + 0.5
-    folder = _case_folder(proto, [x], tmp_path / "stream")
-    runs = {r.label: r for r in check_folder(folder, list(load_registry().passes))}
+    labels = list(load_registry().passes)
+    runs = _check(_node_case(proto, [x], "stream"), labels, tmp_path, keep=True)
     assert {label: r.status for label, r in runs.items() if r.status != "ok"} == {}, {k: r.detail for k, r in runs.items()}
     assert runs["fold"].changed and runs["quant"].changed and runs["cluster"].changed
-    folded = onnx.load(str(folder / "out-fold.onnx"))
+    folded = onnx.load(str(tmp_path / "0" / "stream" / f"out-{labels.index('fold')}.onnx"))
     inner = [n.op_type for node in folded.graph.node for a in node.attribute if a.g.node for n in a.g.node]
     assert "Shape" not in inner and "If" in inner, inner  # the branch shape arithmetic folded, the nesting kept
 
@@ -221,8 +226,7 @@ def test_affine_grid_outer_scope_branches_go_through_fold_and_quant(tmp_path: Pa
     from onnxopt.node_corpus import node_cases
 
     case = node_cases(names=["test_affine_grid_2d_expanded"])[0]
-    write_case(case, tmp_path / case.name)
-    runs = {r.label: r for r in check_folder(tmp_path / case.name, ["fold", "quant"])}
+    runs = _check(case, ["fold", "quant"], tmp_path)
     # folding its shape arithmetic lets ORT's load-time checks see a 1-element Range input: fold gives that fold up
     assert runs["fold"].status == "ok" and "expected outputs" in runs["fold"].detail, runs["fold"].detail
     assert runs["quant"].status == "ok", runs["quant"].detail
@@ -235,9 +239,8 @@ def test_sequence_input_data_goes_through_prune_and_lowrank(tmp_path: Path) -> N
                        [helper.make_value_info("s", seq_t)], [_vi("y", [4])],
                        [init("zero", np.array(0, np.int64)), init("w", np.ones((2, 4), np.float32))])
     values = [[np.ones(2, np.float32), np.zeros(2, np.float32)]]
-    write_case(NodeCase("seq_in", proto, values, [np.full(4, 2.0, np.float32)]), tmp_path / "seq_in")
-    runs = check_folder(tmp_path / "seq_in", ["prune", "lowrank"])
-    assert [(r.label, r.status) for r in runs] == [("prune", "ok"), ("lowrank", "ok")], [r.detail for r in runs]
+    runs = _check(NodeCase("seq_in", proto, values, [np.full(4, 2.0, np.float32)]), ["prune", "lowrank"], tmp_path)
+    assert {label: r.status for label, r in runs.items()} == {"prune": "ok", "lowrank": "ok"}, runs
 
 
 def test_cleanup_keeps_optional_outputs_ort_ties_to_inputs() -> None:
@@ -264,3 +267,63 @@ def test_cleanup_keeps_optional_outputs_ort_ties_to_inputs() -> None:
     (got,) = run_model(model, feed)
     (expected,) = run_model(proto, feed)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_quant_takes_a_vector_weight_of_matmul(tmp_path: Path) -> None:
+    # MatMul(x[K], w[K]) (onnx's test_matmul_1d_1d with w an initializer): the saturation check took every
+    # weight for a matrix (numpy AxisError, rc 1)
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [_vi("x", [3])], [_vi("y", [])],
+                       [init("w", np.array([0.5, -1.0, 2.0], np.float32))])
+    case = _node_case(proto, [np.array([1.0, 2.0, 3.0], np.float32)], "dot")
+    runs = _check(case, ["quant", "quant[keep_outputs_float=False]"], tmp_path)
+    assert {label: (r.status, r.changed) for label, r in runs.items()} == {
+        "quant": ("ok", True), "quant[keep_outputs_float=False]": ("ok", True)}, runs
+
+
+def test_distill_refuses_logits_with_no_class(tmp_path: Path) -> None:
+    # a student output whose last axis is declared 0 (onnx's test_reshape_allowzero_reordered: [3, 4, 0]):
+    # distill wrote a model whose losses ORT cannot run (GatherElements into an empty class axis)
+    proto = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=1)], [_vi("x", [0, 3, 4])],
+                       [_vi("y", [3, 4, 0])], [init("shape", np.array([3, 4, 0], np.int64))], opset=14)
+    case = _node_case(proto, [np.zeros((0, 3, 4), np.float32)], "empty")
+    runs = _check(case, ["distill"], tmp_path)
+    assert runs["distill"].status == "refused" and "0 classes" in runs["distill"].detail, runs["distill"]
+
+
+def test_lossy_runs_may_move_dims_that_follow_values(tmp_path: Path) -> None:
+    # fp16 weights (min_elements=1) round NonMaxSuppression's boxes in onnx's iou_threshold_boundary test: one box
+    # fewer is selected. That is a lossy pass changing a result, not the interface: count, dtypes and ranks hold
+    from onnxopt.node_corpus import _compare, node_cases, with_weights
+
+    two, one = [np.zeros((2, 3), np.int64)], [np.zeros((1, 3), np.int64)]
+    assert _compare("fp16", two, two, one, False, True, ["NonMaxSuppression"])[0] == "ok"
+    assert _compare("fp16", two, two, one, False, True)[0] == "bad"  # a fixed shape still may not move
+    assert _compare("fp16", two, two, [np.zeros((1, 3), np.int32)], False, True, ["NonMaxSuppression"])[0] == "bad"
+    assert _compare("fp16", two, two, [np.zeros(3, np.int64)], False, True, ["NonMaxSuppression"])[0] == "bad"
+    case = with_weights(node_cases(names=["test_nonmaxsuppression_iou_threshold_boundary"])[0])
+    assert case is not None
+    runs = _check(case, ["fp16[min_elements=1]"], tmp_path)
+    assert runs["fp16[min_elements=1]"].status == "ok" and runs["fp16[min_elements=1]"].changed, runs
+
+
+def test_an_opset_upgrade_that_changes_the_interface_is_refused(tmp_path: Path) -> None:
+    # Scan-8 carries a batch axis that Scan-9 dropped: onnx's version converter strips it from the graph's inputs
+    # ([1, 3, 2] -> [3, 2]), so distill's upgraded model no longer took the original's inputs (ORT: invalid rank)
+    from onnxopt.node_corpus import node_cases
+
+    case = node_cases(names=["test_scan_sum"])[0]
+    runs = _check(case, ["distill", "quant", "fold"], tmp_path)
+    for label in ("distill", "quant"):
+        assert runs[label].status == "refused" and "changes its interface" in runs[label].detail, runs[label]
+    assert runs["fold"].status == "ok", runs["fold"]  # fold needs no upgrade
+
+
+def test_fp16_on_a_graph_without_ai_onnx_ops_imports_the_opset_for_its_casts(tmp_path: Path) -> None:
+    # onnx's training-domain tests (test_momentum[weights]: only an ai.onnx.preview.training op): fp16's Casts
+    # left the model without an ai.onnx opset import, and the save check refused it as "a bug in the pass"
+    from onnxopt.node_corpus import node_cases, with_weights
+
+    case = with_weights(node_cases(names=["test_momentum"])[0])
+    assert case is not None
+    runs = _check(case, ["fp16[min_elements=1]"], tmp_path)
+    assert runs["fp16[min_elements=1]"].status == "ok" and runs["fp16[min_elements=1]"].changed, runs

@@ -93,9 +93,12 @@ AUDITED_RUN = f"""
 import os, sys
 seen = []
 SPAWN = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "subprocess.Popen", "pickle.find_class")
+def probe_fork(event):
+    # onnxopt's own fork (onnxopt.forked: the ORT probe before validation) runs no input: it is not a spawn
+    return event == "os.fork" and sys._getframe(2).f_code.co_filename.endswith(os.path.join("onnxopt", "forked.py"))
 def hook(event, args):
     # process spawning or unpickling at all, or any source text from the inputs reaching compile()/exec()
-    if event.startswith(SPAWN) or (event in ("compile", "exec") and {TOKEN!r} in repr(args[0])):
+    if (event.startswith(SPAWN) and not probe_fork(event)) or (event in ("compile", "exec") and {TOKEN!r} in repr(args[0])):
         seen.append(event + " " + repr(args)[:200])
 sys.addaudithook(hook)
 from onnxopt.cli import cli

@@ -110,6 +110,11 @@ def check_logits(student: ir.Value, teacher: ir.Value) -> None:
         if dims is not None and len(dims) == 0:
             raise OnnxoptError(f"{role} output {_describe(value)} is a scalar: it has no class axis",
                                f"set {role}_output to the output with class scores")
+        last = value.shape.dims[-1] if value.shape is not None and len(value.shape.dims) else None
+        if last == 0:  # no class to take a label from: the losses fail at run time (ORT's GatherElements)
+            raise OnnxoptError(f"{role} output {value.name!r} has 0 classes (its last axis is declared 0)",
+                               f"set {role}_output to the output with class scores (or declare a free axis "
+                               "with a name, not 0)")
     if sd and td and isinstance(sd[-1], int) and isinstance(td[-1], int) and sd[-1] != td[-1]:
         raise OnnxoptError(f"student output {_describe(student)} and teacher output {_describe(teacher)} have "
                            f"different class counts ({sd[-1]} vs {td[-1]})", "distill between models of the same task")

@@ -60,6 +60,8 @@ def reduction_rows(weight: np.ndarray, op: str, trans_b: bool = False) -> list[n
         return [nchw, nhwc]
     if op == "Gemm" and trans_b:
         return [weight]
+    if weight.ndim == 1:  # MatMul with a vector [K]: one output, K summed
+        return [weight.reshape(1, -1)]
     if weight.ndim != 2:
         return [np.moveaxis(weight, -2, -1).reshape(-1, weight.shape[-2])]
     return [weight.T]

@@ -14,6 +14,9 @@ from onnxopt.graph import Names, add_initializer, cleanup, constant_array, iter_
 
 __all__ = ["Fp16Config", "Fp16WeightsPass", "kl_divergence"]
 
+#: The ai.onnx opset imported for the Casts when a model imports none (Cast-13: float16 -> float)
+CAST_OPSET = 13
+
 
 @dataclass(frozen=True)
 class Fp16Config:
@@ -56,6 +59,8 @@ class Fp16WeightsPass(Pass[Fp16Config]):
                 after += array.size * 2
         if not report.items:
             raise PassSkipped(f"no float32 weight has {config.min_elements} or more elements")
+        # a graph of other domains' ops only (ai.onnx.preview.training) imports no ai.onnx opset for the Casts
+        model.opset_imports.setdefault("", CAST_OPSET)
         cleanup(model)
         report.figures = {"tensors": len(report.items), "bytes_before": before, "bytes_after": after}
         report.summary = f"{len(report.items)} weights to float16: {before:,} -> {after:,} bytes"
