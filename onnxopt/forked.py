@@ -145,12 +145,10 @@ def call_forked(fn: Callable[..., Any], *args: Any, timeout: float | None = None
     return ChildResult(value=value, seconds=seconds)
 
 
-def _cli_exit_code(argv: Sequence[str]) -> int:
+def _cli_exit_code(argv: Sequence[str], command: Any) -> int:
     """The exit code ``onnxopt ARGV`` gives, run in this process (what the interpreter would make of it)."""
-    from onnxopt.cli import cli
-
     try:
-        cli.main(args=list(argv), prog_name="onnxopt")  # standalone: click turns its own errors into exits
+        command.main(args=list(argv), prog_name="onnxopt")  # standalone: click turns its own errors into exits
         return 0
     except SystemExit as stop:
         if stop.code is None:
@@ -167,8 +165,9 @@ def _cli_exit_code(argv: Sequence[str]) -> int:
         return 1
 
 
-def run_cli(argv: Sequence[str], stdout: Path, stderr: Path) -> int:
-    """``onnxopt ARGV`` in this process, its stdout/stderr (file descriptors 1 and 2 too) sent to those files for
+def run_cli(argv: Sequence[str], stdout: Path, stderr: Path, command: Any) -> int:
+    """``onnxopt ARGV`` in this process (``command``: the click group, ``onnxopt.cli.cli``; passed in because this
+    module sits below the CLI, which reaches it through validation's probe), its stdout/stderr (file descriptors 1 and 2 too) sent to those files for
     good: for a forked child only. Returns the exit code the console script would give. Python warnings are
     ignored, like ``PYTHONWARNINGS=ignore``."""
     for fd, path in ((1, stdout), (2, stderr)):
@@ -185,7 +184,7 @@ def run_cli(argv: Sequence[str], stdout: Path, stderr: Path) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     warnings.simplefilter("ignore")
     try:
-        return _cli_exit_code(argv)
+        return _cli_exit_code(argv, command)
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -194,7 +193,7 @@ def run_cli(argv: Sequence[str], stdout: Path, stderr: Path) -> int:
                 pass
 
 
-def run_cli_forked(argv: Sequence[str], stdout: Path, stderr: Path,
+def run_cli_forked(argv: Sequence[str], stdout: Path, stderr: Path, command: Any,
                    timeout: float | None = None) -> tuple[int | None, float]:
     """``onnxopt ARGV`` in a forked child (:func:`run_cli`): (exit code, seconds).
 
@@ -206,7 +205,7 @@ def run_cli_forked(argv: Sequence[str], stdout: Path, stderr: Path,
     if pid == 0:
         code = 1
         try:
-            code = run_cli(argv, stdout, stderr)
+            code = run_cli(argv, stdout, stderr, command)
         except BaseException:  # noqa: BLE001
             code = 1
         finally:

@@ -316,10 +316,11 @@ def check_folder(folder: Path, labels: Sequence[str], timeout: float = RUN_TIMEO
 def _run_and_check(argv: list[str], stdout: Path, stderr: Path, code_path: Path,
                    check: tuple[Any, ...]) -> tuple[int, float, tuple[str, str] | None]:
     """In a forked child: the CLI run, then (exit code 0) the checks of its output by :func:`_check_output`."""
+    from onnxopt.cli import cli
     from onnxopt.forked import run_cli
 
     start = time.perf_counter()
-    code = run_cli(argv, stdout, stderr)
+    code = run_cli(argv, stdout, stderr, cli)
     seconds = time.perf_counter() - start
     code_path.write_text(str(code))  # the CLI came back: a crash from here on is the check's
     return code, seconds, _check_output(*check) if code == 0 else None

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from onnxopt.cli import cli
 from onnxopt.forked import call_forked, exit_description, run_cli_forked
 from tests.helpers import run_cli
 
@@ -57,7 +58,7 @@ def test_a_forked_cli_run_gives_the_console_scripts_exit_code_and_stderr(args: l
     (tmp_path / "garbage.onnx").write_bytes(b"not a model")
     argv = [a.format(tmp=tmp_path) for a in args]
     expected = run_cli(*argv)
-    code, seconds = run_cli_forked(argv, tmp_path / "out.txt", tmp_path / "err.txt", timeout=120)
+    code, seconds = run_cli_forked(argv, tmp_path / "out.txt", tmp_path / "err.txt", cli, timeout=120)
     assert code == expected.returncode and seconds > 0
     assert (tmp_path / "err.txt").read_text() == expected.stderr
     assert (tmp_path / "out.txt").read_text() == expected.stdout
