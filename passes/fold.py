@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from onnxopt import Pass, PassContext, PassResult, hookimpl, option
+from onnxopt.errors import OnnxoptError
 from onnxopt.graph import (
     Names,
     add_initializer,
@@ -39,6 +40,14 @@ class FoldConfig:
     batchnorm: bool = option(True, "fold BatchNormalization into the Conv/ConvTranspose/Gemm before it")
     identities: bool = option(True, "remove Identity nodes")
     max_folded_elements: int = option(4_000_000, "do not fold a constant larger than this (keeps files small)", unit="elements")
+    max_growth: float = option(1.5, "do not fold a node whose output (over 4 KiB) is more than this many times the bytes of "
+                                    "its inputs: a packed or quantized weight stays packed (unpacking it is exact but undoes "
+                                    "the compression); 0 folds regardless")
+
+    def __post_init__(self) -> None:
+        if self.max_growth < 0:
+            raise OnnxoptError(f"fold.max_growth={self.max_growth} must be 0 (off) or a positive factor",
+                               "e.g. --set fold.max_growth=1.5")
 
 
 def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
@@ -248,8 +257,36 @@ def fold_shapes(model: ir.Model) -> int:
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"})
 
 
-def _never_fold(limit: int) -> Callable[[Any], bool]:
-    """graphsurgeon's exclusion hook: random ops, Dropout, and nodes whose output would exceed ``limit`` elements.
+#: Outputs smaller than this may grow when folded (shape arithmetic, small tables): only weights are worth keeping packed.
+GROWTH_FLOOR_BYTES = 4096
+
+
+def _nbytes(tensor: Any) -> float | None:
+    """Bytes of a graphsurgeon tensor from its values or its static shape and dtype, None when unknown."""
+    if isinstance(tensor, gs.Constant):
+        return float(tensor.values.nbytes)
+    shape, dtype = getattr(tensor, "shape", None), getattr(tensor, "dtype", None)
+    if shape is None or dtype is None or not all(isinstance(d, int) for d in shape):
+        return None
+    try:
+        return float(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    except TypeError:
+        return None
+
+
+def _grows(node: Any, factor: float) -> bool:
+    """True when the node's output is over GROWTH_FLOOR_BYTES and ``factor`` times its inputs' bytes (a decode)."""
+    outs = [_nbytes(t) for t in node.outputs]
+    ins = [_nbytes(t) for t in node.inputs if t is not None and getattr(t, "name", "")]
+    if not outs or any(b is None for b in outs) or any(b is None for b in ins):
+        return False
+    out = sum(outs)  # type: ignore[arg-type]
+    return out > GROWTH_FLOOR_BYTES and out > factor * sum(ins)  # type: ignore[arg-type]
+
+
+def _never_fold(limit: int, growth: float = 0.0) -> Callable[[Any], bool]:
+    """graphsurgeon's exclusion hook: random ops, Dropout, nodes whose output would exceed ``limit`` elements,
+    and (``growth`` > 0) nodes that unpack their inputs into something ``growth`` times larger.
 
     graphsurgeon evaluates every foldable node before it applies its size
     threshold, so a 172-byte ConstantOfShape([1000, 1000000]) would make ONNX
@@ -265,7 +302,7 @@ def _never_fold(limit: int) -> Callable[[Any], bool]:
             shape = out.shape
             if shape is not None and all(isinstance(d, int) for d in shape) and np.prod(shape, dtype=np.float64) > limit:
                 return True
-        return False
+        return growth > 0 and _grows(node, growth)
 
     return exclude
 
@@ -309,7 +346,7 @@ def _invalid(folded: ir.Model, original: ir.Model) -> str | None:
     return None
 
 
-def _fold_constants(model: ir.Model, limit: int) -> tuple[ir.Model, str | None]:
+def _fold_constants(model: ir.Model, limit: int, growth: float = 0.0) -> tuple[ir.Model, str | None]:
     if not bridgeable(model):
         return model, "constant folding skipped: model over 2 GB"
     try:
@@ -321,7 +358,7 @@ def _fold_constants(model: ir.Model, limit: int) -> tuple[ir.Model, str | None]:
         # values and rebinding producers, which leaves dangling values when a branch output is an outer-scope value
         # or a constant, and nodes out of order with nested Ifs (onnx's affine_grid tests, a streaming audio model)
         graph.fold_constants(fold_shapes=False, recurse_subgraphs=True, error_ok=True, size_threshold=limit * 4,
-                             flatten_subgraphs=False, should_exclude_node=_never_fold(limit))
+                             flatten_subgraphs=False, should_exclude_node=_never_fold(limit, growth))
         graph.cleanup(remove_unused_graph_inputs=False)
         folded = from_gs(graph, work)
         cleanup(folded)
@@ -362,7 +399,7 @@ class FoldPass(Pass[FoldConfig]):
         report = self.new_report(config)
         before = sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
         if config.constants:
-            model, note = _fold_constants(model, config.max_folded_elements)
+            model, note = _fold_constants(model, config.max_folded_elements, config.max_growth)
             if note:
                 report.notes.append(note)
         folded = fold_batchnorms(model) if config.batchnorm else 0

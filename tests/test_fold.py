@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,25 @@ def test_fold_examples_equivalent(digits, name: str) -> None:
     result = FoldPass().apply(model, FoldConfig(), PassContext())
     x = np.load(digits / "eval.npz")["x"][:32]
     np.testing.assert_allclose(run_model(result.model, {"x": x})[0], run_model(digits / f"{name}.onnx", {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fold_keeps_a_clustered_model_packed(digits: Path, tmp_path: Path) -> None:
+    """Unpacking cluster's decode is exact but undoes the compression: fold leaves it (max_growth), unless told."""
+    from onnxopt.io import serialize_model
+    from onnxopt_passes.cluster import ClusterConfig, ClusterPass
+
+    dense = load_model(digits / "mlp.onnx")
+    clustered = ClusterPass().apply(dense, ClusterConfig(k=16), PassContext()).model
+    path = tmp_path / "clustered.onnx"
+    path.write_bytes(serialize_model(clustered))
+    packed_bytes = path.stat().st_size
+    feed = {"x": np.load(digits / "eval.npz")["x"][:16]}
+    expected = run_model(path, feed)[0]
+
+    kept = FoldPass().apply(load_model(path), FoldConfig(), PassContext()).model
+    unpacked = FoldPass().apply(load_model(path), FoldConfig(max_growth=0), PassContext()).model
+    for name, folded in (("kept", kept), ("unpacked", unpacked)):
+        (tmp_path / f"{name}.onnx").write_bytes(serialize_model(folded))
+        np.testing.assert_array_equal(run_model(tmp_path / f"{name}.onnx", feed)[0], expected)
+    assert (tmp_path / "kept.onnx").stat().st_size <= packed_bytes * 1.05
+    assert (tmp_path / "unpacked.onnx").stat().st_size > packed_bytes * 4  # the decoded float weights

@@ -152,7 +152,8 @@ def _prepare(model: ir.Model, opset: int, why: str, report: Any, ctx: PassContex
     if note:
         report.notes.append(note)
     # BatchNorm must be in the weights before they are quantized; constant folding turns computed biases into weights
-    folded = FoldPass().apply(model, FoldConfig(), PassContext(sessions=ctx.sessions))
+    # max_growth=0: quant needs every weight as a constant, packed (clustered) ones unpacked too
+    folded = FoldPass().apply(model, FoldConfig(max_growth=0), PassContext(sessions=ctx.sessions))
     model = folded.model
     if folded.modified:
         report.notes.append(f"folded first (fold pass): {folded.report.summary}")
