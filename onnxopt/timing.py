@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import signal
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from onnxopt.errors import OnnxoptError
+from onnxopt.forked import exit_description
 
 __all__ = [
     "TimingConfig",
@@ -412,15 +412,6 @@ def _child_main(conn: Any) -> None:
         conn.close()
 
 
-def _signal_name(code: int | None) -> str:
-    if code is None or code >= 0:
-        return f"exit code {code}"
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-
-
 def compare_latency_isolated(
     reference: bytes | str | os.PathLike[str],
     candidate: bytes | str | os.PathLike[str],
@@ -467,7 +458,7 @@ def compare_latency_isolated(
             proc.join()
         parent.close()
     if message is None:
-        raise OnnxoptError(f"the timing child process died ({_signal_name(proc.exitcode)}) while running the models "
+        raise OnnxoptError(f"the timing child process died ({exit_description(proc.exitcode)}) while running the models "
                            "on ONNX Runtime; nothing was measured",
                            "run without --isolate to see ORT's own error, or check the models with `onnxopt inspect`")
     status, payload = message

@@ -18,7 +18,7 @@ its integer kernels win while another of the same kind pays.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,25 +92,14 @@ def region_kinds(nodes: Iterable[ir.Node], expansions: Mapping[str, list[str]],
         if with_anchor:
             kinds.setdefault(f"{quantized[with_anchor[0]].op_type}+{op}", []).extend([*with_anchor, *names])
     members = {id(n): n for n in quantized.values() if n.op_type not in anchors and n.name not in in_expansion}
-    parent = {k: k for k in members}
 
-    def root(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
+    def producer_of(value: ir.Value | None) -> ir.Node | None:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type in ("Relu", "Clip") and producer.inputs and producer.inputs[0] is not None:
+            producer = producer.inputs[0].producer() if id(producer) not in members else producer
+        return producer
 
-    for key, node in members.items():
-        for value in node.inputs:
-            producer = value.producer() if value is not None else None
-            if producer is not None and producer.op_type in ("Relu", "Clip") and producer.inputs and producer.inputs[0] is not None:
-                producer = producer.inputs[0].producer() if id(producer) not in members else producer
-            if producer is not None and id(producer) in members:
-                parent[root(id(producer))] = root(key)
-    groups: dict[int, list[ir.Node]] = {}
-    for key, node in members.items():
-        groups.setdefault(root(key), []).append(node)
-    for group in groups.values():
+    for group in _connected(members, producer_of):
         kind = "+".join(sorted({n.op_type for n in group}))
         kinds.setdefault(kind, []).extend(n.name or "" for n in group)
     return {k: list(dict.fromkeys(v)) for k, v in kinds.items()}
@@ -120,6 +109,13 @@ def quantized_islands(nodes: Iterable[ir.Node]) -> list[list[str]]:
     """The connected groups of ``nodes`` (quantized, in the QDQ model), linked where one reads another's output
     through the Q/DQ pair (and a folded Relu/Clip) between them; as node names, smallest group first."""
     members = {id(n): n for n in nodes if n.name}
+    groups = [[n.name or "" for n in group] for group in _connected(members, _source)]
+    return sorted(groups, key=lambda g: (len(g), g[0]))
+
+
+def _connected(members: dict[int, ir.Node], producer_of: Callable[[ir.Value | None], ir.Node | None]) -> list[list[ir.Node]]:
+    """``members`` (id -> node) in connected groups (union-find), a node joined to ``producer_of`` each input
+    when that producer is a member too; groups and their nodes in ``members``' order."""
     parent = {k: k for k in members}
 
     def root(k: int) -> int:
@@ -130,10 +126,10 @@ def quantized_islands(nodes: Iterable[ir.Node]) -> list[list[str]]:
 
     for key, node in members.items():
         for value in node.inputs:
-            source = _source(value)
-            if source is not None and id(source) in members:
-                parent[root(id(source))] = root(key)
-    groups: dict[int, list[str]] = {}
+            producer = producer_of(value)
+            if producer is not None and id(producer) in members:
+                parent[root(id(producer))] = root(key)
+    groups: dict[int, list[ir.Node]] = {}
     for key, node in members.items():
-        groups.setdefault(root(key), []).append(node.name or "")
-    return sorted(groups.values(), key=lambda g: (len(g), g[0]))
+        groups.setdefault(root(key), []).append(node)
+    return list(groups.values())
