@@ -40,8 +40,8 @@ class Ratio:
     rounds: int
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"median": round(self.median, 4), "low": round(self.low, 4), "high": round(self.high, 4),
-                "rounds": self.rounds}
+        # unrounded: the guard decides on ``high < 1.0``, and a bound of 0.99996 must not be recorded as 1.0
+        return {"median": self.median, "low": self.low, "high": self.high, "rounds": self.rounds}
 
 
 #: seconds one comparison of the guard may take at most (it runs once per region kind, plus once at the end)
