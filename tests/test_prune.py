@@ -311,3 +311,21 @@ def test_sensitivity_scan_is_done_once_per_ladder(digits, monkeypatch) -> None:
     assert serialize_model(second.model) == fresh
     run(PruneConfig(target_macs=0.5, distribution="sensitivity", reconstruct=False, round_to=1))
     assert len(scans) == 3
+
+
+def test_a_reused_scan_leaves_the_passes_after_it_the_same_draws(digits) -> None:
+    """The scan draws from a generator of its own: scanned or reused, the run's generator is left in the same state
+    (a chain's cluster after prune drew differently on a process's first apply than on later ones)."""
+    from onnxopt_passes.prune import distribution
+
+    model = load_model(digits / "cnn.onnx")
+    calib = load_dataset(digits / "calib.npz", input_specs(model))
+    config = PruneConfig(target_macs=0.8, distribution="sensitivity", reconstruct=True)
+    distribution._SCANS.clear()
+    draws, notes = [], []
+    for _ in range(2):
+        ctx = PassContext(calibration=calib, rng=np.random.default_rng(0))
+        notes.append(PrunePass().apply(model, config, ctx).report.notes)
+        draws.append(ctx.rng.random(4))
+    assert not any("scan reused" in n for n in notes[0]) and any("scan reused" in n for n in notes[1])
+    np.testing.assert_array_equal(draws[0], draws[1])

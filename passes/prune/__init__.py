@@ -239,7 +239,9 @@ def _plan(model: ir.Model, cg: ChannelGraph, groups: list[Group], order: Mapping
         def scan() -> dict[str, list[tuple[float, float]]]:
             grams = None
             if config.refit:
-                by_layer = input_grams(model, cg.consumers, data.take(SCAN_SAMPLES), ctx.sessions, ctx.rng, ctx.progress)
+                # a generator of its own: a scan skipped on a cache hit must not shift the draws of the passes after
+                by_layer = input_grams(model, cg.consumers, data.take(SCAN_SAMPLES), ctx.sessions,
+                                       np.random.default_rng(ctx.seed), ctx.progress)
                 grams = {c.node.name or "": g for c, g in by_layer.items()}
             return scan_sensitivity(model, groups, order, limits, data, ctx.sessions,
                                     lambda m, counts: _pruned_copy(m, config, order, counts, protect, grams, ctx.sessions,
@@ -247,7 +249,7 @@ def _plan(model: ir.Model, cg: ChannelGraph, groups: list[Group], order: Mapping
 
         # the same model, order, samples and settings give the same curves whatever the strength: a ladder scans once
         unstrengthened = replace(config, ratio=0.0, target_macs=None, target_params=None, rounds=1)
-        key = scan_key(model, order, data, f"{unstrengthened!r}|{sorted(protect)}|{shapes}|{ctx.sessions.providers}")
+        key = scan_key(model, order, data, f"{unstrengthened!r}|{sorted(protect)}|{shapes}|{ctx.sessions.providers}|{ctx.seed}")
         curves, reused = cached_scan(key, scan)
         ratio_for = sensitivity_plan(groups, curves)
     counts, reached = plan_for_target(cg, groups, order, cost, target, dense, limits, ratio_for)

@@ -54,6 +54,7 @@ from onnxopt_passes.quant.kernels import ort_kernels
 from onnxopt_passes.quant.adaround import AdaRounder, layer_inputs
 from onnxopt_passes.quant.grid import grid_levels
 from onnxopt_passes.quant.outputs import output_exclusions
+from onnxopt_passes.quant.packed import packed_decodes, restore_packed
 from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
 from onnxopt_passes.quant.speed import latency_ratio, quantized_islands, region_kinds
@@ -347,11 +348,22 @@ class QuantPass(Pass[QuantConfig]):
 
     def run(self, model: ir.Model, config: QuantConfig, ctx: PassContext) -> PassResult:
         report = self.new_report(config)
+        name_nodes(model)  # the decodes' readers are found again by name
+        decodes = packed_decodes(model)  # before the preparation unpacks them (fold.max_growth=0)
         if config.weight_bits == 4:
-            return self._weight_only(model, config, ctx, report)
-        if config.mode == "dynamic":
-            return self._dynamic(model, config, ctx, report)
-        return self._static(model, config, ctx, report)
+            result = self._weight_only(model, config, ctx, report)
+        elif config.mode == "dynamic":
+            result = self._dynamic(model, config, ctx, report)
+        else:
+            result = self._static(model, config, ctx, report)
+        if decodes:
+            # a weight quant left float would otherwise stay unpacked in fp32: the file grows back
+            restored, saved = restore_packed(result.model, decodes, ctx.sessions)
+            if restored:
+                report.notes.append(f"{restored} weight(s) left float keep the packed form they came in (their decode "
+                                    f"put back, bit-equal; {saved / 1e3:.1f} kB of fp32 not written)")
+                report.figures["packed_weights_kept"] = restored
+        return result
 
     # -- static ---------------------------------------------------------------------------------------------
 
