@@ -8,8 +8,11 @@ without an integer kernel) would keep those fp32 copies and the file would
 grow back to nearly its unclustered size. So the decodes are read before the
 preparation (:func:`packed_decodes`), and after quantizing every float
 weight that one of them computes, bit for bit as ONNX Runtime computes it,
-is replaced by that decode again (:func:`restore_packed`). ORT folds the
-decode at session start, so the float nodes read exactly the same values.
+is replaced by that decode again (:func:`restore_packed`); a weight the
+preparation scaled after unpacking it (a BatchNorm folded in, in float64)
+becomes the decode times a float64 scale per slice, rounded once to float32,
+when that gives every value bit for bit. ORT folds the decode at session
+start, so the float nodes read exactly the same values.
 """
 
 from __future__ import annotations
@@ -115,8 +118,9 @@ def _decode(name: str, constant: dict[str, ir.Node | ir.TensorProtocol], graph: 
 
 def restore_packed(model: ir.Model, decodes: Sequence[PackedDecode], sessions: SessionFactory) -> tuple[int, int]:
     """Put back, in ``model``'s main graph, the decode of every float initializer one of ``decodes`` computes bit
-    for bit (as ONNX Runtime evaluates the decode at ``model``'s opset) and that is ``max_growth`` times larger than
-    its packed form; returns how many were put back and the bytes of weights saved."""
+    for bit (as ONNX Runtime evaluates the decode at ``model``'s opset), or that decode times a scale per slice, when
+    the initializer is ``max_growth`` times larger than its packed form; returns how many were put back and the
+    bytes of weights saved."""
     graph = model.graph
     by_name = {n.name: n for n in graph if n.name}
     candidates = []
@@ -138,10 +142,10 @@ def restore_packed(model: ir.Model, decodes: Sequence[PackedDecode], sessions: S
                 _put_back(graph, decode, value, names)
                 restored += 1
                 continue
+            # changed after unpacking (a BatchNorm folded into it scales each output channel, a HardSigmoid the whole
+            # weight): the decode times a scale per slice may still hold it exactly
+            stored = None if array is None else _rescaled(graph, decode, value, weight, array, names)
             del array
-            # changed after unpacking (a BatchNorm folded into it scales each channel): the same indices with a
-            # codebook per channel may still hold it exactly
-            stored = _repack(graph, decode, value, weight, model, sessions, names)
             if stored is not None:
                 saved += int(weight.nbytes) - stored
                 restored += 1
@@ -223,72 +227,76 @@ def _evaluate(decodes: list[PackedDecode], model: ir.Model, sessions: SessionFac
         return [r for d in decodes for r in _evaluate([d], model, sessions)]
 
 
-def _put_back(graph: ir.Graph, decode: PackedDecode, value: ir.Value, names: Names) -> None:
-    """``value`` (an initializer equal to what ``decode`` computes) replaced by the decode, at the graph's start."""
-    shared = {k: v for k, v in graph.initializers.items() if not v.is_graph_input()}
-    nodes, out = _build(graph, decode, names, shared)
+def _row_scales(original: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
+    """Per row, a float64 ``s`` with ``float32(float64(original) * s) == weight`` bit for bit (how a BatchNorm scale
+    folded into the weight in float64 got there), or None when some row has none.
+
+    Each nonzero element bounds ``s`` to the interval that rounds to its float32 target; the middle of the rows'
+    intersections is taken and checked."""
+    o = original.astype(np.float64)
+    t = weight.astype(np.float32)
+    # the float64 interval of products that round to each float32 target (its halfway points to the neighbours)
+    below = (t.astype(np.float64) + np.nextafter(t, np.float32(-np.inf)).astype(np.float64)) / 2
+    above = (t.astype(np.float64) + np.nextafter(t, np.float32(np.inf)).astype(np.float64)) / 2
+    nonzero = o != 0
+    safe = np.where(nonzero, o, 1.0)
+    a, b = below / safe, above / safe
+    lo = np.where(nonzero, np.minimum(a, b), -np.inf).max(axis=1)
+    hi = np.where(nonzero, np.maximum(a, b), np.inf).min(axis=1)
+    scales = np.where(np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2, 1.0)
+    exact = (o * scales[:, None]).astype(np.float32)
+    if not _bit_equal(exact, t):
+        return None
+    return scales
+
+
+def _rescaled(graph: ir.Graph, decode: PackedDecode, value: ir.Value, weight: np.ndarray, original: np.ndarray,
+              names: Names) -> int | None:
+    """``value`` written as its decode times a float64 scale per slice of one axis, rounded once to float32 (a
+    BatchNorm folded into the weight scales its output channels so), when that holds it bit for bit and saves
+    bytes; returns the bytes stored."""
+    from onnxopt_passes.cluster.storage import as_rows
+
+    if (original.shape != weight.shape or original.dtype != np.float32 or weight.dtype != np.float32
+            or not weight.ndim):
+        return None
+    for axis in range(weight.ndim):
+        stored = decode.stored_bytes + 8 * weight.shape[axis]
+        if weight.nbytes <= _GROWTH * stored:
+            continue
+        scales = _row_scales(np.ascontiguousarray(as_rows(original, axis)), np.ascontiguousarray(as_rows(weight, axis)))
+        if scales is None:
+            continue
+        shape = [1] * weight.ndim
+        shape[axis] = weight.shape[axis]
+        scale = add_initializer(graph, scales.reshape(shape), names.fresh(f"{value.name}.scale"))
+        shared = {k: v for k, v in graph.initializers.items() if not v.is_graph_input()}
+        nodes, decoded = _build(graph, decode, names, shared)
+        # in float64, as the fold multiplied: the same rounding, once, to float32 (ORT folds this at session start)
+        wide = ir.Node("", "Cast", [decoded], [ir.AttrInt64("to", int(ir.DataType.DOUBLE))], num_outputs=1,
+                       name=names.fresh(f"{value.name}.f64"))
+        mul = ir.Node("", "Mul", [wide.outputs[0], scale], num_outputs=1, name=names.fresh(f"{value.name}.rescale"))
+        back = ir.Node("", "Cast", [mul.outputs[0]], [ir.AttrInt64("to", int(ir.DataType.FLOAT))], num_outputs=1,
+                       name=names.fresh(f"{value.name}.f32"))
+        for node in (wide, mul, back):
+            node.outputs[0].name = node.name
+        _replace(graph, value, [*nodes, wide, mul, back], back.outputs[0])
+        return stored
+    return None
+
+
+def _replace(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], out: ir.Value) -> None:
+    """The initializer ``value`` replaced by ``out``, computed by ``nodes`` put at the graph's start; same name."""
+    name = value.name
     out.type, out.shape = value.type, value.shape
     graph.insert_before(next(iter(graph)), nodes)
-    name = value.name
     value.replace_all_uses_with(out)
     graph.initializers.pop(name)
     out.name = name
 
 
-def _labels(decode: PackedDecode, model: ir.Model, sessions: SessionFactory) -> tuple[np.ndarray, int] | None:
-    """The codebook index each element of the decoded weight reads, in the weight's layout, and the codebook's
-    size: the decode run with its codebook replaced by 0, 1, ..., k-1. None when the decode is no codebook lookup
-    (one Gather/GatherElements whose table is an initializer, through Casts at most)."""
-    lookups = [s for s in decode.steps if s.op_type in ("Gather", "GatherElements")]
-    if len(lookups) != 1 or lookups[0].inputs[0] is None:
-        return None
-    producers = {o: s for s in decode.steps for o in s.outputs}
-    table = lookups[0].inputs[0]
-    while table in producers and producers[table].op_type == "Cast":
-        table = producers[table].inputs[0]
-    constants = dict(decode.constants)
-    if table not in constants:
-        return None
-    codebook = constants[table].numpy()
-    k = int(codebook.shape[-1]) if codebook.ndim else 0
-    if not 1 < k <= 256 or not (np.issubdtype(codebook.dtype, np.floating) or np.issubdtype(codebook.dtype, np.integer)):
-        return None
-    numbered = np.broadcast_to(np.arange(k), codebook.shape).astype(codebook.dtype)
-    constants[table] = ir.Tensor(numbered, name=table)
-    (array,) = _evaluate([PackedDecode(decode.value, decode.steps, tuple(sorted(constants.items())))], model, sessions)
-    if array is None or not np.issubdtype(array.dtype, np.floating):
-        return None
-    labels = array.astype(np.uint8)
-    if not np.array_equal(labels, array):  # anything but a plain lookup after the Gather (a scale, an offset)
-        return None
-    return labels, k
-
-
-def _repack(graph: ir.Graph, decode: PackedDecode, value: ir.Value, weight: np.ndarray, model: ir.Model,
-            sessions: SessionFactory, names: Names) -> int | None:
-    """``value`` (a float weight) written as its decode's indices and a codebook per tensor or per slice of one
-    axis, when that holds it bit for bit and is ``max_growth`` times smaller; returns the bytes stored or None."""
-    from onnxopt_passes.cluster.storage import Decoder, as_rows, index_bits
-
-    found = _labels(decode, model, sessions)
-    if found is None or found[0].shape != weight.shape or not np.issubdtype(weight.dtype, np.floating):
-        return None
-    labels, k = found
-    bits = index_bits(k)
-    for axis in (None, *range(weight.ndim)):
-        rows, lab = as_rows(weight, axis), as_rows(labels, axis)
-        if (rows.shape[0] * k * weight.itemsize + -(-labels.size * bits // 8)) * _GROWTH >= weight.nbytes:
-            continue  # a codebook per slice this fine is no saving
-        table = np.zeros((rows.shape[0], k), weight.dtype)
-        table[np.arange(rows.shape[0])[:, None], lab] = rows
-        if not _bit_equal(np.take_along_axis(table, lab.astype(np.intp), axis=1), rows):
-            continue
-        nodes, out = Decoder(graph, names).decode(decode.value, table, lab, bits, weight.shape,
-                                                  axis, weight.dtype)
-        graph.insert_before(next(iter(graph)), nodes)
-        name = value.name
-        value.replace_all_uses_with(out)
-        graph.initializers.pop(name)
-        out.name = name
-        return int(table.nbytes) + -(-labels.size * bits // 8)
-    return None
+def _put_back(graph: ir.Graph, decode: PackedDecode, value: ir.Value, names: Names) -> None:
+    """``value`` (an initializer equal to what ``decode`` computes) replaced by the decode, at the graph's start."""
+    shared = {k: v for k, v in graph.initializers.items() if not v.is_graph_input()}
+    nodes, out = _build(graph, decode, names, shared)
+    _replace(graph, value, nodes, out)
