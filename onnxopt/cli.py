@@ -388,6 +388,8 @@ def list_passes(as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--keep-models", is_flag=True, help="Keep every candidate's model in <report>.models/.")
 @click.option("--restart", is_flag=True, help="Ignore (and overwrite) an existing --report instead of resuming it.")
+@click.option("--force", is_flag=True,
+              help="Write the pick even when it is over --max-drop on the confirmation part (exit 3 all the same).")
 @click.option("--pick", type=int, default=None, metavar="ID",
               help="Write candidate ID of the --report JSON to -o (rebuilt from its recipe) instead of searching.")
 @_timing_options
@@ -397,8 +399,8 @@ def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: fl
                    passes: str | None, output: Path | None,
                    report_paths_given: tuple[Path, ...], plot_path: Path | None, objective: str, workers: int, executor: str,
                    max_candidates: int, space: Path | None, threads: int, latency_batch: int, seed: int,
-                   keep_models: bool, restart: bool, pick: int | None, repeat: int, time_budget: float, isolate: bool,
-                   quiet: bool) -> None:
+                   keep_models: bool, restart: bool, force: bool, pick: int | None, repeat: int, time_budget: float,
+                   isolate: bool, quiet: bool) -> None:
     """Find the smallest (or fastest) model within --max-drop: search pass settings, keep the Pareto fronts."""
     from onnxopt.api import GATE_EXIT_CODE
     from onnxopt.search.driver import search, write_candidate
@@ -426,7 +428,8 @@ def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: fl
                             report=report_path, plot=plot_path, objective=objective, workers=workers, executor=executor,
                             max_candidates=max_candidates, space=space, seed=seed, threads=threads,
                             latency_batch=latency_batch, keep_models=keep_models, restart=restart, progress=progress,
-                            timing=_timing(repeat, time_budget, isolate, threads), metrics=_declared(metrics))
+                            timing=_timing(repeat, time_budget, isolate, threads), metrics=_declared(metrics),
+                            force=force)
     except KeyboardInterrupt:
         where = f"finished candidates are in {report_path}; rerun the same command to resume" if report_path else \
             "nothing kept (give --report to make a search resumable)"
@@ -435,8 +438,8 @@ def search_command(model: Path, eval_data: Path, data: Path | None, max_drop: fl
     print_search(result, Console(soft_wrap=True, highlight=False))
     for path in html_paths:
         write_report(result.state.to_dict(), path)
-    if result.best is None:
-        sys.exit(GATE_EXIT_CODE)
+    if result.best is None or not result.best.get("within_budget_confirmation", True):
+        sys.exit(GATE_EXIT_CODE)  # nothing within, or the pick over budget on the confirmation part (the gate)
 
 
 @cli.command()

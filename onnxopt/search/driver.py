@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
@@ -116,7 +117,8 @@ def rebuild_candidate(evaluator: Evaluator, candidate: dict[str, Any]) -> ir.Mod
 def _reference_figures(evaluator: Evaluator, model_path: Path) -> dict[str, Any]:
     shapes = {k: tuple(v.shape) for k, v in evaluator.feed.items()}
     macs = count_macs(evaluator.reference, shapes)
-    _, basis, acc = evaluator._drop(evaluator.ref_outputs, evaluator.ref_outputs, evaluator.evaluation.labels)
+    same = evaluator._drop(evaluator.ref_outputs, evaluator.ref_outputs, evaluator.evaluation)
+    basis, acc = same.basis, same.accuracy
     return {"path": str(model_path), "size_bytes": file_size(model_path), "parameters": count_parameters(evaluator.reference),
             "macs": macs.total if not macs.unknown else None, "accuracy": None if acc is None else acc["reference"],
             "drop_basis": basis, "samples": len(evaluator.evaluation), "output": evaluator.output}
@@ -165,6 +167,7 @@ def search(
     registry: Registry | None = None,
     timing: TimingConfig | None = None,
     metrics: dict[str, str] | None = None,
+    force: bool = False,
 ) -> SearchResult:
     """Search pass settings for the smallest (or fastest) model within ``max_drop``; see the module docstring.
 
@@ -174,6 +177,13 @@ def search(
     unless ``keep_models``. ``metrics`` declares the drop metric per output
     (``--metric``), as in :func:`onnxopt.api.apply`: every candidate's drop is
     apply's gated drop (every output by its metric, the worst).
+
+    The pick follows apply's budget rule: on the selection part, top-1 outputs
+    by 1 - agreement with the reference (labels or not) and within when the
+    drop plus one standard error (:func:`onnxopt.budget.margin`) is. The
+    pick is then measured on the confirmation part, which no candidate was,
+    as apply's gate measures (accuracy against the labels when there are
+    labels); over ``max_drop`` there, nothing is written unless ``force``.
     """
     src = Path(model)
     _check_settings(eval_data, max_drop, objective, max_candidates, workers, latency_batch)
@@ -229,14 +239,30 @@ def search(
         best = _finish(state, local, candidates, max_drop, objective, latency_runs, progress)
         written = False
         state.settings["split"] = local.split.to_dict()
+        if not local.split.disjoint:
+            state.notes.append(f"selection and confirmation are the same samples ({local.split.how}): the pick's "
+                               "confirmation figure is optimistic")
         if best is not None:
             # picked on the selection part; its honest figure is on the confirmation part, which no candidate saw
+            sel, conf = local.split.selection_indices, local.split.confirmation_indices
+            if local.split.disjoint and np.intersect1d(sel, conf).size:
+                raise OnnxoptError("internal error: the selection and confirmation parts share samples",
+                                   "report this as a bug")
             best_model = rebuild_candidate(local, best)
-            drop_c, _, acc_c = local.confirm(best_model)
-            best.update(drop_selection=best["drop"], drop_confirmation=drop_c, optimism=drop_c - best["drop"],
-                        accuracy_confirmation=None if acc_c is None else acc_c["candidate"],
-                        within_budget_confirmation=drop_c <= max_drop + 1e-12)
-        if best is not None and out_path is not None:
+            confirmed = local.confirm(best_model)
+            best.update(drop_selection=best["drop"], drop_selection_margin=best.get("drop_margin"),
+                        drop_confirmation=confirmed.gate_drop, drop_confirmation_basis=confirmed.basis,
+                        drop_confirmation_agreement=confirmed.drop,
+                        # the same rule on both parts: what picking on the selection part gained
+                        optimism=confirmed.drop - best["drop"],
+                        accuracy_confirmation=None if confirmed.accuracy is None else confirmed.accuracy["candidate"],
+                        within_budget_confirmation=confirmed.gate_drop <= max_drop + 1e-12)
+            if not best["within_budget_confirmation"]:
+                state.notes.append(
+                    f"the pick (#{best['id']}) is over --max-drop on the confirmation part "
+                    f"({confirmed.gate_drop * 100:.2f} pt > {max_drop * 100:.2f} pt): "
+                    + ("written all the same (--force)" if force else "nothing written (--force writes it)"))
+        if best is not None and out_path is not None and (best["within_budget_confirmation"] or force):
             save_model(best_model, out_path)
             best["file_size_bytes"] = file_size(out_path)
             state.output = str(out_path)

@@ -47,9 +47,10 @@ from onnxopt.search.recipe import (
 from onnxopt.sessions import SessionFactory
 from onnxopt.split import split_dataset
 from onnxopt.timing import LatencyComparison, TimingConfig, compare_latency, compare_latency_isolated, model_sources
+from onnxopt.budget import SHARE_METRICS, margin
 from onnxopt.validate import collect_outputs, gated_drop
 
-__all__ = ["WorkerSetup", "Evaluator", "init_worker", "evaluate_in_worker", "latency_feed",
+__all__ = ["WorkerSetup", "Evaluator", "Measured", "init_worker", "evaluate_in_worker", "latency_feed",
            "time_candidate", "latency_fields", "SCREEN_SECONDS"]
 
 #: Chains kept in memory per worker, at most this many bytes of weights in all.
@@ -113,6 +114,30 @@ def _cache_name(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A candidate measured on a part of --eval, as apply's budget ladders and its gate measure it.
+
+    ``drop`` is the budget's drop (every output by its metric, top-1 outputs by 1 - agreement with the reference,
+    labels or not: flips do not cancel), ``margin`` one standard error of it when it is a share of ``samples``
+    (:func:`onnxopt.budget.margin`): a candidate is within when ``drop + margin`` is. ``gate_drop`` is what
+    apply's gate measures (top-1 against the labels when there are labels), with its basis and accuracies.
+    """
+
+    drop: float
+    samples: int | None
+    margin: float
+    gate_drop: float
+    basis: str
+    accuracy: dict[str, float] | None
+
+    def fields(self) -> dict[str, Any]:
+        """The candidate's entries in the search JSON."""
+        return {"drop": self.drop, "drop_margin": self.margin, "drop_samples": self.samples,
+                "drop_labels": self.gate_drop if self.accuracy is not None else None, "drop_basis": self.basis,
+                "accuracy": None if self.accuracy is None else self.accuracy["candidate"]}
+
+
 @dataclass
 class _Built:
     model: ir.Model
@@ -156,13 +181,17 @@ class Evaluator:
         self.cache_dir = Path(setup.cache_dir) if setup.cache_dir else None
 
     # -- the accuracy drop ---------------------------------------------------------------------------------------
-    def _drop(self, ref: dict[str, np.ndarray], out: dict[str, np.ndarray], labels: np.ndarray | None,
-              ) -> tuple[float, str, dict[str, float] | None]:
-        drop, basis, acc, _ = gated_drop(ref, out, labels, self.declared, self.registered)
-        return drop, basis, acc
+    def _drop(self, ref: dict[str, np.ndarray], out: dict[str, np.ndarray], data: Dataset) -> Measured:
+        gate, basis, acc, rows = gated_drop(ref, out, data.labels, self.declared, self.registered)
+        drop = gate
+        if data.labels is not None:  # the budget's drop ignores the labels: 1 - agreement bounds the accuracy lost
+            drop, _, _, rows = gated_drop(ref, out, None, self.declared, self.registered)
+        metric = next((r["metric"] for r in rows if r["metric"] != "none" and r["drop"] == drop), None)
+        samples = len(data) if metric in SHARE_METRICS and data.arrays else None
+        return Measured(drop, samples, margin(drop, samples), gate, basis, acc)
 
-    def measure(self, model: ir.Model, data: Dataset | None = None) -> tuple[float, str, dict[str, float] | None, Any]:
-        """Drop, its basis and accuracies of ``model`` on the evaluation data (or a prefix of it); and its session."""
+    def measure(self, model: ir.Model, data: Dataset | None = None) -> tuple[Measured, Any]:
+        """``model`` measured on the selection part (or a prefix of it), and its session."""
         data = data or self.evaluation
         session = self.sessions.create(model)
         missing = [n for n in self.outputs if n not in {o.name for o in session.get_outputs()}]
@@ -170,15 +199,15 @@ class Evaluator:
             raise OnnxoptError(f"the candidate lost the output {missing[0]}", "a pass changed the model's interface")
         out = collect_outputs(session, data, self.outputs)
         n = len(data)
-        drop, basis, acc = self._drop({k: v[:n] for k, v in self.ref_outputs.items()}, out, data.labels)
-        return drop, basis, acc, session
+        return self._drop({k: v[:n] for k, v in self.ref_outputs.items()}, out, data), session
 
-    def confirm(self, model: ir.Model) -> tuple[float, str, dict[str, float] | None]:
-        """Drop, basis and accuracies of ``model`` on the confirmation part (the pick's honest figure)."""
+    def confirm(self, model: ir.Model) -> Measured:
+        """``model`` measured on the confirmation part, which no candidate was measured on (the pick's honest
+        figures: its ``gate_drop`` is what apply's gate would measure)."""
         ref_s, session = self.ref_session, self.sessions.create(model)
         ref = collect_outputs(ref_s, self.confirmation, self.outputs)
         out = collect_outputs(session, self.confirmation, self.outputs)
-        return self._drop(ref, out, self.confirmation.labels)
+        return self._drop(ref, out, self.confirmation)
 
     def _early_reject(self, model: ir.Model) -> float | None:
         """The drop on the first quarter of the data when it is over budget beyond doubt, else None."""
@@ -186,12 +215,9 @@ class Evaluator:
         if not self.setup.early_test or n < EARLY_TEST_MIN_SAMPLES or not self.evaluation.arrays:
             return None
         quarter = self.evaluation.take(max(100, n // 4))
-        drop, _, acc, _ = self.measure(model, quarter)
+        drop = self.measure(model, quarter)[0].drop
         m = len(quarter)
-        if acc is not None:
-            var = acc["reference"] * (1 - acc["reference"]) / m + acc["candidate"] * (1 - acc["candidate"]) / m
-        else:
-            var = max(drop, 1.0 / m) * (1 - min(drop, 1.0)) / m
+        var = max(drop, 1.0 / m) * (1 - min(drop, 1.0)) / m
         return drop if drop - EARLY_TEST_Z * math.sqrt(var) > self.setup.max_drop else None
 
     # -- building chains -----------------------------------------------------------------------------------------
@@ -236,7 +262,7 @@ class Evaluator:
 
     def _prefix_drop(self, built: _Built) -> float:
         if built.drop is None:
-            built.drop = self.measure(built.model)[0]
+            built.drop = self.measure(built.model)[0].drop
         return built.drop
 
     def build(self, recipe: Sequence[Step]) -> _Built:
@@ -277,9 +303,9 @@ class Evaluator:
                 out.update(status="rejected", drop=early,
                            note=f"drop {early * 100:.2f} pt on the first quarter of the data, over budget beyond doubt")
             else:
-                drop, basis, acc, session = self.measure(built.model)
-                built.drop = drop
-                out.update(status="ok", drop=drop, drop_basis=basis, accuracy=None if acc is None else acc["candidate"])
+                measured, session = self.measure(built.model)
+                built.drop = measured.drop
+                out.update(status="ok", **measured.fields())
                 if tensor_bytes(built.model) < PROTOBUF_LIMIT:
                     blob = serialize_model(built.model)
                     # equal digests: equal models (ladder rungs that round to the same channel counts)

@@ -15,6 +15,7 @@ from typing import Any
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.search.state import SearchState
+from onnxopt.search.strategy import within_budget
 from onnxopt.timing import format_ratio
 
 __all__ = ["plot_search"]
@@ -35,12 +36,14 @@ def plot_search(state: SearchState, path: str | os.PathLike[str]) -> Path:
     ok = [c for c in state.candidates if c.get("status") == "ok" and c.get("latency_ms") and c.get("size_bytes")]
 
     def y(c: dict[str, Any]) -> float:  # accuracy in % when labels exist, else agreement with the reference in %
-        return 100.0 * ((ref["accuracy"] - c["drop"]) if labels else (1.0 - c["drop"]))
+        if labels:  # a candidate's drop is the budget's (1 - agreement): its accuracy is stored on its own
+            return 100.0 * (c["accuracy"] if c.get("accuracy") is not None else ref["accuracy"] - c["drop"])
+        return 100.0 * (1.0 - c["drop"])
 
     ref_y = 100.0 * (ref["accuracy"] if labels else 1.0)
     best = next((c for c in ok if c["id"] == state.best), None)
-    within = [c for c in ok if c["drop"] <= max_drop + 1e-12]
-    over = [c for c in ok if c["drop"] > max_drop + 1e-12]
+    within = [c for c in ok if within_budget(c, max_drop)]
+    over = [c for c in ok if not within_budget(c, max_drop)]
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), sharey=True)
     batch, threads = state.settings.get("latency_batch", 1), state.settings.get("threads", 1)

@@ -62,9 +62,14 @@ def print_search(result: SearchResult, console: Console | None = None) -> None:
     if best.get("drop_confirmation") is not None:
         split = state.settings.get("split", {})
         over = "" if best.get("within_budget_confirmation", True) else " [bold red](over --max-drop)[/bold red]"
+        margin = best.get("drop_selection_margin")
+        rule = f" + {margin * 100:.2f} pt margin" if margin else ""
+        same = best.get("drop_confirmation_agreement")
         console.print(f"  picked on the selection part ({split.get('selection_samples', '?')} samples, drop "
-                      f"{best['drop_selection'] * 100:.2f} pt); on the confirmation part ({split.get('confirmation_samples', '?')} "
-                      f"samples no candidate was measured on): drop {best['drop_confirmation'] * 100:.2f} pt{over}, "
-                      f"optimism {best['optimism'] * 100:+.2f} pt")
-    if state.output:
+                      f"{best['drop_selection'] * 100:.2f} pt{rule}, the budget's rule); on the confirmation part "
+                      f"({split.get('confirmation_samples', '?')} samples no candidate was measured on): drop "
+                      f"{best['drop_confirmation'] * 100:.2f} pt as apply's gate measures it{over}"
+                      + (f", {same * 100:.2f} pt by the budget's rule" if same is not None else "")
+                      + f", optimism {best['optimism'] * 100:+.2f} pt")
+    if state.output and result.written:
         console.print(f"wrote {escape(state.output)}")

@@ -52,7 +52,9 @@ def fingerprint(model: str | os.PathLike[str], eval_data: str | os.PathLike[str]
     return {**extra, "model": _file_id(model), "eval": _file_id(eval_data), "data": _file_id(data), "max_drop": max_drop,
             "seed": seed, "threads": threads, "latency_batch": latency_batch, "onnxruntime": onnxruntime.__version__,
             # candidates are measured on the selection part of --eval (onnxopt.split): older runs measured all of it
-            "selection": f"split share {SELECTION_SHARE}"}
+            "selection": f"split share {SELECTION_SHARE}",
+            # candidates' drops are the budget's (top-1 by 1 - agreement, with a margin): older runs used net accuracy
+            "drop": "budget rule"}
 
 
 @dataclass
