@@ -15,7 +15,8 @@ from typing import Literal
 import numpy as np
 
 __all__ = ["Metric", "top1_accuracy", "top1_agreement", "cosine", "snr_db", "max_abs_error", "BUILTIN_METRICS",
-           "DROP_METRICS", "OutputDrop", "choose_metric", "metric_drop", "output_drops", "snr_drop"]
+           "DROP_METRICS", "OutputDrop", "choose_metric", "metric_drop", "output_drops", "snr_drop", "text_map_f1",
+           "TEXT_MAP_THRESHOLD"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,9 @@ BUILTIN_METRICS = (
 # -- what "drop" means, per output ---------------------------------------------------------------------------------
 
 #: Metrics ``--metric OUTPUT=NAME`` accepts besides registered (plugin) metrics; each turns into a drop in [0, 1].
-DROP_METRICS = ("top1", "cosine", "snr", "match", "none")
+DROP_METRICS = ("top1", "cosine", "snr", "match", "textmap", "none")
+#: DBNet's binarization threshold of a text probability map (PP-OCR's det_db_thresh).
+TEXT_MAP_THRESHOLD = 0.3
 #: A last axis of at most this many entries can be classes (a 2-D [N, C] output); beyond it, it is more likely anchors.
 MAX_CLASSES = 1000
 #: Probabilities along the last axis sum to 1 within this tolerance (softmax outputs: classes at any rank).
@@ -187,6 +190,21 @@ def _match_drop(reference: np.ndarray, candidate: np.ndarray) -> float:
     return 1.0 - float(np.mean(same))
 
 
+def text_map_f1(reference: np.ndarray, candidate: np.ndarray, threshold: float = TEXT_MAP_THRESHOLD) -> float | None:
+    """F-score of the candidate's text pixels against the reference's, both maps binarized at ``threshold`` as a DB
+    text detector's post-processing does, pooled over the samples (1.0 when neither marks a pixel); None unless
+    both are probability maps ([N, 1, H, W] or [N, H, W], float, within [0, 1]) of one shape."""
+    if (reference.shape != candidate.shape or reference.ndim not in (3, 4) or (reference.ndim == 4 and reference.shape[1] != 1)
+            or not np.issubdtype(reference.dtype, np.floating) or not np.issubdtype(candidate.dtype, np.floating)):
+        return None
+    with np.errstate(invalid="ignore"):
+        if not (np.nanmin(reference) >= 0.0 and np.nanmax(reference) <= 1.0):
+            return None
+        r, c = reference > threshold, candidate > threshold  # NaN is no text
+    both, total = int(np.count_nonzero(r & c)), int(np.count_nonzero(r)) + int(np.count_nonzero(c))
+    return 1.0 if total == 0 else 2.0 * both / total
+
+
 def metric_drop(metric: str, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
                 registered: Mapping[str, Metric] | None = None) -> tuple[float, str, dict[str, float] | None]:
     """The drop of one output under ``metric`` (a built-in of :data:`DROP_METRICS` or a registered metric), its basis."""
@@ -204,6 +222,11 @@ def metric_drop(metric: str, reference: np.ndarray, candidate: np.ndarray, label
         return value, "error power / signal power (1 / linear SNR)", None
     if metric == "match":
         return _match_drop(reference, candidate), "1 - share of samples matching exactly", None
+    if metric == "textmap":
+        f1 = text_map_f1(reference, candidate)
+        if f1 is None:
+            raise ValueError("textmap needs a text probability map ([N, 1, H, W] or [N, H, W], values in [0, 1])")
+        return 1.0 - f1, f"1 - F-score of the text pixels (map > {TEXT_MAP_THRESHOLD}) against the reference's", None
     plugin = (registered or {}).get(metric)
     if plugin is None:
         raise KeyError(metric)
