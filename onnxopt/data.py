@@ -352,11 +352,12 @@ _COMPARISONS = ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual")
 
 
 def compared_values(model: ir.Model) -> dict[str, list[int]]:
-    """Per scalar integer input, values that take each side of the comparisons the model makes on it (an
-    ``sr == 16000`` choosing an If branch): each constant it is compared with, and for each a value that differs
-    (half of it: such scalars are mostly sizes or rates, where half is still a plausible one; Silero VAD's
-    16000 gives 8000, its other rate). Synthetic data feeds them in turn, so every branch they choose is checked,
-    not only the one a random 0 or 1 takes."""
+    """Per scalar integer input, the constants the model compares it with (an ``sr == 16000`` choosing an If
+    branch): synthetic data feeds those, the values the model is written for, not a random 0 or 1 that takes
+    whichever branch a mismatch takes. The other side of a comparison is not fed: the branch for another value
+    may need other input shapes (Silero VAD's 8 kHz branch takes 288 samples, its 16 kHz one 576), which only
+    the user knows: --eval data reaches it.
+    """
     from onnxopt.graph import DEFAULT_DOMAINS, MOVEMENT_OPS, constant_array
 
     found: dict[str, list[int]] = {}
@@ -381,14 +382,8 @@ def compared_values(model: ir.Model) -> dict[str, list[int]]:
                     other = constant_array(node.inputs[1 - index])
                     if other is not None and other.size == 1 and np.isfinite(other).all():
                         seen.add(int(other.reshape(-1)[0]))
-        others = set()
-        for c in seen:
-            other = c // 2 if c // 2 != c else c + 1
-            while other in seen or other in others:
-                other += 1
-            others.add(other)
         if seen:
-            found[value.name] = sorted(seen, reverse=True) + sorted(others, reverse=True)
+            found[value.name] = sorted(seen, reverse=True)
     return found
 
 
@@ -447,5 +442,8 @@ def synthetic_dataset(
         rows = {s.name: s.fixed_batch or 1 for s in specs if s.name not in scalars}
         feeds = [{**{k: arrays[k][i * n:(i + 1) * n] for k, n in rows.items()},
                   **{k: np.asarray(arrays[k][i]) for k in scalars}} for i in range(samples)]
-        return Dataset("synthetic", {}, feeds, None, True, batch)
+        fed = [f"{k}={', '.join(map(str, values[k]))}" for k in sorted(scalars) if values and values.get(k)]
+        source = "synthetic" + (f" ({'; '.join(fed)}: the values the model compares them with; other branches need "
+                                "--eval data)" if fed else "")
+        return Dataset(source, {}, feeds, None, True, batch)
     return Dataset("synthetic", arrays, [], None, True, batch)

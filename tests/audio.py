@@ -8,11 +8,11 @@ background noise and silences, so a VAD sees both speech and non-speech.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["speech_like", "stream", "SILERO_CHUNK", "SILERO_CONTEXT"]
+__all__ = ["speech_like", "frames", "stream", "cosine", "SILERO_CHUNK", "SILERO_CONTEXT"]
 
 #: Samples per chunk and of the context Silero VAD's wrapper prepends to each chunk, per sample rate
 SILERO_CHUNK = {16000: 512, 8000: 256}
@@ -57,18 +57,36 @@ def speech_like(seconds: float, sr: int, seed: int = 0) -> np.ndarray:
     return np.clip(audio, -1, 1).astype(np.float32)
 
 
-def stream(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], audio: np.ndarray, sr: int,
-           state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Run a Silero-style VAD chunk by chunk as its wrapper does (context prepended, state carried);
-    returns the per-chunk outputs [chunks] and the states after each chunk [chunks, 2, 1, 128]."""
+def frames(audio: np.ndarray, sr: int) -> np.ndarray:
+    """The model inputs Silero VAD's wrapper builds, one row per chunk [chunks, context + chunk]: each chunk with
+    the last ``context`` samples of the row before (zeros before the first)."""
     chunk, context = SILERO_CHUNK[sr], SILERO_CONTEXT[sr]
-    state = np.zeros((2, 1, 128), np.float32) if state is None else state
-    previous = np.zeros((1, context), np.float32)
+    count = len(audio) // chunk
+    body = audio[: count * chunk].reshape(count, chunk)
+    previous = np.concatenate([np.zeros((1, context), audio.dtype), body[:-1, -context:]], axis=0)
+    return np.concatenate([previous, body], axis=1).astype(np.float32)
+
+
+def stream(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], audio: np.ndarray, sr: int,
+           names: Sequence[str] = ("input", "state", "sr"), on_feed: Callable[[dict[str, np.ndarray]], None] | None = None,
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Run a Silero-style VAD chunk by chunk as its wrapper does (context prepended, state carried), feeding those
+    of input/state/sr that the model has (``names``); returns the per-chunk outputs [chunks] and the states after
+    each chunk [chunks, 2, 1, 128]. ``on_feed`` sees every feed (to save calibration data)."""
+    state = np.zeros((2, 1, 128), np.float32)
     probs, states = [], []
-    for start in range(0, len(audio) - chunk + 1, chunk):
-        x = np.concatenate([previous, audio[None, start:start + chunk]], axis=1)
-        out, state = run({"input": x, "state": state, "sr": np.array(sr, np.int64)})
-        previous = x[:, -context:]
+    for row in frames(audio, sr):
+        feed = {"input": row[None, :], "state": state, "sr": np.array(sr, np.int64)}
+        feed = {k: v for k, v in feed.items() if k in names}
+        if on_feed is not None:
+            on_feed(feed)
+        out, state = run(feed)[:2]
         probs.append(float(np.asarray(out).reshape(-1)[0]))
         states.append(state)
     return np.array(probs), np.stack(states)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays, flattened (float64)."""
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
