@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.activations import bounded_batches
-from onnxopt.data import Dataset, input_specs, load_dataset, synthetic_dataset
+from onnxopt.data import Dataset, compared_values, input_specs, load_dataset, shape_hint, synthetic_dataset
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import training_mode_nodes
 from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, StagedModel, check_model_output, external_data_files, has_external_data,
@@ -57,7 +57,7 @@ def load_data(
         dataset = load_dataset(path, specs, batch_size=batch_size)
     elif shapes or synthetic_ok:
         try:
-            dataset = synthetic_dataset(specs, shapes, seed=seed)
+            dataset = synthetic_dataset(specs, shapes, seed=seed, values=compared_values(model))
         except OnnxoptError:
             if shapes:
                 raise
@@ -227,7 +227,8 @@ def apply(
     elif not comparable:
         run.validation_note = "skipped: the chain changes the model's interface (" + ", ".join(p.name for p in plan if not p.pass_.comparable) + ")"
     elif check_data is None:
-        run.validation_note = "skipped: no data and the inputs have free dims (give --eval data.npz or --shape NAME=DIMS)"
+        run.validation_note = ("skipped: no data and the inputs have free dims: give --eval data.npz (or an ONNX "
+                               f"test-data folder), or {shape_hint(input_specs(reference))}")
     else:
         validating = True
     # weights that came external stay external, even if a pass read them into memory
@@ -311,7 +312,7 @@ def validate_models(
     dataset = load_data(ref, eval_data, shapes, synthetic_ok=True, seed=seed)
     if dataset is None:
         raise OnnxoptError("no data to validate on and the inputs have free dims",
-                           "give --eval data.npz or --shape NAME=DIMS")
+                           f"give --eval data.npz (or an ONNX test-data folder), or {shape_hint(input_specs(ref))}")
     for model in (ref, cand):  # before this process creates sessions
         if probe if probe is not None else tensor_bytes(model) <= PROBE_MAX_BYTES:
             probe_model(model, latency_feed(dataset, model), sessions)

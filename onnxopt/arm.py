@@ -220,7 +220,10 @@ def validate_on_arm64(reference: str | os.PathLike[str], candidate: str | os.Pat
     ref = load_model(reference)
     dataset = load_data(ref, eval_data, shapes, synthetic_ok=True, seed=seed)
     if dataset is None:
-        raise OnnxoptError("no data to validate on and the inputs have free dims", "give --eval data.npz or --shape NAME=DIMS")
+        from onnxopt.data import input_specs, shape_hint
+
+        raise OnnxoptError("no data to validate on and the inputs have free dims",
+                           f"give --eval data.npz (or an ONNX test-data folder), or {shape_hint(input_specs(ref))}")
     sessions = SessionFactory(threads=threads)
     ref_s, cand_s = sessions.create(ref), sessions.create(load_model(candidate))
     cand_names = {o.name for o in cand_s.get_outputs()}

@@ -29,6 +29,8 @@ __all__ = [
     "load_dataset",
     "synthetic_dataset",
     "parse_shape",
+    "shape_hint",
+    "compared_values",
     "DEFAULT_BATCH",
     "read_value_proto",
     "value_kind",
@@ -310,14 +312,92 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def _needs_shape(spec: InputSpec) -> bool:
+    """True when synthetic data cannot shape the input by itself (a free dim past the first, or no dims at all)."""
+    return spec.kind == "tensor" and (spec.dims is None or not all(isinstance(d, int) for d in spec.dims[1:]))
+
+
+def shape_hint(specs: Sequence[InputSpec]) -> str:
+    """The ``--shape`` options synthetic data needs, fixed dims filled in and the first free dim of each input taken
+    as a batch of 1; a dim only the user knows is spelled by its name in the model, or ``D<axis>``, and listed.
+
+    For Silero VAD (input [?, ?], state [2, ?, 128]): ``--shape input=1xD1 --shape state=2x1x128 (D1: the size
+    of input's dim 1, free in the model)``.
+    """
+    options, unknown = [], []
+    for spec in specs:
+        if not _needs_shape(spec):
+            continue
+        if spec.dims is None:
+            options.append(f"--shape {spec.name}=D0xD1x...")
+            unknown.append(f"{spec.name}'s rank and dims, unknown in the model")
+            continue
+        dims, batch_taken = [], False
+        for axis, d in enumerate(spec.dims):
+            if isinstance(d, int):
+                dims.append(str(d))
+            elif not batch_taken:
+                dims.append("1")
+                batch_taken = True
+            else:
+                label = d if isinstance(d, str) and d.isidentifier() else f"D{axis}"
+                dims.append(label)
+                unknown.append(f"{label}: the size of {spec.name}'s dim {axis}, free in the model")
+        options.append(f"--shape {spec.name}={'x'.join(dims)}")
+    return " ".join(options) + (f" ({'; '.join(unknown)})" if unknown else "")
+
+
+#: Comparisons whose constant operand tells which values of a scalar input the model tells apart.
+_COMPARISONS = ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual")
+
+
+def compared_values(model: ir.Model) -> dict[str, list[int]]:
+    """Per scalar integer input, the constants the model compares it with (an ``sr == 16000`` choosing an If
+    branch): synthetic data feeds those, the values the model is written for, not a random 0 or 1 that takes
+    whichever branch a mismatch takes. The other side of a comparison is not fed: the branch for another value
+    may need other input shapes (Silero VAD's 8 kHz branch takes 288 samples, its 16 kHz one 576), which only
+    the user knows: --eval data reaches it.
+    """
+    from onnxopt.graph import DEFAULT_DOMAINS, MOVEMENT_OPS, constant_array
+
+    found: dict[str, list[int]] = {}
+    for value in model.graph.inputs:
+        if value.const_value is not None or value.name is None or value.dtype is None:
+            continue
+        if not value.dtype.is_integer() or value.shape is None or len(value.shape) != 0:
+            continue
+        seen: set[int] = set()
+        stack, visited = [value], set()
+        while stack:
+            current = stack.pop()
+            if id(current) in visited:
+                continue
+            visited.add(id(current))
+            for node, index in current.uses():
+                if node.domain not in DEFAULT_DOMAINS:
+                    continue
+                if node.op_type in MOVEMENT_OPS:
+                    stack.extend(node.outputs)
+                elif node.op_type in _COMPARISONS and len(node.inputs) == 2:
+                    other = constant_array(node.inputs[1 - index])
+                    if other is not None and other.size == 1 and np.isfinite(other).all():
+                        seen.add(int(other.reshape(-1)[0]))
+        if seen:
+            found[value.name] = sorted(seen, reverse=True)
+    return found
+
+
 def synthetic_dataset(
     specs: Sequence[InputSpec],
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     *,
     samples: int = 8,
     seed: int = 0,
+    values: Mapping[str, Sequence[int]] | None = None,
 ) -> Dataset:
-    """Random inputs from shapes (given, or the model's own when fully known): fidelity checks only."""
+    """Random inputs from shapes (given, or the model's own when fully known): fidelity checks only.
+
+    A scalar input listed in ``values`` (see :func:`compared_values`) takes those values in turn."""
     shapes = dict(shapes or {})
     unknown = [k for k in shapes if k not in {s.name for s in specs}]
     if unknown:
@@ -333,7 +413,7 @@ def synthetic_dataset(
             shape = (1, *(int(d) for d in spec.dims[1:]))  # type: ignore[arg-type]
         else:
             raise OnnxoptError(f"input {spec.describe()} has free dimensions",
-                               f"give its shape, e.g. --shape {spec.name}=1x3x224x224, or pass data with --eval")
+                               f"give --eval data.npz (or an ONNX test-data folder), or {shape_hint(specs)}")
         batch = spec.fixed_batch or 1
         full = (samples * batch, *shape[1:]) if shape else (samples,)
         nbytes = math.prod(full) * np.dtype(spec.dtype).itemsize
@@ -341,7 +421,10 @@ def synthetic_dataset(
             raise OnnxoptError(f"synthetic inputs for {spec.describe()} would take {nbytes:,} bytes "
                                f"(shape {list(full)}), over the {SYNTHETIC_LIMIT >> 30} GiB limit",
                                "give a smaller --shape, or real data with --eval")
-        if np.issubdtype(spec.dtype, np.floating):
+        if values and values.get(spec.name) and not shape:
+            cycle = np.asarray(values[spec.name], dtype=np.int64)
+            array = cycle[np.arange(samples) % cycle.size].astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.floating):
             array = rng.standard_normal(full).astype(spec.dtype)
         elif spec.dtype == np.bool_:
             array = rng.integers(0, 2, full).astype(np.bool_)
@@ -359,5 +442,8 @@ def synthetic_dataset(
         rows = {s.name: s.fixed_batch or 1 for s in specs if s.name not in scalars}
         feeds = [{**{k: arrays[k][i * n:(i + 1) * n] for k, n in rows.items()},
                   **{k: np.asarray(arrays[k][i]) for k in scalars}} for i in range(samples)]
-        return Dataset("synthetic", {}, feeds, None, True, batch)
+        fed = [f"{k}={', '.join(map(str, values[k]))}" for k in sorted(scalars) if values and values.get(k)]
+        source = "synthetic" + (f" ({'; '.join(fed)}: the values the model compares them with; other branches need "
+                                "--eval data)" if fed else "")
+        return Dataset(source, {}, feeds, None, True, batch)
     return Dataset("synthetic", arrays, [], None, True, batch)

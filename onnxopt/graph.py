@@ -8,6 +8,7 @@ maintains name maps of its own. Before writing a helper in a pass, look here.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,9 @@ __all__ = [
     "opset_version",
     "constant_array",
     "is_weight",
+    "MOVEMENT_OPS",
+    "WeightRead",
+    "weight_reads",
     "consumers",
     "only_consumer",
     "attribute",
@@ -83,6 +87,109 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 def is_weight(value: ir.Value | None) -> bool:
     """True for an initializer the runtime cannot override (not also a graph input)."""
     return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+#: Ops that only move, copy or re-lay values, and which of their inputs carry them (None: every input). A weight
+#: read through them (an exporter's gate reordering Slice/Concat/Unsqueeze before an LSTM, a Reshape, a Cast of a
+#: float16 weight) is still read value for value: whatever a pass does to each value holds downstream.
+MOVEMENT_OPS: dict[str, tuple[int, ...] | None] = {
+    "Identity": (0,), "Reshape": (0,), "Flatten": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Transpose": (0,),
+    "Slice": (0,), "Split": (0,), "Concat": None, "Expand": (0,), "Tile": (0,), "Cast": (0,),
+}
+_FLOAT_CASTS = {int(t) for t in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)}
+
+
+@dataclass(frozen=True)
+class WeightRead:
+    """One op reading a weight, directly or through :data:`MOVEMENT_OPS` (``path``, weight side first).
+
+    ``axes[i]`` is the axis the weight's axis ``i`` has become at ``node``'s input (None where a Reshape or
+    Flatten mixed it with others); ``rank`` is that input's rank, None when unknown.
+    """
+
+    node: ir.Node
+    index: int
+    path: tuple[ir.Node, ...]
+    axes: tuple[int | None, ...]
+    rank: int | None
+
+    def source_axis(self, axis: int | None) -> int | None:
+        """The weight's own axis that arrives as ``axis`` of the reader's input (None: none does)."""
+        return None if axis is None or axis not in self.axes else self.axes.index(axis)
+
+
+def _ints(node: ir.Node, name: str | None, index: int) -> list[int] | None:
+    """An int list given as attribute ``name`` (older opsets) or as constant input ``index``; None when unknown."""
+    found = attribute(node, name) if name else None
+    if found is not None:
+        return [int(v) for v in found]
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        array = constant_array(node.inputs[index])
+        return None if array is None else [int(v) for v in array.reshape(-1)]
+    return None
+
+
+def _moved(node: ir.Node, axes: tuple[int | None, ...], rank: int | None) -> tuple[tuple[int | None, ...], int | None]:
+    """Where each axis is after movement op ``node``, and its output's rank."""
+    op = node.op_type
+    lost = tuple(None for _ in axes)
+    if op in ("Identity", "Slice", "Split", "Concat", "Tile", "Cast"):
+        return axes, rank
+    if rank is None:
+        return lost, None
+    if op == "Unsqueeze":
+        inserted = _ints(node, "axes", 1)
+        if inserted is None:
+            return lost, None
+        out_rank = rank + len(inserted)
+        kept = [i for i in range(out_rank) if i not in {a % out_rank for a in inserted}]
+        return tuple(None if a is None else kept[a] for a in axes), out_rank
+    if op == "Squeeze":
+        removed = _ints(node, "axes", 1)
+        if removed is None:  # every size-1 axis: which ones depends on the shape
+            return lost, None
+        gone = {a % rank for a in removed}
+        kept = [i for i in range(rank) if i not in gone]
+        return tuple(None if a is None or a in gone else kept.index(a) for a in axes), rank - len(gone)
+    if op == "Transpose":
+        perm = attribute(node, "perm") or list(range(rank))[::-1]
+        return tuple(None if a is None else list(perm).index(a) for a in axes), rank
+    if op == "Expand":
+        dims = _ints(node, None, 1)
+        if dims is None:
+            return lost, None
+        out_rank = max(rank, len(dims))
+        return tuple(None if a is None else a + out_rank - rank for a in axes), out_rank
+    if op == "Reshape":
+        dims = _ints(node, None, 1)
+        return lost, None if dims is None else len(dims)
+    if op == "Flatten":
+        return lost, 2
+    return lost, None
+
+
+def weight_reads(value: ir.Value) -> list[WeightRead]:
+    """Every op that reads ``value``'s values, following :data:`MOVEMENT_OPS` (in any graph: outer-scope readers
+    in If/Loop/Scan bodies included). A movement op whose output leaves its graph is itself the reader."""
+    rank = len(value.shape) if value.shape is not None else None
+    start = tuple(range(rank)) if rank is not None else ()
+    reads: list[WeightRead] = []
+    stack: list[tuple[ir.Value, tuple[ir.Node, ...], tuple[int | None, ...], int | None]] = [(value, (), start, rank)]
+    while stack:
+        current, path, axes, current_rank = stack.pop()
+        for node, index in current.uses():
+            carried = MOVEMENT_OPS.get(node.op_type, ()) if node.domain in DEFAULT_DOMAINS else ()
+            moves = (carried is None or index in carried) and len(node.outputs) >= 1 and not any(
+                out.is_graph_output() for out in node.outputs)
+            if moves and node.op_type == "Cast" and int(attribute(node, "to", 0)) not in _FLOAT_CASTS:
+                moves = False  # a cast to integers computes
+            if not moves:
+                reads.append(WeightRead(node, index, path, axes, current_rank))
+                continue
+            new_axes, new_rank = _moved(node, axes, current_rank)
+            for out in node.outputs:
+                stack.append((out, (*path, node), new_axes, new_rank))
+    return reads
 
 
 def consumers(value: ir.Value) -> list[ir.Node]:

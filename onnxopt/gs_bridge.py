@@ -94,6 +94,7 @@ def from_gs(graph: gs.Graph, like: ir.Model) -> ir.Model:
         model.metadata_props[key] = value
     restore_weights(model, like)
     _reshare_outer_weights(model, like)
+    _merge_identical_subgraph_weights(model)
     return model
 
 
@@ -122,5 +123,73 @@ def _reshare_outer_weights(model: ir.Model, like: ir.Model) -> int:
         for graph, copy in copies:
             copy.replace_all_uses_with(outer)
             del graph.initializers[name]
+            dropped += 1
+    return dropped
+
+
+#: Constants at least this large that are bit-identical in several bodies are stored once (smaller ones are shapes
+#: and indices, not worth an outer-scope read).
+MERGE_MIN_BYTES = 1024
+
+
+def _merge_identical_subgraph_weights(model: ir.Model) -> int:
+    """Store bit-identical constants of several If/Loop/Scan bodies once, in their nearest common enclosing graph;
+    returns how many copies were dropped.
+
+    Folding a weight that two bodies read through the same ops (an exporter's
+    gate-reordering Slice/Concat before an LSTM in both branches of an If)
+    gives each body its own folded copy: exact, but the file grows by the
+    weight, and a pass after it would compress it twice. The bodies read one
+    copy from the outer scope instead, which ONNX allows and leaves every value
+    as it was.
+    """
+    parent: dict[int, ir.Graph | None] = {id(model.graph): None}
+    graphs = [model.graph]
+    for graph in graphs:
+        for node in graph:
+            for attr in node.attributes.values():
+                subs = ([attr.value] if attr.type == ir.AttributeType.GRAPH
+                        else list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+                for sub in subs:
+                    parent[id(sub)] = graph
+                    graphs.append(sub)
+
+    def chain(graph: ir.Graph) -> list[ir.Graph]:
+        found: list[ir.Graph] = []
+        current: ir.Graph | None = graph
+        while current is not None:
+            found.append(current)
+            current = parent.get(id(current))
+        return found
+
+    groups: dict[tuple[object, ...], list[tuple[ir.Graph, ir.Value]]] = {}
+    for graph in graphs[1:]:
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or value.is_graph_input() or value.is_graph_output() or tensor.nbytes < MERGE_MIN_BYTES:
+                continue
+            array = tensor.numpy()
+            key = (array.dtype.str, array.shape, hash(array.tobytes()))
+            groups.setdefault(key, []).append((graph, value))
+    dropped = 0
+    for copies in groups.values():
+        first = copies[0][1].const_value.numpy()  # type: ignore[union-attr]
+        copies = [(g, v) for g, v in copies if np.array_equal(v.const_value.numpy(), first)]  # type: ignore[union-attr]
+        if len({id(g) for g, _ in copies}) < 2:
+            continue
+        common = chain(copies[0][0])
+        for graph, _ in copies[1:]:
+            ancestors = {id(g) for g in chain(graph)}
+            common = [g for g in common if id(g) in ancestors]
+        home = common[0]
+        keep_graph, keep = copies[0]
+        name = str(keep.name)
+        del keep_graph.initializers[name]
+        shared = ir.Value(name=name, shape=keep.shape, type=keep.type, const_value=keep.const_value)
+        home.register_initializer(shared)
+        keep.replace_all_uses_with(shared)
+        for graph, copy in copies[1:]:
+            copy.replace_all_uses_with(shared)
+            del graph.initializers[str(copy.name)]
             dropped += 1
     return dropped

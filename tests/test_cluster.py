@@ -52,7 +52,8 @@ def _cluster(proto: onnx.ModelProto, **keys: object) -> onnxopt.PassResult:
     (if_model(), {"x": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32), "cond": np.array(True)}),
 ], ids=["conv", "gemm_transposed_channels", "if_subgraphs"])
 @pytest.mark.parametrize("keys", [{"k": 16}, {"k": 8, "granularity": "channel", "codebook_dtype": "float16"},
-                                  {"k": 64, "init": "optimal"}], ids=["k16", "k8_channel_fp16", "k64_optimal"])
+                                  {"k": 64, "init": "optimal"}, {"k": 16, "granularity": "channel", "codebook_dtype": "int8"}],
+                         ids=["k16", "k8_channel_fp16", "k64_optimal", "k16_channel_int8"])
 def test_packed_and_dense_give_the_same_outputs(model: onnx.ModelProto, feed: dict, keys: dict) -> None:
     feed = {i.name: feed[i.name] for i in model.graph.input}
     packed = _cluster(model, mode="packed", min_size=64, **keys)
@@ -138,6 +139,20 @@ def test_codebook_dtype_auto_takes_float16_only_where_it_costs_nothing() -> None
     forced = _cluster(_weight_model(huge), k=8, min_size=1, codebook_dtype="float16")
     assert forced.report.items[0]["codebook"] == "float32"  # float16 would overflow to inf
     np.testing.assert_array_equal(_decoded(_cluster(_weight_model(exact), k=8, min_size=1).model, exact), exact)
+
+
+def test_int8_codebook_is_smaller_than_float16_and_adds_little_error() -> None:
+    rng = np.random.default_rng(12)
+    weight = (rng.standard_normal((128, 96)) * rng.uniform(0.01, 3, (1, 96))).astype(np.float32)
+    results = {dtype: _cluster(_weight_model(weight), k=16, granularity="channel", min_size=1, codebook_dtype=dtype)
+               for dtype in ("float16", "int8")}
+    half, byte = (results[d].report.items[0] for d in ("float16", "int8"))
+    assert byte["codebook"] == "int8" and byte["bytes"][1] < half["bytes"][1]
+    # a codebook row's 16 values rounded to 1/127 of its largest: far below the 4-bit clustering error itself
+    assert half["rel_mse"] <= byte["rel_mse"] <= 1.05 * half["rel_mse"]
+    decoded = _decoded(results["int8"].model, weight)
+    assert np.isclose(float(np.square(decoded - weight).sum() / np.square(weight).sum()), byte["rel_mse"], rtol=1e-3)
+    assert len(np.unique(decoded[:, 0])) <= 16  # still 16 shared values per channel (axis 1 for a MatMul)
 
 
 def test_a_weight_shared_by_readers_with_different_channel_axes_is_decoded_once_per_tensor() -> None:

@@ -144,3 +144,57 @@ def test_validate_command_and_inspect(tmp_path: Path, digits: Path) -> None:
     assert v["drop"] == 0 and v["outputs"]["logits"]["top1_agreement"] == 1.0
     info = json.loads(run_cli("inspect", digits / "cnn.onnx", "--json").stdout)
     assert info["ops"]["Conv"] == 8 and info["macs"]["total"] > 0 and info["weights"]["initializers"] > 0
+
+
+def _rate_switched_model() -> onnx.ModelProto:
+    """Silero VAD's interface in small: input [?, ?], state [2, ?, 8], and an int64 scalar sr that an If compares
+    with 16000 (then: one MatMul weight, else: another)."""
+    from onnx import TensorProto, helper
+
+    from tests.graphs import init, make_model
+
+    rng = np.random.default_rng(4)
+
+    def branch(name: str) -> onnx.GraphProto:
+        nodes = [helper.make_node("ReduceMean", ["x", "axes"], [f"{name}_m"], keepdims=1),
+                 helper.make_node("Mul", [f"{name}_m", "state"], [f"{name}_s"]),
+                 helper.make_node("MatMul", [f"{name}_s", f"w_{name}"], [f"{name}_y"])]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [2, None, 8])])
+
+    nodes = [helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+             helper.make_node("If", ["is16k"], ["y"], then_branch=branch("hi"), else_branch=branch("lo"))]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None]),
+                              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 8]),
+                              helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None, 8])],
+                      [init("rate", np.array(16000, np.int64)), init("axes", np.array([1], np.int64)),
+                       init("w_hi", rng.standard_normal((8, 8)).astype(np.float32)),
+                       init("w_lo", rng.standard_normal((8, 8)).astype(np.float32))])
+
+
+def test_free_dims_say_exactly_which_shapes_to_give(tmp_path: Path) -> None:
+    model = tmp_path / "rate.onnx"
+    onnx.save(_rate_switched_model(), model)
+    proc = run_cli("apply", model, "--pass", "fold", "-o", tmp_path / "out.onnx")
+    assert proc.returncode == 0, proc.stderr
+    hint = "--shape x=1xD1 --shape state=2x1x8 (D1: the size of x's dim 1, free in the model)"
+    assert hint in " ".join(proc.stdout.split()), proc.stdout
+    proc = run_cli("validate", model, tmp_path / "out.onnx")
+    assert proc.returncode == 2 and hint in " ".join(proc.stderr.split())
+    # given as said, validation runs
+    proc = run_cli("validate", model, tmp_path / "out.onnx", "--shape", "x=1x16", "--shape", "state=2x1x8")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_synthetic_scalar_inputs_take_the_values_the_model_compares_them_with() -> None:
+    from onnxopt.api import load_data
+    from onnxopt.data import compared_values
+
+    model = to_ir(_rate_switched_model())
+    assert compared_values(model) == {"sr": [16000]}
+    data = load_data(model, None, {"x": (1, 16), "state": (2, 1, 8)})
+    assert data is not None
+    assert {int(feed["sr"]) for feed in data.batches()} == {16000}  # without it: 0 or 1, which never equals 16000
+    assert "sr=16000: the values the model compares them with" in data.source  # said where validation says its data
+    # a rate compared with no constant keeps the old random 0/1
+    assert compared_values(to_ir(gemm_chain())) == {}

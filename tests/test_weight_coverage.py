@@ -162,3 +162,121 @@ def test_static_quant_lists_the_recurrent_weights_it_leaves_float() -> None:
     assert not result.modified
     assert "2 recurrent/embedding weight(s) stay float" in result.report.summary  # W and R of the LSTM
     assert "quant.mode=dynamic" in result.report.summary
+
+
+def _reordered(source: str, block: int, name: str) -> list[onnx.NodeProto]:
+    """An exporter's gate reordering (PyTorch i,f,g,o -> ONNX i,o,f,c): Slice the source's row blocks, Concat them,
+    Unsqueeze a direction axis; reads ``source`` from the outer scope."""
+    order = [(0, 1), (3, 4), (1, 3)]
+    nodes = [helper.make_node("Slice", [source, f"{name}_s{i}", f"{name}_e{i}", "zero"], [f"{name}_p{i}"])
+             for i in range(len(order))]
+    nodes.append(helper.make_node("Concat", [f"{name}_p{i}" for i in range(len(order))], [f"{name}_cat"], axis=0))
+    nodes.append(helper.make_node("Unsqueeze", [f"{name}_cat", "zero"], [name]))
+    return nodes
+
+
+def _reorder_inits(name: str, block: int) -> list[onnx.TensorProto]:
+    order = [(0, 1), (3, 4), (1, 3)]
+    return [t for i, (a, b) in enumerate(order)
+            for t in (init(f"{name}_s{i}", np.array([a * block], np.int64)), init(f"{name}_e{i}", np.array([b * block], np.int64)))]
+
+
+def _nested_if_gate_reorder() -> onnx.ModelProto:
+    """Silero VAD's layout in small: the weights are initializers of an outer If's branch; an inner If's two branches
+    each reorder their gates (Slice/Concat/Unsqueeze) and run an LSTM on them."""
+    def inner(name: str) -> onnx.GraphProto:
+        nodes = [*_reordered("Wsrc", HIDDEN, f"{name}_W"), *_reordered("Rsrc", HIDDEN, f"{name}_R"),
+                 helper.make_node("Unsqueeze", ["Bsrc", "zero"], [f"{name}_B"]),
+                 helper.make_node("LSTM", ["x", f"{name}_W", f"{name}_R", f"{name}_B"], [f"{name}_y"], hidden_size=HIDDEN,
+                                  name=f"{name}_lstm")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                                 [SEQ, 1, BATCH, HIDDEN])],
+                                 [*_reorder_inits(f"{name}_W", HIDDEN), *_reorder_inits(f"{name}_R", HIDDEN)])
+    outer_then = helper.make_graph(
+        [helper.make_node("If", ["cond2"], ["t_y"], then_branch=inner("a"), else_branch=inner("b"))], "outer_then", [],
+        [helper.make_tensor_value_info("t_y", TensorProto.FLOAT, [SEQ, 1, BATCH, HIDDEN])],
+        [init("Wsrc", _f32(4 * HIDDEN, FEATURES, scale=0.2)), init("Rsrc", _f32(4 * HIDDEN, HIDDEN, scale=0.15)),
+         init("Bsrc", _f32(8 * HIDDEN, scale=0.1))])
+    outer_else = helper.make_graph(
+        [helper.make_node("Concat", ["x", "x"], ["e_cat"], axis=2), helper.make_node("Unsqueeze", ["e_cat", "one"], ["e_y"])],
+        "outer_else", [], [helper.make_tensor_value_info("e_y", TensorProto.FLOAT, [SEQ, 1, BATCH, HIDDEN])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=outer_then, else_branch=outer_else)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SEQ, BATCH, FEATURES]),
+                              helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("cond2", TensorProto.BOOL, [])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [SEQ, 1, BATCH, HIDDEN])],
+                      [init("zero", np.array([0], np.int64)), init("one", np.array([1], np.int64))])
+
+
+def _nested_feeds() -> list[dict[str, np.ndarray]]:
+    x = RNG.standard_normal((SEQ, BATCH, FEATURES)).astype(np.float32)
+    return [{"x": x, "cond": np.array(True), "cond2": np.array(c)} for c in (True, False)]
+
+
+def test_weight_reads_follow_value_moving_ops_and_map_the_channel_axis() -> None:
+    from onnxopt.graph import weight_reads
+
+    model = to_ir(_nested_if_gate_reorder())
+    owner = next(g for g in [model.graph, *model.graph.subgraphs()] if "Wsrc" in g.initializers)
+    reads = weight_reads(owner.initializers["Wsrc"])
+    # one read per path: each of the three Slices reaches each LSTM's W
+    assert sorted(r.node.name for r in reads) == ["a_lstm"] * 3 + ["b_lstm"] * 3
+    for read in reads:
+        assert [n.op_type for n in read.path] == ["Slice", "Concat", "Unsqueeze"] and read.index == 1
+        assert read.rank == 3 and read.source_axis(1) == 0 and read.source_axis(0) is None  # gate rows = source rows
+    # a Transpose moves the axis, a Reshape loses it
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"]),
+             helper.make_node("Reshape", ["w", "shape"], ["wr"]), helper.make_node("MatMul", ["x2", "wr"], ["y2"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+                               helper.make_tensor_value_info("x2", TensorProto.FLOAT, [2, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
+                        helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 8])],
+                       [init("w", _f32(4, 8, scale=1.0)), init("shape", np.array([4, 8], np.int64))])
+    by_op = {tuple(n.op_type for n in r.path): r for r in weight_reads(to_ir(proto).graph.initializers["w"])}
+    assert by_op[("Transpose",)].source_axis(1) == 0 and by_op[("Reshape",)].source_axis(1) is None
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_cluster_covers_weights_read_through_gate_reordering_in_nested_ifs(granularity: str) -> None:
+    proto = _nested_if_gate_reorder()
+    result = ClusterPass().apply(to_ir(proto), ClusterConfig(k=16, granularity=granularity), PassContext())
+    items = {item["tensor"]: item for item in result.report.items}
+    assert set(items) == {"Wsrc", "Rsrc", "Bsrc"}, result.report.skipped  # each once, though two LSTMs read each
+    assert items["Wsrc"]["read_through"] == ["Slice", "Concat", "Unsqueeze"]
+    if granularity == "channel":  # one codebook per gate row of R (64 per row): the LSTM's axis 1 is the source's axis 0
+        assert items["Rsrc"]["granularity"] == "channel" and items["Rsrc"]["shape"] == [4 * HIDDEN, HIDDEN]
+    for feed in _nested_feeds():
+        (ref,), (got,) = run_model(proto, feed), run_model(result.model, feed)
+        assert _cosine(got, ref) >= 0.98 and np.abs(got - ref).max() > 0
+    before, after = len(proto.SerializeToString()), len(serialize_model(result.model))
+    assert after < 0.25 * before, (after, before)
+
+
+def test_dynamic_quant_covers_weights_read_through_gate_reordering_once() -> None:
+    proto = _nested_if_gate_reorder()
+    result = QuantPass().apply(to_ir(proto), QuantConfig(mode="dynamic"), PassContext())
+    model = result.model
+    dqs = [n for g in [model.graph, *model.graph.subgraphs()] for n in g if n.op_type == "DequantizeLinear"]
+    # quant folds first: the reordered W and R of both inner branches are the same constants, stored (and
+    # quantized) once in the branch that encloses both, each read by both LSTMs
+    assert len(dqs) == 2, [n.outputs[0].name for n in dqs]
+    for dq in dqs:
+        assert sorted(node.name for node, _ in dq.outputs[0].uses()) == ["a_lstm", "b_lstm"]
+    for feed in _nested_feeds():
+        (ref,), (got,) = run_model(proto, feed), run_model(model, feed)
+        assert _cosine(got, ref) >= 0.999 and np.abs(got - ref).max() > 0
+    assert len(serialize_model(model)) < 0.4 * len(proto.SerializeToString())
+
+
+def test_fold_stores_a_weight_folded_identically_in_two_branches_once() -> None:
+    from onnxopt.graph import iter_graphs
+    from onnxopt_passes.fold import FoldConfig, FoldPass
+
+    proto = _nested_if_gate_reorder()
+    result = FoldPass().apply(to_ir(proto), FoldConfig(), PassContext())
+    big = [(g.name, name) for g in iter_graphs(result.model) for name, v in g.initializers.items()
+           if v.const_value is not None and v.const_value.nbytes >= 4 * HIDDEN * FEATURES * 4]
+    assert len(big) == 2 and {g for g, _ in big} == {"outer_then"}, big  # W and R once each, not once per branch
+    assert len(serialize_model(result.model)) <= len(proto.SerializeToString())
+    for feed in _nested_feeds():
+        np.testing.assert_array_equal(run_model(result.model, feed)[0], run_model(proto, feed)[0])

@@ -60,9 +60,11 @@ class ClusterConfig:
                         "(exact 1-D k-means by dynamic programming where affordable, never worse than kmeans++)")
     min_size: int = option(256, "leave weights with fewer elements alone (biases and norm scales are never clustered)",
                            unit="elements")
-    codebook_dtype: Literal["auto", "float32", "float16"] = option(
+    codebook_dtype: Literal["auto", "float32", "float16", "int8"] = option(
         "auto", "storage of the shared values; auto: float16 where rounding to it adds under 1% to the tensor's "
-        "clustering error (halves per-channel codebooks), else float32; the weights keep their type")
+        "clustering error (halves per-channel codebooks), else float32; int8: symmetric 8-bit codes and a float16 "
+        "scale per codebook row (a little over half a float16 per-channel codebook; the shared values are rounded to "
+        "1/127 of their row's largest); the weights keep their type")
     iterations: int = option(300, "most Lloyd iterations per tensor (they stop once no weight changes cluster)")
     rounding: Literal["nearest", "adaround"] = option(
         "nearest", "init=grid, per channel: each weight to its nearest level, or adaround: to the level below or above "
@@ -106,15 +108,31 @@ def _layout(target: Target, shape: tuple[int, ...], config: ClusterConfig) -> tu
 FLOAT16_TOLERANCE = 0.01
 
 
+def _byte_codebook(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids [rows, k] as symmetric int8 codes and a float16 scale per row [rows, 1]: value = code * scale,
+    computed in float32 (as the graph's Cast and Mul do)."""
+    peak = np.abs(centroids).max(axis=1, keepdims=True)
+    scale = np.where(peak > 0, peak / 127, 1.0).astype(np.float16)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.float16(1))  # float16 over- or underflow
+    codes = np.clip(np.rint(centroids / scale.astype(np.float64)), -127, 127).astype(np.int8)
+    return codes, scale
+
+
 def _store(clustering: Clustering, reference: np.ndarray, dtype: np.dtype, choice: str, shape: tuple[int, ...],
-           axis: int | None) -> tuple[np.ndarray, np.ndarray, float]:
-    """The codebook in its storage type, the decoded weight (in the weight's type) and its squared error.
+           axis: int | None) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+    """The codebook in its storage type, the decoded weight (in the weight's type), its squared error, and for an
+    int8 codebook its scale per row.
 
     ``auto`` takes float16 when it adds at most :data:`FLOAT16_TOLERANCE` to
     the error; float16 is never used where it overflows. A float16 weight
     always gets a float16 codebook (a wider one would be rounded anyway).
     """
     labels = clustering.labels.astype(np.intp)
+    if choice == "int8":
+        codes, scale = _byte_codebook(clustering.centroids)
+        values = (codes.astype(np.float32) * scale.astype(np.float32)).astype(dtype)
+        decoded = from_rows(np.take_along_axis(values, labels, axis=1), shape, axis)
+        return codes, decoded, float(np.square(reference - decoded).sum()), scale
 
     def build(name: str) -> tuple[np.ndarray, np.ndarray, float]:
         with np.errstate(over="ignore"):
@@ -124,14 +142,14 @@ def _store(clustering: Clustering, reference: np.ndarray, dtype: np.dtype, choic
         return codebook, decoded, error
 
     if dtype.itemsize <= 2:
-        return build(dtype.name)
+        return (*build(dtype.name), None)
     if choice == "float32":
-        return build("float32")
+        return (*build("float32"), None)
     half = build("float16")
     if choice == "float16" and np.isfinite(half[2]):
-        return half
+        return (*half, None)
     full = build("float32")
-    return half if half[2] <= full[2] * (1 + FLOAT16_TOLERANCE) else full
+    return (*(half if half[2] <= full[2] * (1 + FLOAT16_TOLERANCE) else full), None)
 
 
 class ClusterPass(Pass[ClusterConfig]):
@@ -228,7 +246,7 @@ class ClusterPass(Pass[ClusterConfig]):
         reference = weight.astype(np.float64)
         # a grid's codebook stays float32: float16 levels would no longer be exact multiples of one step
         choice = "float32" if config.init == "grid" and weight.dtype == np.float32 else config.codebook_dtype
-        codebook, decoded, error = _store(clustering, reference, weight.dtype, choice, shape, axis)
+        codebook, decoded, error, scale = _store(clustering, reference, weight.dtype, choice, shape, axis)
         energy = float(np.square(reference).sum())
         relative = error / energy if energy > 0 else (0.0 if error == 0 else 1.0)
         k = codebook.shape[1]
@@ -238,14 +256,15 @@ class ClusterPass(Pass[ClusterConfig]):
             after = decoded.nbytes
         else:
             decoder = decoders.setdefault(id(target.graph), Decoder(target.graph, names))
-            nodes, out = decoder.decode(target.name, codebook, clustering.labels, bits, shape, axis, weight.dtype)
+            nodes, out = decoder.decode(target.name, codebook, clustering.labels, bits, shape, axis, weight.dtype,
+                                        scale)
             target.graph.insert_before(target.graph.node(0), nodes)
             reroute(target.value, out)
             # the decoded weight takes the initializer's name, so readers still read "conv1.weight"
             name = target.value.name
             del target.graph.initializers[name]
             out.name = name
-            after = codebook.nbytes + -(-clustering.labels.size * bits // 8)
+            after = codebook.nbytes + -(-clustering.labels.size * bits // 8) + (scale.nbytes if scale is not None else 0)
         row: dict[str, Any] = {
             "tensor": target.name, "shape": list(shape), "granularity": "channel" if axis is not None else "tensor",
             "k": k, "init": clustering.method, "codebook": str(codebook.dtype),
@@ -256,6 +275,8 @@ class ClusterPass(Pass[ClusterConfig]):
             row["bits"] = bits
         if note:
             row["note"] = note
+        if target.via:
+            row["read_through"] = target.via
         report.items.append(row)
         return seconds, error, energy
 

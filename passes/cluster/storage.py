@@ -107,9 +107,11 @@ class Decoder:
         return make_node(op, inputs, attributes, names=self.names, name_hint=hint)
 
     def decode(self, name: str, codebook: np.ndarray, indices: np.ndarray, bits: int, shape: Sequence[int],
-               axis: int | None, dtype: np.dtype) -> tuple[list[ir.Node], ir.Value]:
+               axis: int | None, dtype: np.dtype,
+               scale: np.ndarray | None = None) -> tuple[list[ir.Node], ir.Value]:
         """Initializers for ``codebook`` ([1, k] or [C, k]) and ``indices`` (the labels as rows, uint8), and the
-        nodes rebuilding the weight of ``shape`` and ``dtype``; returns the nodes (in order) and their output."""
+        nodes rebuilding the weight of ``shape`` and ``dtype``; returns the nodes (in order) and their output.
+        With ``scale`` ([rows, 1] float16) the codebook holds int8 codes of ``code * scale`` (in float32)."""
         rows, count = indices.shape
         per_channel = axis is not None
         target = (rows, count) if per_channel else tuple(shape)
@@ -140,7 +142,15 @@ class Decoder:
         index = add(self._node("Cast", [index], f"{name}.i32", to=int(ir.DataType.INT32)))
         table = add_initializer(self.graph, codebook if per_channel else codebook.reshape(-1),
                                 self.names.fresh(f"{name}.codebook"))
-        if codebook.dtype != dtype:
+        if scale is not None:
+            stored = add_initializer(self.graph, scale if per_channel else scale.reshape(-1),
+                                     self.names.fresh(f"{name}.scale"))
+            table = add(self._node("Cast", [table], f"{name}.codes", to=int(ir.DataType.FLOAT)))
+            factor = add(self._node("Cast", [stored], f"{name}.step", to=int(ir.DataType.FLOAT)))
+            table = add(self._node("Mul", [table, factor], f"{name}.levels"))
+            if dtype != np.float32:
+                table = add(self._node("Cast", [table], f"{name}.values", to=int(ir.DataType.from_numpy(dtype))))
+        elif codebook.dtype != dtype:
             table = add(self._node("Cast", [table], f"{name}.values", to=int(ir.DataType.from_numpy(dtype))))
         if not per_channel:
             out = add(self._node("Gather", [table, index], f"{name}.decoded"))

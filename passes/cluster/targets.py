@@ -4,18 +4,21 @@ Every graph is searched, If/Loop/Scan bodies included, and each initializer
 once, in the graph that owns it: a weight several nodes read (an outer-scope
 initializer two If branches share, a tied embedding) is one target, and its
 decode is written once in its own graph, so every reader reads the shared copy.
+A weight counts when it reaches a weight input through ops that only move values
+(an exporter's Slice/Concat/Unsqueeze reordering an LSTM's gates, a Reshape, a
+Cast): clustering replaces values one for one, which such ops carry unchanged.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import attribute, is_onnx_op, is_weight, iter_graphs
+from onnxopt.graph import attribute, is_onnx_op, is_weight, iter_graphs, weight_reads
 
 __all__ = ["WeightSlot", "WEIGHT_SLOTS", "Target", "find_targets", "FLOAT_TYPES"]
 
@@ -64,6 +67,8 @@ class Target:
     value: ir.Value
     axis: int | None
     readers: list[str]
+    #: op types of the value-moving nodes between the weight and its readers (empty: read directly)
+    via: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -81,15 +86,18 @@ def find_targets(model: ir.Model, ops: Sequence[str], min_size: int,
     skipped: list[tuple[str, str]] = []
     for graph in iter_graphs(model):
         for value in list(graph.initializers.values()):
-            slots = [(node, WEIGHT_SLOTS[node.op_type]) for node, index in value.uses()
-                     if is_onnx_op(node, *ops) and node.op_type in WEIGHT_SLOTS and WEIGHT_SLOTS[node.op_type].reads(index)]
-            if not slots or not is_weight(value):
+            if not is_weight(value):
+                continue
+            slots = [(read, WEIGHT_SLOTS[read.node.op_type]) for read in weight_reads(value)
+                     if is_onnx_op(read.node, *ops) and read.node.op_type in WEIGHT_SLOTS
+                     and WEIGHT_SLOTS[read.node.op_type].reads(read.index)]
+            if not slots:
                 continue
             name = value.name or "?"
             tensor = value.const_value
             assert tensor is not None
             size = int(np.prod(tensor.shape.numpy())) if tensor.shape.dims else 1
-            readers = [node.name or node.op_type for node, _ in slots]
+            readers = [read.node.name or read.node.op_type for read, _ in slots]
             reason = None
             if tensor.dtype not in FLOAT_TYPES:
                 if size < min_size:  # index and shape tables read by Gather: not weights, not worth a line
@@ -104,6 +112,8 @@ def find_targets(model: ir.Model, ops: Sequence[str], min_size: int,
             if reason is not None:
                 skipped.append((name, reason))
                 continue
-            axes = {slot.channel_axis(node, len(tensor.shape)) for node, slot in slots}
-            targets.append(Target(graph, value, axes.pop() if len(axes) == 1 else None, readers))
+            axes = {None if read.rank is None else read.source_axis(slot.channel_axis(read.node, read.rank))
+                    for read, slot in slots}
+            via = list(dict.fromkeys(node.op_type for read, _ in slots for node in read.path))
+            targets.append(Target(graph, value, axes.pop() if len(axes) == 1 else None, readers, via))
     return targets, skipped

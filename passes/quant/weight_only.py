@@ -75,42 +75,46 @@ class Int8WeightTarget:
 
 
 def int8_weight_targets(model: ir.Model, excluded: Mapping[str, str]) -> tuple[list[Int8WeightTarget], list[tuple[str, str]]]:
-    """Weights of LSTM/GRU/RNN and Gather tables (any graph, outer-scope readers included), and (label, why) skips."""
-    from onnxopt.graph import is_weight, iter_graphs
+    """Weights of LSTM/GRU/RNN and Gather tables (any graph, outer-scope readers included, read directly or through
+    ops that only move values, such as an exporter's gate-reordering Slice/Concat), and (label, why) skips."""
+    from onnxopt.graph import is_weight, iter_graphs, weight_reads
 
     targets: list[Int8WeightTarget] = []
     skipped: list[tuple[str, str]] = []
     for graph in iter_graphs(model):
         for value in list(graph.initializers.values()):
-            uses = list(value.uses())
-            slots = [(node, i) for node, i in uses
-                     if node.domain in ("", "ai.onnx") and node.op_type in INT8_WEIGHT_SLOTS
-                     and i in INT8_WEIGHT_SLOTS[node.op_type][0]]
-            if not slots or not is_weight(value) or value.const_value is None:
+            if not is_weight(value) or value.const_value is None:
                 continue
-            label = f"{slots[0][0].op_type} weight {value.name}"
+            reads = weight_reads(value)
+            slots = [read for read in reads
+                     if read.node.domain in ("", "ai.onnx") and read.node.op_type in INT8_WEIGHT_SLOTS
+                     and read.index in INT8_WEIGHT_SLOTS[read.node.op_type][0]]
+            if not slots:
+                continue
+            label = f"{slots[0].node.op_type} weight {value.name}"
             if value.dtype != ir.DataType.FLOAT or value.const_value.size < INT8_WEIGHT_MIN_SIZE:
                 continue  # index tables, small constants
-            others = sorted({node.op_type for node, i in uses if (node, i) not in slots})
+            others = sorted({read.node.op_type for read in reads if read not in slots})
             if others:
                 skipped.append((label, f"also read by {', '.join(others)}: stored once, it would stop being a constant for them"))
                 continue
-            reasons = [excluded[node.name] for node, _ in slots if node.name in excluded]
+            reasons = [excluded[read.node.name] for read in slots if read.node.name in excluded]
             if reasons:
                 skipped.append((label, f"a reader is kept float: {reasons[0]}"))
                 continue
             if value.is_graph_output():
                 skipped.append((label, "also a graph output"))
                 continue
-            shape = value.const_value.shape
             axes = set()
-            for node, _ in slots:
-                axis = INT8_WEIGHT_SLOTS[node.op_type][1]
-                if node.op_type == "Gather":
-                    axis = int(attribute(node, "axis", 0)) % len(shape) if len(shape) else axis
-                axes.add(axis if len(shape) >= 2 else None)
+            for read in slots:
+                axis: int | None = INT8_WEIGHT_SLOTS[read.node.op_type][1]
+                if read.rank is None or read.rank < 2:
+                    axis = None
+                elif read.node.op_type == "Gather":
+                    axis = int(attribute(read.node, "axis", 0)) % read.rank
+                axes.add(read.source_axis(axis))
             targets.append(Int8WeightTarget(graph, value, axes.pop() if len(axes) == 1 else None,
-                                            [node for node, _ in slots]))
+                                            list({id(read.node): read.node for read in slots}.values())))
     return targets, skipped
 
 
