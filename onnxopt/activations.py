@@ -26,7 +26,7 @@ from onnxopt.sessions import SessionFactory, run_batches
 
 __all__ = ["iter_activations", "iter_activation_parts", "activation_bytes_per_sample", "bounded_batches",
            "ACTIVATION_BUDGET", "SEGMENT_MIN_BYTES", "SEGMENT_SHARE", "segment_min_bytes", "held_bytes",
-           "model_segments", "run_segments"]
+           "model_segments", "run_segments", "segment_models"]
 
 #: Bytes of intermediate tensors one batch may produce on a large model: calibration can expose all of them at once,
 #: so on a transformer of billions of weights the default 64 samples would hold gigabytes of activations per batch.
@@ -250,13 +250,15 @@ def _node_weights(graph: ir.Graph, nodes: list[ir.Node], constant: list[bool]) -
     return weights, folded[0]
 
 
-def _segments(model: ir.Model, *, budget: float | None = None) -> list[list[int]] | None:
+def _segments(model: ir.Model, *, budget: float | None = None,
+              crosses: Callable[[ir.Value], bool] | None = None) -> list[list[int]] | None:
     """Runs of main-graph node indices of at most ``budget`` bytes held by a session each (weights and the values
     ORT folds from them); None when one session is right (subgraphs, a single segment, a model within ``budget``,
     or without ``budget`` a model under :func:`segment_min_bytes`, which then gets SEGMENT_SHARE of its own).
 
     Nodes computed from weights alone go with every segment that reads them (so a decode is folded or run beside
-    its consumer, never carried across a boundary).
+    its consumer, never carried across a boundary). With ``crosses``, a boundary is drawn only where every value
+    that would cross it passes ``crosses`` (a segment then grows past ``budget`` until it can end).
     """
     graph = model.graph
     if next(iter(graph.subgraphs()), None) is not None:
@@ -269,10 +271,20 @@ def _segments(model: ir.Model, *, budget: float | None = None) -> list[list[int]
         return None
     budget = SEGMENT_SHARE * total if budget is None else budget
     order = [i for i in range(len(nodes)) if not constant[i]]
+    blocked = [0] * (len(order) + 2)  # +1 where a value that may not cross starts to span a cut, -1 past its last use
+    if crosses is not None:
+        position = {id(nodes[i]): k for k, i in enumerate(order)}
+        for k, i in enumerate(order):
+            for value in nodes[i].outputs:
+                last = max((position[id(user)] for user, _ in value.uses() if id(user) in position), default=k)
+                if last > k and not crosses(value):
+                    blocked[k + 1] += 1
+                    blocked[last + 1] -= 1
     segments: list[list[int]] = [[]]
-    held = 0
-    for i in order:
-        if segments[-1] and held + weights[i] > budget:
+    held = spanning = 0
+    for k, i in enumerate(order):
+        spanning += blocked[k]
+        if segments[-1] and held + weights[i] > budget and not spanning:
             segments.append([])
             held = 0
         segments[-1].append(i)
@@ -299,9 +311,23 @@ def _segments(model: ir.Model, *, budget: float | None = None) -> list[list[int]
     return [sorted(members) for members in full]
 
 
-def model_segments(model: ir.Model, *, budget: float | None = None) -> list[list[int]] | None:
+def model_segments(model: ir.Model, *, budget: float | None = None,
+                   crosses: Callable[[ir.Value], bool] | None = None) -> list[list[int]] | None:
     """The segments :func:`run_segments` runs ``model`` in, or None when one session is right (see _segments)."""
-    return _segments(model, budget=budget)
+    return _segments(model, budget=budget, crosses=crosses)
+
+
+def segment_models(model: ir.Model, segments: list[list[int]]) -> Iterator[ir.Model]:
+    """Each segment as a model of its own, made one at a time (sharing ``model``'s weights): its inputs are what it
+    reads from the data or from earlier segments, its outputs what later segments read and the graph outputs it
+    makes. For reading what ORT makes of each part (no values are carried)."""
+    nodes = list(model.graph)
+    reads = _reads(model, segments)
+    finals = {v.name for v in model.graph.outputs}
+    for s, indices in enumerate(segments):
+        later = {name for r in reads[s + 1:] for name in r}
+        outs = list(dict.fromkeys(v.name for i in indices for v in nodes[i].outputs if v.name in later or v.name in finals))
+        yield _segment_model(model, indices, reads[s], outs)
 
 
 def _segment_model(model: ir.Model, indices: list[int], inputs: list[str], outputs: list[str],

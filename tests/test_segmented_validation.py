@@ -3,8 +3,8 @@
 What must hold: the segmented path computes the outputs a whole-model ORT session computes (bit for bit on
 MatMul/Gemm models, packed cluster decodes included, and within float rounding on the conv net, where ORT's
 fusions at a boundary differ), so apply's figures are the normal path's; a packed decode is folded beside its
-consumer, never carried across a boundary; the quant kernel check on zero-filled stand-ins counts the kernels
-the real weights give; and an output ORT inflates at load is warned about.
+consumer, never carried across a boundary; the quant kernel check read a segment at a time counts the kernels
+a whole-model session has; and an output ORT inflates at load is warned about.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from onnxopt.io import load_model
 from onnxopt.sessions import SessionFactory
 from onnxopt.timing import TimingConfig
 from onnxopt.validate import collect_outputs, outputs_by_segments, segmented_validation
-from onnxopt_passes.quant.kernels import _stand_ins, ort_kernels
+from onnxopt_passes.quant.kernels import _may_cross, ort_kernels
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 QUICK = TimingConfig(repeat=3, time_budget=0.5, warmup=1)
@@ -107,22 +107,18 @@ def test_a_bad_threshold_is_one_clear_error(monkeypatch) -> None:
 @pytest.mark.parametrize("name", ["cnn", "mlp", "transformer"])
 @pytest.mark.parametrize("setting", [{"mode": "static"}, {"mode": "dynamic"}, {"weight_bits": 4}],
                          ids=["static", "dynamic", "int4"])
-def test_kernel_check_on_stand_ins_counts_the_real_kernels(name, setting, tmp_path, monkeypatch) -> None:
-    import onnxopt_passes.quant.kernels as kernels
-
-    monkeypatch.setattr(kernels, "STAND_IN_BYTES", 1024)  # the digits weights are small: stand in for most of them
+def test_the_segmented_kernel_check_counts_the_whole_models_kernels(name, setting, tmp_path, monkeypatch) -> None:
     out = tmp_path / "q.onnx"
     apply(DIGITS / f"{name}.onnx", "quant", out, data=DIGITS / "calib.npz", validate_result=False,
           settings={"quant": setting})
     model = load_model(out)
-    stand_in = _stand_ins(model)
-    replaced = [n for n, v in stand_in.graph.initializers.items()
-                if v.const_value is not model.graph.initializers[n].const_value]
-    assert replaced and all(not np.any(stand_in.graph.initializers[n].const_value.numpy()) for n in replaced)
-    assert any(np.any(model.graph.initializers[n].const_value.numpy()) for n in replaced)  # the model is untouched
-    real = ort_kernels(model, SessionFactory(), stand_ins=False)
-    assert sum(real["integer"].values()) > 0
-    assert ort_kernels(model, SessionFactory(), stand_ins=True) == real
+    whole = ort_kernels(model, SessionFactory())
+    assert sum(whole["integer"].values()) > 0
+    monkeypatch.setenv("ONNXOPT_SEGMENT_MIN_BYTES", "1")
+    segments = model_segments(model, budget=1, crosses=_may_cross)
+    assert ort_kernels(model, SessionFactory()) == whole
+    # where no cut leaves every fused group whole (the static cnn and mlp: Q/DQ or Relu on every edge), one session
+    assert (segments is None) == (name != "transformer" and setting == {"mode": "static"})
 
 
 def test_an_output_ort_inflates_at_load_is_warned_about(tmp_path, monkeypatch) -> None:
