@@ -61,29 +61,57 @@ class Measured:
     peak_anon: int
     stdout: str = ""
     stderr: str = ""
+    #: peak of the summed RSS of the command and its descendants alive at one time (sampled at 20 Hz)
+    peak_tree: int = 0
 
 
 #: Runs the command and reports its peak RSS. A child's ru_maxrss starts at the hiwater RSS of the process it was
 #: forked from (Linux keeps the old address space's peak across exec), so the measuring parent must be small:
-#: this script, not a benchmark or pytest process that may hold gigabytes. It also samples RssAnon at 20 Hz.
+#: this script, not a benchmark or pytest process that may hold gigabytes. It also samples, at 20 Hz, RssAnon of
+#: the command and the summed RSS of the command and all its descendants alive at that moment ("tree"): ru_maxrss
+#: (what `/usr/bin/time -v` prints) is the largest single process, not the sum of processes alive together.
 _WRAPPER = """
 import json, os, subprocess, sys, time
 out, cmd = sys.argv[1], sys.argv[2:]
 start = time.perf_counter()
 proc = subprocess.Popen(cmd, stdout=open(out + ".stdout", "w"), stderr=open(out + ".stderr", "w"))
-anon = 0
+anon = tree = 0
+def rss(pid, field="VmRSS:"):
+    with open("/proc/%d/status" % pid) as f:
+        return max([0] + [int(l.split()[1]) * 1024 for l in f if l.startswith(field)])
+def family(root):
+    parent = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as f:
+                    parent[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    members, grew = {root}, True
+    while grew:
+        new = {p for p, pp in parent.items() if pp in members and p not in members}
+        members |= new
+        grew = bool(new)
+    return members
 while True:
     pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
     if pid:
         break
     try:
-        with open("/proc/%d/status" % proc.pid) as f:
-            anon = max([anon] + [int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:")])
+        anon = max(anon, rss(proc.pid, "RssAnon:"))
     except OSError:
         pass
+    total = 0
+    for member in family(proc.pid):
+        try:
+            total += rss(member)
+        except OSError:
+            pass
+    tree = max(tree, total)
     time.sleep(0.05)
 json.dump({"returncode": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - start,
-           "peak_rss": usage.ru_maxrss * 1024, "peak_anon": anon}, open(out, "w"))
+           "peak_rss": usage.ru_maxrss * 1024, "peak_anon": anon, "peak_tree": tree}, open(out, "w"))
 """
 
 
@@ -99,7 +127,7 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path
         stdout = Path(str(out) + ".stdout").read_text()
         stderr = Path(str(out) + ".stderr").read_text()
     return Measured(result["returncode"], result["seconds"], result["peak_rss"], result["peak_anon"], stdout[-100_000:],
-                    stderr[-4000:])
+                    stderr[-4000:], result.get("peak_tree", 0))
 
 
 @dataclass(frozen=True)

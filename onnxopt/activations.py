@@ -10,23 +10,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from onnxopt.data import Dataset
+from onnxopt.errors import OnnxoptError
 from onnxopt.graph import cleanup, expose_values
 from onnxopt.progress import Progress
 from onnxopt.sessions import SessionFactory, run_batches
 
 __all__ = ["iter_activations", "iter_activation_parts", "activation_bytes_per_sample", "bounded_batches",
-           "ACTIVATION_BUDGET", "SEGMENT_MIN_BYTES", "SEGMENT_SHARE"]
+           "ACTIVATION_BUDGET", "SEGMENT_MIN_BYTES", "SEGMENT_SHARE", "segment_min_bytes", "held_bytes",
+           "model_segments", "run_segments", "segment_models"]
 
 #: Bytes of intermediate tensors one batch may produce on a large model: calibration can expose all of them at once,
 #: so on a transformer of billions of weights the default 64 samples would hold gigabytes of activations per batch.
 ACTIVATION_BUDGET = 2**27
-#: Models with at least this many bytes of weights give their activations a segment at a time (iter_activation_parts).
+#: Models with at least this many bytes of weights give their activations a segment at a time (iter_activation_parts),
+#: and are validated a segment at a time (onnxopt.validate); ``ONNXOPT_SEGMENT_MIN_BYTES`` overrides it.
+#: Why 1 GiB: one session over a model holds about its weights, and the process's fixed cost (Python, onnx, ORT,
+#: the IR) is 0.3-0.6 GB; from 1 GiB on, the session is the larger part of a run's peak, and a model of 2 GB or
+#: more, where a second copy no longer fits beside the first on a typical 8-16 GB machine, is always segmented.
 SEGMENT_MIN_BYTES = 2**30
 #: Share of the model's weight bytes one segment's session may hold.
 SEGMENT_SHARE = 0.2
@@ -73,7 +82,7 @@ def iter_activation_parts(
 
     For consumers that fold each value's batches into running statistics
     (calibration ranges), where the grouping does not matter. A model with
-    :data:`SEGMENT_MIN_BYTES` of weights or more whose main graph holds no
+    :func:`segment_min_bytes` of weights or more whose main graph holds no
     subgraph runs as consecutive segments of at most :data:`SEGMENT_SHARE`
     of its weights, each in a session of its own that is created, run on every
     batch and dropped before the next: ORT touches every weight of a session
@@ -90,73 +99,245 @@ def iter_activation_parts(
     if segments is None:
         yield from iter_activations(model, wanted, dataset, sessions, progress=progress, description=description)
         return
-    nodes = list(exposed.graph)
-    initializers = set(exposed.graph.initializers)
-    reads: list[list[str]] = []  # per segment: the values it reads from the data or from earlier segments
+    task = progress.task(f"{description} ({len(segments)} segments)", total=len(segments) * dataset.num_batches) \
+        if progress else None
+    for _, part in run_segments(exposed, segments, wanted, dataset.batches, sessions, task=task):
+        yield part
+    if task is not None:
+        task.close()
+
+
+def run_segments(
+    model: ir.Model,
+    segments: list[list[int]],
+    wanted: Sequence[str],
+    feeds: Callable[[], Iterable[dict[str, np.ndarray]]],
+    sessions: SessionFactory,
+    *,
+    task: Any = None,
+    time: Callable[[ort.InferenceSession, dict[str, np.ndarray]], None] | None = None,
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Run ``model`` as ``segments`` (from :func:`model_segments`), one session alive at a time, on every feed.
+
+    Yields ``(feed index, {name: array})`` for the ``wanted`` values; each value comes from one segment only,
+    in feed order. ``time(session, feed)``, when given, is called once per segment, on its session, with the
+    last feed's values at the segment's inputs.
+    """
+    nodes = list(model.graph)
+    reads = _reads(model, segments)
+    inputs = {v.name for v in model.graph.inputs}
+    given = {name for name in wanted if name in inputs}  # the data's own values come with the first segment
+    carried: list[dict[str, np.ndarray]] = []  # per feed: the data's inputs, then every boundary value still needed
+    for s, indices in enumerate(segments):
+        later = {name for r in reads[s + 1:] for name in r}
+        outs = list(dict.fromkeys(v.name for i in indices for v in nodes[i].outputs
+                                  if v.name in later or (v.name in wanted and v.name not in given)))
+        mine = [name for name in outs if name in wanted and name not in given]
+        segment = _segment_model(model, indices, reads[s], outs, carried[0] if carried else None)
+        session = sessions.create(segment)
+        source = feeds() if s == 0 else iter(carried)
+        kept: list[dict[str, np.ndarray]] = []
+        last: dict[str, np.ndarray] = {}
+        for b, feed in enumerate(source):
+            last = {name: feed[name] for name in reads[s]}
+            results = session.run(outs, last)
+            part = dict(zip(outs, results))
+            if s == 0:
+                yield b, {name: feed[name] for name in wanted if name in inputs and name in feed}
+            yield b, {name: part[name] for name in mine}
+            carry = {**(feed if s else {k: v for k, v in feed.items() if k in later}), **part}
+            kept.append({k: v for k, v in carry.items() if k in later})
+            if s:
+                carried[b] = {}  # give this feed's old boundary back before the next is built up
+            if task is not None:
+                task.advance()
+        given.update(mine)
+        if time is not None and last:
+            time(session, last)
+        del session, segment
+        carried = kept
+
+
+def _reads(model: ir.Model, segments: list[list[int]]) -> list[list[str]]:
+    """Per segment: the values it reads from the data or from earlier segments."""
+    nodes = list(model.graph)
+    initializers = set(model.graph.initializers)
+    reads: list[list[str]] = []
     for indices in segments:
         made = {out.name for i in indices for out in nodes[i].outputs}
         read = dict.fromkeys(v.name for i in indices for v in nodes[i].inputs
                              if v is not None and v.name and v.name not in made and v.name not in initializers)
         reads.append(list(read))
-    inputs = {v.name for v in exposed.graph.inputs}
-    task = progress.task(f"{description} ({len(segments)} segments)", total=len(segments) * dataset.num_batches) \
-        if progress else None
-    carried: list[dict[str, np.ndarray]] = []  # per batch: the data's inputs, then every boundary value still needed
-    for s, indices in enumerate(segments):
-        later = {name for r in reads[s + 1:] for name in r}
-        outs = [v.name for i in indices for v in nodes[i].outputs if v.name in later or v.name in wanted]
-        session = sessions.create(_segment_model(exposed, indices, reads[s], outs))
-        feeds = dataset.batches() if s == 0 else iter(carried)
-        kept: list[dict[str, np.ndarray]] = []
-        for b, feed in enumerate(feeds):
-            results = session.run(outs, {name: feed[name] for name in reads[s]})
-            part = dict(zip(outs, results))
-            if s == 0:
-                yield {name: feed[name] for name in wanted if name in inputs and name in feed}
-            yield {name: part[name] for name in outs if name in wanted}
-            carry = {**(feed if s else {k: v for k, v in feed.items() if k in later}), **part}
-            kept.append({k: v for k, v in carry.items() if k in later})
-            if s:
-                carried[b] = {}  # give this batch's old boundary back before the next is built up
-            if task is not None:
-                task.advance()
-        del session
-        carried = kept
-    if task is not None:
-        task.close()
+    return reads
 
 
-def _segments(model: ir.Model) -> list[list[int]] | None:
-    """Consecutive runs of main-graph node indices of at most SEGMENT_SHARE of the weights each; None when one
-    session is right (a small model, subgraphs, or a single segment)."""
+#: Ops whose values ORT's constant folding leaves as they are (its QDQ fusions read them) and ops without fixed
+#: values (never constant, whatever their inputs).
+_NOT_FOLDED = frozenset({"DequantizeLinear", "QuantizeLinear"})
+_RANDOM = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"})
+
+
+def segment_min_bytes() -> int:
+    """:data:`SEGMENT_MIN_BYTES`, or the ``ONNXOPT_SEGMENT_MIN_BYTES`` environment variable when set (a knob for
+    forcing the large-model paths on small models, and for machines with little memory)."""
+    raw = os.environ.get("ONNXOPT_SEGMENT_MIN_BYTES", "").strip()
+    if not raw:
+        return SEGMENT_MIN_BYTES
+    try:
+        return max(0, int(float(raw)))
+    except ValueError:
+        raise OnnxoptError(f"ONNXOPT_SEGMENT_MIN_BYTES={raw!r} is not a number of bytes",
+                           "give bytes, e.g. ONNXOPT_SEGMENT_MIN_BYTES=1073741824, or unset it") from None
+
+
+def _value_bytes(value: ir.Value) -> int:
+    if value.shape is None or value.dtype is None or not all(isinstance(d, int) for d in value.shape.dims):
+        return 0
+    return (math.prod(value.shape.dims) * value.dtype.bitwidth + 7) // 8
+
+
+def _constant_nodes(graph: ir.Graph, nodes: list[ir.Node]) -> list[bool]:
+    """Per node: computed from weights alone (so ORT folds it at session creation, DequantizeLinear aside)."""
+    constant = {name for name, value in graph.initializers.items() if not value.is_graph_input()}
+    flags = []
+    for node in nodes:
+        real = [v for v in node.inputs if v is not None and v.name]
+        flag = node.op_type not in _RANDOM and (node.op_type == "Constant" or (bool(real) and all(v.name in constant
+                                                                                                   for v in real)))
+        if flag:
+            constant.update(v.name for v in node.outputs)
+        flags.append(flag)
+    return flags
+
+
+def held_bytes(model: ir.Model) -> tuple[int, int]:
+    """(stored, folded): bytes of the main graph's weights, and bytes of the values ORT computes from weights alone
+    when it creates a session (constant folding: a decode of packed weights, a transpose of a weight)."""
+    nodes = list(model.graph)
+    weights, folded = _node_weights(model.graph, nodes, _constant_nodes(model.graph, nodes))
+    return sum(weights) - folded, folded
+
+
+def _node_weights(graph: ir.Graph, nodes: list[ir.Node], constant: list[bool]) -> tuple[list[int], int]:
+    """Per node, the bytes a session holds for the weights it is the first to read (0 for constant nodes), with
+    the weights a constant input is folded from and the folded value itself; and the folded share of the total."""
+    sizes = {name: value.const_value.nbytes for name, value in graph.initializers.items()
+             if value.const_value is not None and not value.is_graph_input()}
+    producer = {out.name: i for i, node in enumerate(nodes) for out in node.outputs if constant[i]}
+    seen: set[str] = set()
+    folded = [0]
+
+    def held(value: ir.Value) -> int:
+        stack, total = [value], 0
+        while stack:
+            v = stack.pop()
+            if v is None or not v.name or v.name in seen:
+                continue
+            seen.add(v.name)
+            if v.name in sizes:
+                total += sizes[v.name]
+            elif v.name in producer:
+                node = nodes[producer[v.name]]
+                own = 0 if node.op_type in _NOT_FOLDED else _value_bytes(v)
+                folded[0] += own
+                total += own
+                stack.extend(node.inputs)
+        return total
+
+    weights = [0 if constant[i] else sum(held(v) for v in node.inputs if v is not None)
+               for i, node in enumerate(nodes)]
+    return weights, folded[0]
+
+
+def _segments(model: ir.Model, *, budget: float | None = None,
+              crosses: Callable[[ir.Value], bool] | None = None) -> list[list[int]] | None:
+    """Runs of main-graph node indices of at most ``budget`` bytes held by a session each (weights and the values
+    ORT folds from them); None when one session is right (subgraphs, a single segment, a model within ``budget``,
+    or without ``budget`` a model under :func:`segment_min_bytes`, which then gets SEGMENT_SHARE of its own).
+
+    Nodes computed from weights alone go with every segment that reads them (so a decode is folded or run beside
+    its consumer, never carried across a boundary). With ``crosses``, a boundary is drawn only where every value
+    that would cross it passes ``crosses`` (a segment then grows past ``budget`` until it can end).
+    """
     graph = model.graph
     if next(iter(graph.subgraphs()), None) is not None:
         return None
-    sizes = {name: value.const_value.nbytes for name, value in graph.initializers.items()
-             if value.const_value is not None}
-    total = sum(sizes.values())
-    if total < SEGMENT_MIN_BYTES:
+    nodes = list(graph)
+    constant = _constant_nodes(graph, nodes)
+    weights, _ = _node_weights(graph, nodes, constant)
+    total = sum(weights)
+    if not total or (total <= budget if budget is not None else total < segment_min_bytes()):
         return None
-    budget = SEGMENT_SHARE * total
+    budget = SEGMENT_SHARE * total if budget is None else budget
+    order = [i for i in range(len(nodes)) if not constant[i]]
+    blocked = [0] * (len(order) + 2)  # +1 where a value that may not cross starts to span a cut, -1 past its last use
+    if crosses is not None:
+        position = {id(nodes[i]): k for k, i in enumerate(order)}
+        for k, i in enumerate(order):
+            for value in nodes[i].outputs:
+                last = max((position[id(user)] for user, _ in value.uses() if id(user) in position), default=k)
+                if last > k and not crosses(value):
+                    blocked[k + 1] += 1
+                    blocked[last + 1] -= 1
     segments: list[list[int]] = [[]]
-    held, seen = 0, set()
-    for i, node in enumerate(graph):
-        new = {v.name for v in node.inputs if v is not None and v.name in sizes and v.name not in seen}
-        weight = sum(sizes[n] for n in new)
-        if segments[-1] and held + weight > budget:
+    held = spanning = 0
+    for k, i in enumerate(order):
+        spanning += blocked[k]
+        if segments[-1] and held + weights[i] > budget and not spanning:
             segments.append([])
             held = 0
         segments[-1].append(i)
-        held += weight
-        seen |= new
-    return segments if len(segments) > 1 else None
+        held += weights[i]
+    if len(segments) < 2:
+        return None
+    producer = {out.name: i for i, node in enumerate(nodes) for out in node.outputs if constant[i]}
+
+    def closure(indices: Iterable[int]) -> set[int]:
+        members = set(indices)
+        stack = [v for i in members for v in nodes[i].inputs]
+        while stack:
+            v = stack.pop()
+            j = producer.get(v.name) if v is not None else None
+            if j is not None and j not in members:
+                members.add(j)
+                stack.extend(nodes[j].inputs)
+        return members
+
+    full = [closure(indices) for indices in segments]
+    attached = set().union(*full)
+    # constant nodes no computed node reads (a graph output made from weights alone) go with the first segment
+    full[0] |= closure([*full[0], *(j for j in range(len(nodes)) if constant[j] and j not in attached)])
+    return [sorted(members) for members in full]
 
 
-def _segment_model(model: ir.Model, indices: list[int], inputs: list[str], outputs: list[str]) -> ir.Model:
+def model_segments(model: ir.Model, *, budget: float | None = None,
+                   crosses: Callable[[ir.Value], bool] | None = None) -> list[list[int]] | None:
+    """The segments :func:`run_segments` runs ``model`` in, or None when one session is right (see _segments)."""
+    return _segments(model, budget=budget, crosses=crosses)
+
+
+def segment_models(model: ir.Model, segments: list[list[int]]) -> Iterator[ir.Model]:
+    """Each segment as a model of its own, made one at a time (sharing ``model``'s weights): its inputs are what it
+    reads from the data or from earlier segments, its outputs what later segments read and the graph outputs it
+    makes. For reading what ORT makes of each part (no values are carried)."""
+    nodes = list(model.graph)
+    reads = _reads(model, segments)
+    finals = {v.name for v in model.graph.outputs}
+    for s, indices in enumerate(segments):
+        later = {name for r in reads[s + 1:] for name in r}
+        outs = list(dict.fromkeys(v.name for i in indices for v in nodes[i].outputs if v.name in later or v.name in finals))
+        yield _segment_model(model, indices, reads[s], outs)
+
+
+def _segment_model(model: ir.Model, indices: list[int], inputs: list[str], outputs: list[str],
+                   examples: dict[str, np.ndarray] | None = None) -> ir.Model:
     """A clone of ``model`` holding only the nodes at ``indices``, read from ``inputs``, giving ``outputs``.
 
     The clone shares the weights (no copy); values made by nodes outside
-    become graph inputs of the same name, type and shape.
+    become graph inputs of the same name, type and shape (a value a pass
+    left without a type gets the element type of its array in ``examples``:
+    ORT refuses graph inputs without one).
     """
     clone = model.clone()
     graph = clone.graph
@@ -167,7 +348,10 @@ def _segment_model(model: ir.Model, indices: list[int], inputs: list[str], outpu
     new_inputs = []
     for name in inputs:
         old = by_name[name]
-        fresh = ir.Value(name=name, type=old.type, shape=old.shape)
+        kind = old.type
+        if kind is None and examples is not None and name in examples:
+            kind = ir.TensorType(ir.DataType.from_numpy(np.asarray(examples[name]).dtype))
+        fresh = ir.Value(name=name, type=kind, shape=old.shape)
         for user, index in list(old.uses()):
             if id(user) in keep:
                 user.replace_input_with(index, fresh)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.activations import bounded_batches
+from onnxopt.activations import bounded_batches, held_bytes
 from onnxopt.data import Dataset, compared_values, input_specs, load_dataset, shape_hint, synthetic_dataset
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import training_mode_nodes
@@ -23,7 +23,7 @@ from onnxopt.manager import plan_passes, run_chain
 from onnxopt.pass_api import PassContext
 from onnxopt.plugins import Registry, load_registry
 from onnxopt.progress import Progress
-from onnxopt.report import RunReport, report_paths, write_report
+from onnxopt.report import RunReport, format_bytes, report_paths, write_report
 from onnxopt.sessions import SessionFactory, resolve_providers
 from onnxopt.split import split_dataset
 from onnxopt.timing import TimingConfig
@@ -109,6 +109,30 @@ def _loud_warning(drop: float, basis: str, lossy: list[str], command: str | None
         " (give --data calib.npz and --eval eval.npz too: the passes choose their strength on them)"
     return (f"{', '.join(lossy)} lost {drop * 100:.1f} pt ({basis}) and no budget was given. "
             f"To let each pass choose the most compression within 1 pt, run: {fixed}{needs}")
+
+
+#: Weights ORT folds at load (a packed decode) below this many bytes are not worth a warning: the process costs more.
+FOLD_WARNING_BYTES = 2**26
+
+
+def _load_memory_warning(reference: ir.Model, candidate: ir.Model) -> str | None:
+    """The warning for an output that a default ORT session holds more of at load than it holds of the input.
+
+    ORT's constant folding turns an in-graph decode of packed weights (cluster's packed indices) back into float
+    weights when it creates a session, with every intermediate of the decode alive at once: the file shrinks,
+    the memory in deployment grows (measured on the 3 GiB benchmark model: 2.79x the original's weights at load,
+    1.45x after; benchmarks/results/tool_time.md). Estimated from the graph, so it costs no session.
+    """
+    stored, folded = held_bytes(candidate)
+    original = sum(held_bytes(reference))
+    if folded < FOLD_WARNING_BYTES or stored + folded <= original:
+        return None
+    return (f"a default ONNX Runtime session on the output holds more memory than one on the input: ORT decodes its "
+            f"packed weights back to floats when it loads it (about {format_bytes(stored + folded)} while loading, "
+            f"against {format_bytes(original)} of weights for the input; estimated from the graph). The file is "
+            "smaller, deployment memory is not: load it with constant folding off (onnxruntime.InferenceSession(path, "
+            "disabled_optimizers=['ConstantFolding']), which decodes at every run instead), or keep float weights "
+            "(cluster.mode=dense)")
 
 
 def apply(
@@ -216,6 +240,9 @@ def apply(
     chain = run_chain(reference, plan, ctx, registry, ledger=validate_result and comparable and split is not None,
                       timed=len(plan) > 1, rollback=rollback)
     candidate, run.passes, run.ledger = chain.model, chain.reports, chain.ledger
+    unfolded = _load_memory_warning(reference, candidate)
+    if unfolded:
+        run.warnings.append(unfolded)
     lossy_asked = [p.name for p in plan if not p.pass_.lossless]
     if chain.rollbacks and lossy_asked and len(chain.rollbacks) >= len(lossy_asked):
         run.warnings.append(f"nothing was compressed within --max-drop {max_drop}: every lossy pass "

@@ -13,6 +13,7 @@ report says which metric each output used and why
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxopt.activations import SEGMENT_SHARE, held_bytes, model_segments, run_segments, segment_min_bytes
 from onnxopt.data import Dataset, input_specs
+from onnxopt.graph import expose_values
 from onnxopt.errors import OnnxoptError
 from onnxopt.measure import count_macs, count_parameters, file_size, stored_weight_bytes
 from onnxopt.metrics import BUILTIN_METRICS, Metric, output_drops
@@ -42,7 +45,8 @@ from onnxopt.timing import (
 
 __all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop",
            "probe_model", "probe_verdict", "PROBE_MAX_BYTES",
-           "one_session_at_a_time", "latency_feed", "gated_drop", "measure_drop_detail"]
+           "one_session_at_a_time", "segmented_validation", "segment_budget", "outputs_by_segments", "latency_feed", "gated_drop",
+           "measure_drop_detail"]
 
 
 @dataclass
@@ -199,6 +203,13 @@ def measure_drop_detail(reference: ir.Model, candidate: ir.Model, dataset: Datas
     cancel, which is what a chooser should guard against. Returns the drop and the gated output's metric.
     """
     labels = dataset.labels if use_labels else None
+    if segmented_validation(reference, candidate):
+        names = _output_names(reference, candidate)
+        budget = segment_budget(reference)
+        ref = reference_outputs if reference_outputs is not None and all(n in reference_outputs for n in names) else \
+            outputs_by_segments(reference, names, dataset, sessions, budget=budget)[0]
+        cand = outputs_by_segments(candidate, names, dataset, sessions, budget=budget)[0]
+        return _with_metric(gated_drop({n: ref[n] for n in names}, cand, labels, declared, registered))
     if one_session_at_a_time(reference, candidate):
         names, (ref, cand), _ = _run_one_at_a_time(reference, candidate, dataset, sessions)
         return _with_metric(gated_drop(ref, cand, labels, declared, registered))
@@ -241,6 +252,10 @@ def validate(
     """
     sessions = sessions or SessionFactory()
     timing = timing or TimingConfig(threads=sessions.threads)
+    if segmented_validation(reference, candidate):
+        return _validate_segmented(reference, candidate, dataset, sessions=sessions, metrics=metrics, progress=progress,
+                                   latency=latency, timing=timing, reference_path=reference_path,
+                                   candidate_path=candidate_path, declared=declared)
     if one_session_at_a_time(reference, candidate):
         return _validate_one_at_a_time(reference, candidate, dataset, sessions=sessions, metrics=metrics, progress=progress,
                                        latency=latency, timing=timing, reference_path=reference_path,
@@ -391,6 +406,122 @@ def _validate_one_at_a_time(
                       declared)
     if times:
         _set_latency(result, compare_unpaired(times[0], times[1], timing))
+    return result
+
+
+def segmented_validation(*models: ir.Model) -> bool:
+    """True when a session over one of the models would hold :func:`onnxopt.activations.segment_min_bytes` or more
+    (its weights, plus what ORT folds from them at creation, such as cluster's decoded weights).
+
+    Such models are validated a segment at a time (:func:`outputs_by_segments`): one session over the whole
+    model holds about its whole weights, and a process that must stay within its model's size cannot also
+    hold that. Smaller models keep the paired, interleaved path.
+    """
+    return any(sum(held_bytes(model)) >= segment_min_bytes() for model in models)
+
+
+def segment_budget(reference: ir.Model) -> float:
+    """Bytes one segment's session may hold when validating against ``reference``: SEGMENT_SHARE of what a session
+    over the reference holds, for both models (a candidate whose session would hold more, such as a packed decode
+    ORT folds back to floats, gets more segments, not larger ones)."""
+    return SEGMENT_SHARE * sum(held_bytes(reference))
+
+
+def _output_names(reference: ir.Model, candidate: ir.Model) -> list[str]:
+    wanted = {v.name for v in candidate.graph.outputs}
+    names = [str(v.name) for v in reference.graph.outputs if v.name in wanted]
+    if not names:
+        raise OnnxoptError("the candidate has none of the reference's outputs",
+                           f"reference outputs: {[v.name for v in reference.graph.outputs]}")
+    return names
+
+
+def outputs_by_segments(
+    model: ir.Model,
+    names: Sequence[str],
+    dataset: Dataset,
+    sessions: SessionFactory,
+    *,
+    feed: Mapping[str, np.ndarray] | None = None,
+    timing: TimingConfig | None = None,
+    progress: Progress | None = None,
+    label: str = "model",
+    budget: float | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, int]:
+    """``model``'s outputs ``names`` on ``dataset``, one segment's session alive at a time; with ``feed``, also
+    the model's run times (ms) on it; and the number of segments.
+
+    The segments are those calibration uses (:func:`onnxopt.activations.model_segments`), of at most ``budget``
+    bytes held per session when given (one segment when the model is small or has subgraphs). Each segment's
+    session is the one a user's default ORT session would make of those nodes: a packed decode (cluster) is
+    folded at creation as deployment folds it, a segment's share at a time (the share counts the folded values).
+    Outputs equal a whole-model session's bit for bit on MatMul/Gemm models; ORT's fusions and layouts at a
+    segment boundary (NCHWc convolutions) can move the last bits (1.4e-6 on examples/digits/cnn.onnx).
+
+    Run times: each segment is timed on its share of ``feed`` (``timing.warmup`` untimed runs, then
+    ``timing.repeat`` runs or half of ``timing.time_budget`` spread over the segments), right after its outputs
+    are computed, on the same session; the model's run time is the sum over segments of their i-th runs. The
+    segments are timed one after the other, never interleaved with another model.
+    """
+    exposed = expose_values(model, names)
+    segments = model_segments(exposed, budget=budget) or [list(range(len(list(exposed.graph))))]
+    timing = timing or TimingConfig(threads=sessions.threads)
+    times: list[np.ndarray] = []
+
+    def time(session: ort.InferenceSession, part: dict[str, np.ndarray]) -> None:
+        times.append(sample_latency_ms(session, part, warmup=timing.warmup, runs=timing.repeat,
+                                       seconds=timing.time_budget / 2 / len(segments)))
+
+    batches = dataset.num_batches
+    feeds = dataset.batches if feed is None else (lambda: itertools.chain(dataset.batches(), [dict(feed)]))
+    task = progress.task(f"validating {label}" + (f" ({len(segments)} segments)" if len(segments) > 1 else ""),
+                         total=len(segments) * (batches + (feed is not None))) if progress else None
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for b, part in run_segments(exposed, segments, list(names), feeds, sessions, task=task,
+                                time=time if feed is not None else None):
+        if b < batches:  # the last feed is latency's
+            for name, array in part.items():
+                parts[name].append(np.atleast_1d(array))
+    if task:
+        task.close()
+    outputs = {n: np.concatenate(p, axis=0) if p else np.empty(0) for n, p in parts.items()}
+    if not times:
+        return outputs, None, len(segments)
+    runs = min(len(t) for t in times)
+    return outputs, np.sum([t[:runs] for t in times], axis=0), len(segments)
+
+
+def _validate_segmented(
+    reference: ir.Model,
+    candidate: ir.Model,
+    dataset: Dataset,
+    *,
+    sessions: SessionFactory,
+    metrics: Sequence[Metric],
+    progress: Progress | None,
+    latency: bool,
+    timing: TimingConfig,
+    reference_path: str | os.PathLike[str] | None,
+    candidate_path: str | os.PathLike[str] | None,
+    declared: Mapping[str, str] | None = None,
+) -> ValidationResult:
+    """:func:`validate` for large models: each model's outputs and run times by segments, one session at a time."""
+    names = _output_names(reference, candidate)
+    feed = latency_feed(dataset, reference) if latency else None
+    budget = segment_budget(reference)
+    ref, ref_ms, ref_parts = outputs_by_segments(reference, names, dataset, sessions, feed=feed, timing=timing,
+                                                 progress=progress, label="reference", budget=budget)
+    cand, cand_ms, cand_parts = outputs_by_segments(candidate, names, dataset, sessions, feed=feed, timing=timing,
+                                                    progress=progress, label="candidate", budget=budget)
+    result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path,
+                      declared)
+    if ref_ms is not None and cand_ms is not None:
+        comparison = compare_unpaired(ref_ms, cand_ms, timing)
+        comparison.warnings.append(
+            f"large models: each was timed a segment at a time ({ref_parts} reference, {cand_parts} candidate "
+            "segments, one ORT session alive at a time) and its latency is the sum of its segments' run times; "
+            "fusions across a segment boundary are not in it")
+        _set_latency(result, comparison)
     return result
 
 

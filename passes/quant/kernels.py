@@ -16,6 +16,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from onnxopt.activations import SEGMENT_SHARE, model_segments, segment_min_bytes, segment_models
 from onnxopt.sessions import SessionFactory
 
 __all__ = ["INTEGER_KERNELS", "ort_kernels"]
@@ -63,30 +64,58 @@ def _int_tensors(graph: onnx.GraphProto) -> set[str]:
     return out
 
 
-def ort_kernels(model: ir.Model, sessions: SessionFactory) -> dict[str, Any]:
-    """Counts from ORT's optimized graph: ``integer`` kernels per source op, ``float`` compute ops left,
-    ``int_data_movers`` (MaxPool, Resize, Reshape, ... running on integer tensors), and ``conversions``
-    (QuantizeLinear/DequantizeLinear/DynamicQuantizeLinear still executed)."""
+#: Ops a boundary may not sit next to: the Q/DQ groups ORT fuses, and the activations it folds into the integer
+#: kernel before them (Conv/Gemm -> Relu -> QuantizeLinear becomes one QLinearConv/QGemm).
+_FUSED_EDGES = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Relu", "Clip", "LeakyRelu",
+                          "Sigmoid", "HardSigmoid", "HardSwish", "Cast"})
+
+
+def _may_cross(value: ir.Value) -> bool:
+    """True for a value a segment boundary may cut: made and read only by ops outside every fused Q/DQ group edge
+    (e.g. a transformer's float residual stream), so each side's fusions are what the whole model's are."""
+    producer = value.producer()
+    if producer is not None and producer.op_type in _FUSED_EDGES:
+        return False
+    return not any(user.op_type in _FUSED_EDGES for user, _ in value.uses())
+
+
+def _optimized_graph(model: ir.Model, sessions: SessionFactory) -> onnx.GraphProto:
     with tempfile.TemporaryDirectory(prefix="onnxopt-quant-") as tmp:
         path = Path(tmp) / "optimized.onnx"
         sessions.create(model, optimized_model_path=path)
-        proto = onnx.load(str(path), load_external_data=False)
-    graph = proto.graph
+        return onnx.load(str(path), load_external_data=False).graph
+
+
+def ort_kernels(model: ir.Model, sessions: SessionFactory) -> dict[str, Any]:
+    """Counts from ORT's optimized graph: ``integer`` kernels per source op, ``float`` compute ops left,
+    ``int_data_movers`` (MaxPool, Resize, Reshape, ... running on integer tensors), and ``conversions``
+    (QuantizeLinear/DequantizeLinear/DynamicQuantizeLinear still executed).
+
+    A model whose session would hold more than SEGMENT_SHARE of :func:`onnxopt.activations.segment_min_bytes`
+    (what a segment of a large float model holds; an int8 model of a 1 GiB one is past it) is read a segment of
+    that size at a time, one session alive at a time, cut only where no fused group is (:func:`_may_cross`; one
+    session when no such cut exists): one session over a whole large quantized model, beside the pass's own copy
+    of its weights, was the static int8 pass's peak (ORT copies the weights while it optimizes and saves the graph).
+    """
+    segments = model_segments(model, budget=SEGMENT_SHARE * segment_min_bytes(), crosses=_may_cross)
+    parts = [model] if segments is None else segment_models(model, segments)
     integer: Counter[str] = Counter()
     floats: Counter[str] = Counter()
     conversions: Counter[str] = Counter()
     movers: Counter[str] = Counter()
-    int_tensors = _int_tensors(graph)
-    for node in graph.node:
-        op = node.op_type
-        if op in INTEGER_KERNELS:
-            integer[INTEGER_KERNELS[op]] += 1
-        elif op in _FLOAT_COMPUTE:
-            floats[_FLOAT_COMPUTE[op]] += 1
-        elif op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
-            conversions[op] += 1
-        elif op in _DATA_MOVERS and node.input and node.input[0] in int_tensors:
-            movers[op] += 1
-    kernels: Counter[str] = Counter(n.op_type for n in graph.node if n.op_type in INTEGER_KERNELS)
+    kernels: Counter[str] = Counter()
+    for graph in (_optimized_graph(part, sessions) for part in parts):
+        int_tensors = _int_tensors(graph)  # nothing integer crosses a boundary (_may_cross)
+        for node in graph.node:
+            op = node.op_type
+            if op in INTEGER_KERNELS:
+                integer[INTEGER_KERNELS[op]] += 1
+                kernels[op] += 1
+            elif op in _FLOAT_COMPUTE:
+                floats[_FLOAT_COMPUTE[op]] += 1
+            elif op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+                conversions[op] += 1
+            elif op in _DATA_MOVERS and node.input and node.input[0] in int_tensors:
+                movers[op] += 1
     return {"integer": dict(integer), "kernels": dict(kernels), "float": dict(floats),
             "int_data_movers": dict(movers), "conversions": dict(conversions)}
