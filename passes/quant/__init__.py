@@ -59,7 +59,7 @@ from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
 from onnxopt_passes.quant.speed import latency_ratio, quantized_islands, region_kinds
 from onnxopt_passes.quant.rewrites import (collapse_float_activations, expand_activations, expansion_groups, fold_bias_add,
-                                           fold_hardsigmoid, tag_hardswish_chains)
+                                           fold_hardsigmoid, rewrite_gelu, tag_hardswish_chains)
 from onnxopt_passes.quant.weight_only import (WeightOnlyStats, int8_weight_targets, quantize_int4_node, quantize_int8_weight,
                                               store_int8_decoded)
 
@@ -129,7 +129,13 @@ class QuantConfig:
         True, "keep float every node whose quantized output would reach a graph output (no shared 8-bit scale over an "
               "output or over the parts a Concat joins into one)")
     rewrite_activations: bool = option(
-        True, "rebuild HardSwish/HardSigmoid/Swish from Add/Clip/Mul/Sigmoid so ONNX Runtime runs them as integer kernels")
+        True, "rebuild HardSwish/HardSigmoid/Swish and tanh-form GELU (Gelu approximate=tanh, com.microsoft FastGelu, "
+              "the exported 0.5*x*(1+tanh(...)) chain) from Add/Clip/Mul/Sigmoid so ONNX Runtime runs them as integer "
+              "kernels; equal in float up to rounding")
+    gelu_erf: Literal["keep", "tanh"] = option(
+        "keep", "erf GELU (Gelu, com.microsoft Gelu, the exported 0.5*x*(1+erf(x/sqrt2)) chain) has no exact integer "
+                "path: keep leaves it float; tanh replaces it by the tanh approximation so it runs as integer kernels "
+                "(lossy: each GELU output moves by at most 4.7e-4, near x = -2.7; needs rewrite_activations)")
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile <= 100:
@@ -476,6 +482,13 @@ class QuantPass(Pass[QuantConfig]):
         """The graph static QDQ is placed on (rewrites, SmoothQuant, int4 grid), and the nodes kept float with why."""
         prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
                             rewrite=True, activations=config.rewrite_activations)
+        if config.rewrite_activations:
+            gelus = rewrite_gelu(prepared, erf=config.gelu_erf == "tanh")
+            if gelus:
+                report.notes.append("GELU rebuilt as x*sigmoid(...) for integer kernels (QLinearMul/QLinearAdd/"
+                                    "QLinearSigmoid): " + ", ".join(f"{k} x{n}" for k, n in gelus.items())
+                                    + "; any left wholly float is put back as one GELU op")
+                name_nodes(prepared)
         if config.smoothquant > 0:
             from onnxopt_passes.quant.smooth import smooth_layernorms
 
