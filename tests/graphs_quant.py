@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 from tests.graphs import init, make_model
 
-__all__ = ["mbv3_net", "yolo_head", "activation_chain", "transition_bound", "exported_hardswish_chain"]
+__all__ = ["mbv3_net", "yolo_head", "activation_chain", "transition_bound", "exported_hardswish_chain", "gelu_mlp", "GELU_FORMS"]
 
 
 class _Builder:
@@ -120,3 +120,52 @@ def exported_hardswish_chain(channels: int = 8, seed: int = 0) -> onnx.ModelProt
     b.nodes.append(helper.make_node("GlobalAveragePool", [b.nodes[-1].output[0]], ["y"], name="gap"))
     return make_model(b.nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, 1, 1])], b.inits, opset=13)
+
+
+GELU_FORMS = ("torch_tanh", "pow_tanh", "onnx_tanh", "fastgelu", "erf_chain", "onnx_erf", "ms_gelu")
+
+
+def gelu_mlp(form: str, dim: int = 32, hidden: int = 128, layers: int = 1, seed: int = 0) -> onnx.ModelProto:
+    """A transformer MLP block: ``layers`` times MatMul + Add -> GELU -> MatMul + Add, with GELU written as ``form``:
+
+    - ``torch_tanh``: PyTorch's tanh export, Mul(0.5, x) * (1 + Tanh(√(2/π)·(x + 0.044715·x·(x·x))));
+    - ``pow_tanh``: x * (1 + Tanh(...(x + 0.044715·Pow(x, 3)))) * 0.5;
+    - ``onnx_tanh`` / ``onnx_erf``: the opset-20 Gelu op (approximate tanh / none);
+    - ``fastgelu`` / ``ms_gelu``: com.microsoft FastGelu (tanh form) / Gelu (erf);
+    - ``erf_chain``: PyTorch's erf export, x * (1 + Erf(x / √2)) * 0.5.
+    """
+    b = _Builder(seed)
+    c = lambda v: b.const(np.array(v, np.float32))  # noqa: E731
+    x = "x"
+    for _ in range(layers):
+        w1 = (b.rng.standard_normal((dim, hidden)) / np.sqrt(dim)).astype(np.float32)
+        w2 = (b.rng.standard_normal((hidden, dim)) / np.sqrt(hidden)).astype(np.float32)
+        n = b.name("fc")
+        b.inits += [init(f"{n}_w1", w1), init(f"{n}_b1", (b.rng.standard_normal(hidden) * 0.3).astype(np.float32)),
+                    init(f"{n}_w2", w2), init(f"{n}_b2", np.zeros(dim, np.float32))]
+        h = b.op("Add", [b.op("MatMul", [x, f"{n}_w1"]), f"{n}_b1"])
+        if form == "torch_tanh":
+            cube = b.op("Mul", [h, b.op("Mul", [h, h])])
+            inner = b.op("Mul", [c(np.sqrt(2 / np.pi)), b.op("Add", [h, b.op("Mul", [c(0.044715), cube])])])
+            g = b.op("Mul", [b.op("Mul", [c(0.5), h]), b.op("Add", [c(1.0), b.op("Tanh", [inner])])])
+        elif form == "pow_tanh":
+            cube = b.op("Pow", [h, c(3.0)])
+            inner = b.op("Mul", [b.op("Add", [h, b.op("Mul", [cube, c(0.044715)])]), c(np.sqrt(2 / np.pi))])
+            g = b.op("Mul", [b.op("Mul", [h, b.op("Add", [b.op("Tanh", [inner]), c(1.0)])]), c(0.5)])
+        elif form == "erf_chain":
+            erf = b.op("Erf", [b.op("Div", [h, c(np.sqrt(2.0))])])
+            g = b.op("Mul", [b.op("Mul", [h, b.op("Add", [erf, c(1.0)])]), c(0.5)])
+        elif form in ("onnx_tanh", "onnx_erf"):
+            g = b.op("Gelu", [h], approximate="tanh" if form == "onnx_tanh" else "none")
+        else:
+            g = b.name("gelu")
+            b.nodes.append(helper.make_node("FastGelu" if form == "fastgelu" else "Gelu", [h], [g], name=g,
+                                            domain="com.microsoft"))
+        x = b.op("Add", [b.op("MatMul", [g, f"{n}_w2"]), f"{n}_b2"])
+    b.nodes[-1].output[0] = "y"
+    model = make_model(b.nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dim])], b.inits,
+                       opset=20 if form.startswith("onnx_") else 17)
+    if form in ("fastgelu", "ms_gelu"):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model

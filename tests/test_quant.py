@@ -26,6 +26,9 @@ RNG = np.random.default_rng(0)
 
 
 def _config(**kw: object) -> QuantConfig:
+    # placement is under test here: int8 compute stays even where the speed guard would find these tiny graphs
+    # faster in float on int8-stored weights (that fallback is tested in test_quant_float_compute)
+    kw.setdefault("speed_fallback", "off")
     return build_config(QuantConfig, kw, pass_name="quant")
 
 

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnxopt.graph import (Names, add_initializer, attribute, constant_array, iter_graphs, make_node, only_consumer,
                            opset_version, replace_input_weight, reroute)
 
-__all__ = ["fold_hardsigmoid", "fold_bias_add", "expand_activations", "collapse_float_activations", "expansion_groups",
+__all__ = ["fold_hardsigmoid", "fold_bias_add", "expand_activations", "collapse_float_activations", "expansion_groups", "rewrite_gelu",
            "tag_hardswish_chains"]
 
 
@@ -279,18 +279,30 @@ def collapse_float_activations(model: ir.Model, quantized: set[int]) -> int:
         members = {id(n) for n in nodes}
         # the last node: the one whose output no other member reads
         ends = [n for n in nodes if not any(id(u) in members for u, _ in n.outputs[0].uses())]
-        firsts = [n for n in nodes if n.op_type == ("Sigmoid" if kind == "swish" else "Add")]
+        if kind == "gelu":
+            firsts = [n for n in nodes if (n.name or "").endswith("gelu_square")]
+        else:
+            firsts = [n for n in nodes if n.op_type == ("Sigmoid" if kind == "swish" else "Add")]
         graph = nodes[0].graph
         if len(ends) != 1 or len(firsts) != 1 or graph is None:
             continue
         last, first = ends[0], firsts[0]
-        x = _non_constant(first)
+        x = first.inputs[0] if kind == "gelu" else _non_constant(first)
         if x is None:
             continue
         base = key.partition(_TAG)[0]
         if kind == "hswish" and opset_version(model) < 14:
             continue  # no HardSwish before opset 14: the chain stays as it is
-        if kind == "hswish":
+        if kind == "gelu":
+            # one op that float ORT runs as its fused GELU kernel: the ONNX op from opset 20, else ORT's FastGelu
+            # (the same kernel ORT's own fusion turns an exported tanh-GELU chain into)
+            if opset_version(model) >= 20:
+                op = make_node("Gelu", [x], {"approximate": "tanh"}, names=names, name_hint=base)
+            else:
+                op = make_node("FastGelu", [x], names=names, name_hint=base)
+                op.domain = "com.microsoft"
+                model.opset_imports.setdefault("com.microsoft", 1)
+        elif kind == "hswish":
             op = make_node("HardSwish", [x], names=names, name_hint=base)
         elif kind == "swish":
             op = make_node("Swish", [x], names=names, name_hint=base)
@@ -306,3 +318,187 @@ def collapse_float_activations(model: ir.Model, quantized: set[int]) -> int:
                 graph.remove(node, safe=True)
         count += 1
     return count
+
+
+# -- GELU -----------------------------------------------------------------------------------------------------------
+
+#: tanh-form GELU, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), is x·sigmoid(2·√(2/π)·(x + 0.044715·x³)) exactly in
+#: real arithmetic (0.5·(1 + tanh(z)) = sigmoid(2z)). Written as x·sigmoid(C·(x·(x² + 1/0.044715))), C = 2·√(2/π)·0.044715.
+_GELU_K = float(np.sqrt(2.0 / np.pi))
+_GELU_C = 0.044715
+_SQRT_HALF = float(np.sqrt(0.5))
+
+
+def _expand_gelu(graph: ir.Graph, x: ir.Value, names: Names, base: str) -> list[ir.Node]:
+    """x·sigmoid(C·x·(x² + 1/0.044715)): QLinearMul (x²), QLinearAdd (the constant shift), QLinearMul (·x), the
+    constant C folded into the next scale, QLinearSigmoid, QLinearMul (·x)."""
+    base = f"{base}{_TAG}gelu"
+    square = make_node("Mul", [x, x], names=names, name_hint=f"{base}_square")
+    shift = make_node("Add", [square.outputs[0], _scalar(graph, 1.0 / _GELU_C, names, f"{base}_shift")], names=names,
+                      name_hint=f"{base}_shift")
+    cubic = make_node("Mul", [x, shift.outputs[0]], names=names, name_hint=f"{base}_cubic")
+    scale = make_node("Mul", [cubic.outputs[0], _scalar(graph, 2.0 * _GELU_K * _GELU_C, names, f"{base}_k")], names=names,
+                      name_hint=f"{base}_scale")
+    sig = make_node("Sigmoid", [scale.outputs[0]], names=names, name_hint=f"{base}_sigmoid")
+    mul = make_node("Mul", [x, sig.outputs[0]], names=names, name_hint=f"{base}_mul")
+    new = [square, shift, cubic, scale, sig, mul]
+    if x.dtype is not None:
+        for node in new:
+            node.outputs[0].dtype, node.outputs[0].shape = x.dtype, x.shape
+    return new
+
+
+def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
+
+
+def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """The input of a two-input ``node`` that is not ``value``."""
+    ins = list(node.inputs)
+    if len(ins) != 2 or not any(v is value for v in ins):
+        return None
+    return ins[1] if ins[0] is value else ins[0]
+
+
+def _sole(value: ir.Value, op: str) -> ir.Node | None:
+    node = only_consumer(value)
+    return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
+
+
+def _times_const(node: ir.Node | None, target: float, tol: float = 1e-5) -> ir.Value | None:
+    """The non-constant input of ``node`` = Mul(v, target) (either order) or Div(v, 1/target), else None."""
+    if node is None or len(node.inputs) != 2:
+        return None
+    if node.op_type == "Mul":
+        for slot in (0, 1):
+            c = constant_array(node.inputs[slot])
+            if c is not None and c.size == 1 and abs(float(c.reshape(-1)[0]) - target) <= tol * abs(target):
+                return node.inputs[1 - slot]
+    if node.op_type == "Div":
+        c = constant_array(node.inputs[1])
+        if c is not None and c.size == 1 and float(c.reshape(-1)[0]) != 0 and \
+                abs(1.0 / float(c.reshape(-1)[0]) - target) <= tol * abs(target):
+            return node.inputs[0]
+    return None
+
+
+def _cube_of(value: ir.Value | None) -> tuple[ir.Value, list[ir.Node]] | None:
+    """(x, the nodes computing it) when ``value`` = Pow(x, 3) or x·(x·x) in either order, each read only there."""
+    node = value.producer() if value is not None else None
+    if node is None or only_consumer(value) is None:
+        return None
+    if node.op_type == "Pow":
+        c = constant_array(node.inputs[1])
+        ok = c is not None and c.size == 1 and float(c.reshape(-1)[0]) == 3.0 and node.inputs[0] is not None
+        return (node.inputs[0], [node]) if ok else None
+    if node.op_type == "Mul" and len(node.inputs) == 2:
+        for a, b in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+            sq = _producer(b, "Mul")
+            if a is not None and sq is not None and sq.inputs[0] is a and sq.inputs[1] is a and only_consumer(b) is node:
+                return a, [sq, node]
+    return None
+
+
+def _gelu_tail(one: ir.Node, x: ir.Value) -> list[ir.Node] | None:
+    """The nodes after ``one`` = Add(g, 1) that make 0.5·x·one in any order of the two products, ending with the
+    node whose output is the GELU; None when they do not."""
+    first = _sole(one.outputs[0], "Mul")
+    if first is None:
+        return None
+    other = _other(first, one.outputs[0])
+    if other is x:  # x·(1+g), then ·0.5
+        second = _sole(first.outputs[0], "Mul")
+        return [first, second] if second is not None and _times_const(second, 0.5) is first.outputs[0] else None
+    if other is not None and constant_array(other) is not None:  # (1+g)·0.5, then ·x
+        second = _sole(first.outputs[0], "Mul")
+        if _times_const(first, 0.5) is one.outputs[0] and second is not None and _other(second, first.outputs[0]) is x:
+            return [first, second]
+        return None
+    half = _producer(other, "Mul")  # (0.5·x)·(1+g)
+    if half is not None and _times_const(half, 0.5) is x and only_consumer(half.outputs[0]) is first:
+        return [half, first]
+    return None
+
+
+def _gelu_chains(graph: ir.Graph, erf: bool) -> list[tuple[ir.Value, list[ir.Node], str]]:
+    """Exported GELU chains: (x, their nodes in graph order, "tanh" or "erf"); erf ones only when ``erf``."""
+    found = []
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Tanh", "Erf") or (node.op_type == "Erf" and not erf):
+            continue
+        pre = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if pre is None or only_consumer(node.inputs[0]) is not node:
+            continue
+        if node.op_type == "Tanh":  # tanh(√(2/π)·(x + 0.044715·x³))
+            inner = _times_const(pre, _GELU_K)
+            add = _producer(inner, "Add")
+            if add is None or only_consumer(add.outputs[0]) is not pre:
+                continue
+            head = None
+            for a, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+                cmul = b.producer() if b is not None else None
+                cube = _cube_of(_times_const(cmul, _GELU_C)) if cmul is not None and only_consumer(b) is add else None
+                if cube is not None and cube[0] is a:
+                    head = (a, [*cube[1], cmul])
+            if head is None:
+                continue
+            x, inner_nodes = head
+            chain = [*inner_nodes, add, pre, node]
+        else:  # erf(x/√2)
+            x = _times_const(pre, _SQRT_HALF)
+            if x is None:
+                continue
+            chain = [pre, node]
+        one = _sole(node.outputs[0], "Add")
+        if one is None or not any(constant_array(v) is not None and constant_array(v).size == 1
+                                  and float(constant_array(v).reshape(-1)[0]) == 1.0 for v in one.inputs):
+            continue
+        tail = _gelu_tail(one, x)
+        if tail is None:
+            continue
+        nodes = [*chain, one, *tail]
+        if len({id(n) for n in nodes}) != len(nodes) or any(n.name and _TAG in n.name for n in nodes):
+            continue
+        found.append((x, nodes, "tanh" if node.op_type == "Tanh" else "erf"))
+    return found
+
+
+def rewrite_gelu(model: ir.Model, erf: bool = False) -> dict[str, int]:
+    """Rebuild tanh-form GELU (opset-20 ``Gelu(approximate="tanh")``, com.microsoft ``FastGelu``, and the exported
+    0.5·x·(1 + tanh(…)) chain) as x·sigmoid(…), which ONNX Runtime's QDQ fusion runs as integer kernels; equal
+    in float up to rounding. Erf GELU (``Gelu``, com.microsoft ``Gelu``, the exported erf chain) has no exact such
+    form: with ``erf`` it is replaced by the tanh form, an approximation (lossy). Returns counts by form."""
+    names = Names(model)
+    counts: dict[str, int] = {}
+
+    def count(key: str) -> None:
+        counts[key] = counts.get(key, 0) + 1
+
+    for graph in iter_graphs(model):
+        for node in list(graph):
+            x = node.inputs[0] if node.inputs else None
+            if x is None or x.dtype not in (ir.DataType.FLOAT, None) or len(node.outputs) != 1:
+                continue
+            onnx_gelu = node.op_type == "Gelu" and node.domain in ("", "ai.onnx")
+            ms = node.domain == "com.microsoft" and node.op_type in ("FastGelu", "Gelu")
+            if not (onnx_gelu or ms):
+                continue
+            tanh_form = (onnx_gelu and attribute(node, "approximate", "none") == "tanh") or node.op_type == "FastGelu"
+            if not tanh_form and not erf:
+                continue
+            base = node.name or names.fresh("Gelu")
+            pre = []
+            if node.op_type == "FastGelu" and len(node.inputs) > 1 and node.inputs[1] is not None:
+                bias = make_node("Add", [x, node.inputs[1]], names=names, name_hint=f"{base}_bias")
+                bias.outputs[0].dtype, bias.outputs[0].shape = x.dtype, x.shape
+                pre, x = [bias], bias.outputs[0]
+            _swap(graph, node, [*pre, *_expand_gelu(graph, x, names, base)])
+            count(f"{'com.microsoft.' if ms else ''}{node.op_type}{'' if tanh_form else ' (erf, approximated)'}")
+        for x, nodes, form in _gelu_chains(graph, erf):
+            base = names.fresh("Gelu")
+            _swap(graph, nodes[-1], _expand_gelu(graph, x, names, base))
+            for old in reversed(nodes[:-1]):
+                graph.remove(old, safe=True)
+            count("tanh chain" if form == "tanh" else "erf chain (approximated)")
+    return counts

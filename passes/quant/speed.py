@@ -84,7 +84,7 @@ def region_kinds(nodes: Iterable[ir.Node], expansions: Mapping[str, list[str]],
         names = [m for m in members if m in quantized]
         if not names:
             continue
-        op = {"hswish": "HardSwish", "hsig": "HardSigmoid", "swish": "Swish"}.get(key.rpartition("__qexp_")[2], "activation")
+        op = {"hswish": "HardSwish", "hsig": "HardSigmoid", "swish": "Swish", "gelu": "Gelu"}.get(key.rpartition("__qexp_")[2], "activation")
         in_expansion.update(names)
         kinds.setdefault(op, []).extend(names)
         feeders = {_source(v) for m in names for v in quantized[m].inputs}
