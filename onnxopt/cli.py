@@ -171,7 +171,7 @@ def _apply_command(model: Path, names: list[str], settings: tuple[str, ...], rec
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT intra-op threads for validation and latency.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights in a .data file next to the output.")
 @click.option("--compact", is_flag=True,
-              help="Write short internal names and no intermediate shape annotations (lossless; ORT infers shapes).")
+              help="Write short internal names, no intermediate shape annotations and no node metadata (lossless; ORT infers shapes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
 @click.option("--no-validate", is_flag=True, help="Skip validation on ONNX Runtime.")
 @click.option("--probe/--no-probe", default=None,

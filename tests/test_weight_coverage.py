@@ -280,3 +280,15 @@ def test_fold_stores_a_weight_folded_identically_in_two_branches_once() -> None:
     assert len(serialize_model(result.model)) <= len(proto.SerializeToString())
     for feed in _nested_feeds():
         np.testing.assert_array_equal(run_model(result.model, feed)[0], run_model(proto, feed)[0])
+
+
+def test_dynamic_quant_says_why_it_leaves_float16_recurrent_weights() -> None:
+    """A float16 LSTM: its weights are found but not int8-stored, and the skip says why (it said 'no LSTM weight')."""
+    inits = [init("W", _f32(1, 4 * HIDDEN, FEATURES, scale=0.2).astype(np.float16)),
+             init("R", _f32(1, 4 * HIDDEN, HIDDEN, scale=0.15).astype(np.float16))]
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["Y"], hidden_size=HIDDEN, name="lstm")
+    proto = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [SEQ, BATCH, FEATURES])],
+                       [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [SEQ, 1, BATCH, HIDDEN])], inits)
+    result = QuantPass().apply(to_ir(proto), QuantConfig(mode="dynamic"), PassContext())
+    assert not result.modified
+    assert "LSTM weight W: float16 weight: weight-only int8 takes float32 weights" in result.report.summary

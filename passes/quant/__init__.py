@@ -765,8 +765,9 @@ class QuantPass(Pass[QuantConfig]):
         for label, reason in skipped:
             report.skip(label, reason)
         if not targets and not others:
+            left = "; ".join(f"{label}: {reason}" for label, reason in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
             raise PassSkipped("nothing to quantize dynamically: no MatMul/Gemm with a constant float32 weight matrix, "
-                              "and no LSTM/GRU/RNN or Gather weight")
+                              "and no LSTM/GRU/RNN or Gather weight" + (f" it can take (left: {left})" if skipped else ""))
         names, cache, stats = Names(model), {}, DynamicStats()
         while targets:  # popped: each weight is let go once quantized, so a large model is never all in memory
             node, weight, bias = targets.pop(0)

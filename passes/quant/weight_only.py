@@ -93,8 +93,11 @@ def int8_weight_targets(model: ir.Model, excluded: Mapping[str, str]) -> tuple[l
             if not slots:
                 continue
             label = f"{slots[0].node.op_type} weight {value.name}"
-            if value.dtype != ir.DataType.FLOAT or value.const_value.size < INT8_WEIGHT_MIN_SIZE:
+            if value.const_value.size < INT8_WEIGHT_MIN_SIZE or value.dtype is None or not value.dtype.is_floating_point():
                 continue  # index tables, small constants
+            if value.dtype != ir.DataType.FLOAT:
+                skipped.append((label, f"{value.dtype.name.lower()} weight: weight-only int8 takes float32 weights"))
+                continue
             others = sorted({read.node.op_type for read in reads if read not in slots})
             if others:
                 skipped.append((label, f"also read by {', '.join(others)}: stored once, it would stop being a constant for them"))
