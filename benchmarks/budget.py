@@ -295,9 +295,7 @@ def main() -> None:
         names = args.ocr.split(",")
         old = json.loads((RESULTS / "budget.json").read_text())["rows"] if (RESULTS / "budget.json").exists() else []
         only = None if args.runs == "|".join(RUNS) else set(args.runs.split("|"))
-        # the models' rows re-run take their old rows' places; without --runs, all of a model's rows are new
-        kept = old if only is not None else [r for r in old if r["model"] not in names]
-        run_ocr(real, names, lambda rows: write(_merged(kept, rows)), only)
+        run_ocr(real, names, lambda rows: write(_merged(old, rows)), only)  # re-run rows take their old rows' places
         return
     ev = np.load(DIGITS / "eval.npz")
     x, labels = ev["x"], ev["labels"]
