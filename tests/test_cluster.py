@@ -235,3 +235,17 @@ def test_cluster_then_quant_runs(digits: Path, tmp_path: Path) -> None:
     assert run.passes[1].modified
     v = run.validation
     assert v is not None and v.accuracy is not None and v.accuracy["reference"] - v.accuracy["candidate"] <= 0.02
+
+
+def test_clustering_does_not_depend_on_the_runs_earlier_draws() -> None:
+    """k-means++ is seeded per run (the run's seed), not drawn from the run's generator: a budget ladder's rung
+    clusters the same whichever rungs were tried before it, and the passes after it get the same draws."""
+    config = build_config(ClusterConfig, {"k": 8, "min_size": 64}, pass_name="cluster")
+    fresh = PassContext(rng=np.random.default_rng(0))
+    used = PassContext(rng=np.random.default_rng(0))
+    used.rng.random(1000)  # earlier passes or rungs drew from it
+    models = [ClusterPass().apply(to_ir(gemm_chain((64, 128, 32))), config, ctx).model for ctx in (fresh, used)]
+    assert serialize_model(models[0]) == serialize_model(models[1])
+    expected = np.random.default_rng(0)
+    expected.random(1000)
+    np.testing.assert_array_equal(used.rng.random(4), expected.random(4))  # untouched by the pass

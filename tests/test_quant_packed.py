@@ -16,7 +16,7 @@ from onnxopt import PassContext
 from onnxopt.config import build_config
 from onnxopt.data import Dataset
 from onnxopt.graph import iter_nodes, name_nodes
-from onnxopt.io import load_model, serialize_model
+from onnxopt.io import serialize_model
 from onnxopt.sessions import SessionFactory
 from onnxopt_passes.cluster import ClusterConfig, ClusterPass
 from onnxopt_passes.fold import FoldConfig, FoldPass

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.budget import SHARE_METRICS, margin
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
 from onnxopt.io import (
@@ -47,7 +48,6 @@ from onnxopt.search.recipe import (
 from onnxopt.sessions import SessionFactory
 from onnxopt.split import split_dataset
 from onnxopt.timing import LatencyComparison, TimingConfig, compare_latency, compare_latency_isolated, model_sources
-from onnxopt.budget import SHARE_METRICS, margin
 from onnxopt.validate import collect_outputs, gated_drop
 
 __all__ = ["WorkerSetup", "Evaluator", "Measured", "init_worker", "evaluate_in_worker", "latency_feed",

@@ -192,9 +192,12 @@ class ClusterPass(Pass[ClusterConfig]):
         names = Names(model)
         decoders: dict[int, Decoder] = {}
         totals = np.zeros(3)  # seconds clustering, squared error, squared weights
+        # seeded per run, not drawn from the run's generator: a budget ladder's rung clusters the same whatever was
+        # tried before it (and the passes after get the same draws whichever rung was kept)
+        rng = np.random.default_rng(ctx.seed)
         with ctx.progress.task(f"cluster: k-means (k={config.k})", total=len(targets)) as task:
             for target in targets:
-                totals += self._cluster(target, config, ctx, names, decoders, report, moments.get(target.name))
+                totals += self._cluster(target, config, rng, names, decoders, report, moments.get(target.name))
                 task.advance()
         if not report.items:
             raise PassSkipped("every candidate weight was left alone")
@@ -223,7 +226,7 @@ class ClusterPass(Pass[ClusterConfig]):
                             "--data samples (the others: nearest level)")
         return moments
 
-    def _cluster(self, target: Target, config: ClusterConfig, ctx: PassContext, names: Names,
+    def _cluster(self, target: Target, config: ClusterConfig, rng: np.random.Generator, names: Names,
                  decoders: dict[int, Decoder], report: PassReport,
                  moment: np.ndarray | None = None) -> tuple[float, float, float]:
         """Cluster one weight and write it back; returns seconds spent clustering, squared error, squared weights."""
@@ -236,7 +239,7 @@ class ClusterPass(Pass[ClusterConfig]):
         shape = tuple(int(d) for d in weight.shape)
         axis, note = _layout(target, shape, config)
         start = time.perf_counter()
-        clustering = cluster_rows(as_rows(weight, axis), config.k, config.init, config.iterations, ctx.rng)
+        clustering = cluster_rows(as_rows(weight, axis), config.k, config.init, config.iterations, rng)
         if moment is not None and axis is not None and config.init == "grid":
             half = config.k // 2
             step = clustering.centroids[:, 1] - clustering.centroids[:, 0]
