@@ -47,6 +47,7 @@ __all__ = [
     "MappedTensor",
     "map_external_tensors",
     "release_pages",
+    "serialized_size",
     "weights_as_inputs",
     "restore_weights",
     "WEIGHT_OUT_BYTES",
@@ -503,6 +504,39 @@ def serialize_model(model: ir.Model, *, compact: bool = False) -> bytes:
     if compact:
         compact_proto(proto)
     return proto.SerializeToString()
+
+
+def _varint_bytes(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def serialized_size(model: ir.Model, *, min_bytes: int = WEIGHT_OUT_BYTES) -> int:
+    """``len(serialize_model(model))`` for a model without external data, without building that protobuf.
+
+    Main-graph tensors of ``min_bytes`` or more are measured one at a time
+    and stood in for by external references in the skeleton that is
+    serialised: memory holds one tensor's copy at a time, not the model's
+    (the whole protobuf of a large model in memory is a second copy of it).
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    change = 0  # bytes the real initializer fields take beyond their stand-ins
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < min_bytes or isinstance(tensor, ir.ExternalTensor):
+                continue
+            real = ir.serde.serialize_tensor(tensor).ByteSize()
+            stand_in = ir.ExternalTensor("s", 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=tensor.name)
+            stand = ir.serde.serialize_tensor(stand_in).ByteSize()
+            change += (_varint_bytes(real) + real) - (_varint_bytes(stand) + stand)
+            swapped.append((value, tensor))
+            value.const_value = stand_in
+        proto = ir.serde.serialize_model(model)
+        graph = proto.graph.ByteSize()
+        return proto.ByteSize() - _varint_bytes(graph) + _varint_bytes(graph + change) + change
+    finally:
+        for value, tensor in reversed(swapped):
+            value.const_value = tensor
 
 
 def _short_names() -> Iterator[str]:

@@ -108,11 +108,11 @@ class ChainResult:
 
 
 def _size(model: ir.Model) -> int | None:
-    from onnxopt.io import PROTOBUF_LIMIT, has_external_data, serialize_model, tensor_bytes
+    from onnxopt.io import PROTOBUF_LIMIT, has_external_data, serialized_size, tensor_bytes
 
     if has_external_data(model) or tensor_bytes(model) >= PROTOBUF_LIMIT:
         return None
-    return len(serialize_model(model))
+    return serialized_size(model)  # the model's protobuf is not built: on a large model it was a second copy
 
 
 class _Ledger:

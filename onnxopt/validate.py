@@ -26,8 +26,8 @@ import onnxruntime as ort
 
 from onnxopt.activations import SEGMENT_SHARE, held_bytes, model_segments, run_segments, segment_min_bytes
 from onnxopt.data import Dataset, input_specs
-from onnxopt.graph import expose_values
 from onnxopt.errors import OnnxoptError
+from onnxopt.graph import expose_values
 from onnxopt.measure import count_macs, count_parameters, file_size, stored_weight_bytes
 from onnxopt.metrics import BUILTIN_METRICS, Metric, output_drops
 from onnxopt.progress import Progress
@@ -45,8 +45,8 @@ from onnxopt.timing import (
 
 __all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop",
            "probe_model", "probe_verdict", "PROBE_MAX_BYTES",
-           "one_session_at_a_time", "segmented_validation", "segment_budget", "outputs_by_segments", "latency_feed", "gated_drop",
-           "measure_drop_detail"]
+           "one_session_at_a_time", "segmented_validation", "segment_budget", "outputs_by_segments", "latency_feed",
+           "gated_drop", "measure_drop_detail"]
 
 
 @dataclass
@@ -520,7 +520,8 @@ def _validate_segmented(
         comparison.warnings.append(
             f"large models: each was timed a segment at a time ({ref_parts} reference, {cand_parts} candidate "
             "segments, one ORT session alive at a time) and its latency is the sum of its segments' run times; "
-            "fusions across a segment boundary are not in it")
+            "fusions across a segment boundary are not in it, each segment adds ORT's per-run overhead"
+            + ("; --isolate does not apply to them (the segments are timed in this process)" if timing.isolate else ""))
         _set_latency(result, comparison)
     return result
 

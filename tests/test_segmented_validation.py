@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from onnxopt import activations
@@ -130,3 +131,29 @@ def test_an_output_ort_inflates_at_load_is_warned_about(tmp_path, monkeypatch) -
     quantized = apply(DIGITS / "cnn.onnx", "quant", tmp_path / "q.onnx", data=DIGITS / "calib.npz",
                       validate_result=False)
     assert not any("ConstantFolding" in w for w in quantized.warnings)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "transformer+cluster", "transformer+int4", "if"])
+def test_serialized_size_is_the_protobufs_length(kind, tmp_path) -> None:
+    """The ledger's size of an in-memory model, counted a tensor at a time (no whole-model protobuf copy)."""
+    from onnxopt.io import serialize_model, serialized_size
+
+    from tests.graphs import if_model
+    from tests.helpers import to_ir
+
+    if kind == "if":
+        model = to_ir(if_model())
+    elif kind == "transformer+int4":
+        apply(DIGITS / "transformer.onnx", "quant", tmp_path / "q.onnx", validate_result=False,
+              settings={"quant": {"weight_bits": 4}})
+        model = load_model(tmp_path / "q.onnx")
+    else:
+        model = load_model(_model(kind, tmp_path))
+    for value in model.graph.initializers.values():  # in memory, as a pass leaves them
+        tensor = value.const_value
+        if tensor is not None:
+            value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+    expected = len(serialize_model(model))
+    assert serialized_size(model, min_bytes=0) == expected
+    assert serialized_size(model, min_bytes=256) == expected
+    assert len(serialize_model(model)) == expected  # the stand-ins were put back
