@@ -323,3 +323,20 @@ def test_per_tensor_weights_have_one_scale() -> None:
     (y,) = run_model(proto, {"x": x})
     (q,) = run_model(result.model, {"x": x})
     assert np.abs(q - y).max() < 0.1 * y.max()
+
+
+def test_bias_add_with_only_float_readers_stays_float() -> None:
+    """MatMul -> Add(bias) -> Tanh (no integer kernel): joining the Add would quantize the MatMul's output twice
+    for a float reader; it stays float and the MatMul runs integer. The same Add before another MatMul joins."""
+    rng = np.random.default_rng(7)
+    w1, w2 = rng.standard_normal((16, 16)).astype(np.float32), rng.standard_normal((16, 8)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"), helper.make_node("Add", ["m1", "b"], ["a1"], name="bias1"),
+             helper.make_node("Tanh", ["a1"], ["t"], name="tanh"), helper.make_node("MatMul", ["t", "w1b"], ["m2"], name="mm2"),
+             helper.make_node("Add", ["m2", "b2"], ["a2"], name="bias2"), helper.make_node("MatMul", ["a2", "w2"], ["y"], name="mm3")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                       [init("w1", w1), init("b", b), init("w1b", w1.T.copy()), init("b2", b), init("w2", w2)])
+    result = _quant(proto, {"x": rng.standard_normal((32, 16)).astype(np.float32)}, speed_guard="off")
+    quantized = {i["node"] for i in result.report.items if "kernel" in i}
+    assert {"mm1", "mm2", "mm3", "bias2"} <= quantized and "bias1" not in quantized, quantized
