@@ -325,9 +325,9 @@ def test_per_tensor_weights_have_one_scale() -> None:
     assert np.abs(q - y).max() < 0.1 * y.max()
 
 
-def test_bias_add_with_only_float_readers_stays_float() -> None:
-    """MatMul -> Add(bias) -> Tanh (no integer kernel): joining the Add would quantize the MatMul's output twice
-    for a float reader; it stays float and the MatMul runs integer. The same Add before another MatMul joins."""
+def test_float_bias_outputs_keeps_projection_outputs_that_reach_only_float_readers_float() -> None:
+    """MatMul -> Add(bias) -> Tanh (no integer kernel): with float_bias_outputs the Add stays float and the
+    MatMul's output is not quantized; the same Add before another MatMul still joins. Off by default."""
     rng = np.random.default_rng(7)
     w1, w2 = rng.standard_normal((16, 16)).astype(np.float32), rng.standard_normal((16, 8)).astype(np.float32)
     b = rng.standard_normal(16).astype(np.float32)
@@ -337,6 +337,10 @@ def test_bias_add_with_only_float_readers_stays_float() -> None:
     proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
                        [init("w1", w1), init("b", b), init("w1b", w1.T.copy()), init("b2", b), init("w2", w2)])
-    result = _quant(proto, {"x": rng.standard_normal((32, 16)).astype(np.float32)}, speed_guard="off")
-    quantized = {i["node"] for i in result.report.items if "kernel" in i}
-    assert {"mm1", "mm2", "mm3", "bias2"} <= quantized and "bias1" not in quantized, quantized
+    data = {"x": rng.standard_normal((32, 16)).astype(np.float32)}
+    plain = _quant(proto, data, speed_guard="off")
+    assert {"mm1", "mm2", "mm3", "bias1", "bias2"} <= {i["node"] for i in plain.report.items if "kernel" in i}
+    result = _quant(proto, data, speed_guard="off", float_bias_outputs=True)
+    items = {i["node"]: i for i in result.report.items if "kernel" in i}
+    assert {"mm1", "mm2", "mm3", "bias2"} <= set(items) and "bias1" not in items, items
+    assert items["mm1"]["output"] is None and items["mm2"]["output"] is not None  # mm1's output stays float

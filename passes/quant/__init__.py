@@ -130,6 +130,10 @@ class QuantConfig:
               "output or over the parts a Concat joins into one)")
     rewrite_activations: bool = option(
         True, "rebuild HardSwish/HardSigmoid/Swish from Add/Clip/Mul/Sigmoid so ONNX Runtime runs them as integer kernels")
+    float_bias_outputs: bool = option(
+        False, "a MatMul/Conv whose output reaches only float readers through a bias Add (or a Div/Mul by a constant) "
+               "keeps that output float: for projections with outlier output channels (all-MiniLM-L6-v2: embedding "
+               "cosine 0.901 -> 0.991), but ONNX Runtime then runs them in float on weights dequantized at every run")
     gelu: Literal["float", "integer", "integer_erf"] = option(
         "float", "GELU: float leaves it to ONNX Runtime's fused float kernel; integer rebuilds tanh-form GELU (Gelu "
                  "approximate=tanh, com.microsoft FastGelu, the exported 0.5*x*(1+tanh(...)) chain) as "
@@ -382,7 +386,7 @@ class QuantPass(Pass[QuantConfig]):
             by_name = {n.name: n for n in iter_nodes(model_)}
             reasons = {**excluded, **extra}
             excl = {id(by_name[k]): (by_name[k], r) for k, r in reasons.items() if k in by_name}
-            return build_plan(model_, excl, pc, _loop_bodies(model_))
+            return build_plan(model_, excl, pc, _loop_bodies(model_), float_bias_outputs=config.float_bias_outputs)
 
         plan = plan_for(prepared, {})
         if not plan.nodes:
