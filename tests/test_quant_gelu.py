@@ -122,3 +122,21 @@ def test_gelu_stays_float_by_default() -> None:
     ops = _optimized_ops(result.model)
     assert ops.count("FastGelu") == 2 and "QLinearSigmoid" not in ops, ops
     assert not any("GELU rebuilt" in n for n in result.report.notes)
+
+
+@pytest.mark.parametrize("form", ["torch_tanh", "pow_tanh"])
+def test_exported_tanh_chain_left_float_becomes_one_fused_op(form: str) -> None:
+    """gelu=float (the default): an exported tanh-GELU chain, which ORT leaves as a dozen float ops, is put as one
+    FastGelu (opset < 20), float-exact."""
+    from onnxopt_passes.quant.rewrites import fuse_tanh_gelu_chains
+
+    proto = gelu_mlp(form, layers=2)
+    model = to_ir(proto)
+    assert fuse_tanh_gelu_chains(model) == 2
+    assert [n.op_type for n in model.graph].count("FastGelu") == 2 and "Tanh" not in {n.op_type for n in model.graph}
+    x = _x()
+    np.testing.assert_allclose(run_model(model, {"x": x})[0], run_model(proto, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    assert "Tanh" in _optimized_ops(to_ir(proto)) and "FastGelu" in _optimized_ops(model)
+    result = QuantPass().apply(to_ir(proto), QuantConfig(speed_guard="off"),
+                               PassContext(calibration=Dataset("calib", {"x": _x(64)}, batch_size=16)))
+    assert _optimized_ops(result.model).count("FastGelu") == 2 and any("tanh-GELU chains" in n for n in result.report.notes)

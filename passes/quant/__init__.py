@@ -59,7 +59,7 @@ from onnxopt_passes.quant.plan import Plan, build_plan
 from onnxopt_passes.quant.qdq import InsertionStats, insert_qdq
 from onnxopt_passes.quant.speed import latency_ratio, quantized_islands, region_kinds
 from onnxopt_passes.quant.rewrites import (collapse_float_activations, expand_activations, expansion_groups, fold_bias_add,
-                                           fold_hardsigmoid, rewrite_gelu, tag_hardswish_chains)
+                                           fold_hardsigmoid, fuse_tanh_gelu_chains, rewrite_gelu, tag_hardswish_chains)
 from onnxopt_passes.quant.weight_only import (WeightOnlyStats, int8_weight_targets, quantize_int4_node, quantize_int8_weight,
                                               store_int8_decoded)
 
@@ -135,7 +135,8 @@ class QuantConfig:
                "keeps that output float: for projections with outlier output channels (all-MiniLM-L6-v2: embedding "
                "cosine 0.901 -> 0.991), but ONNX Runtime then runs them in float on weights dequantized at every run")
     gelu: Literal["float", "integer", "integer_erf"] = option(
-        "float", "GELU: float leaves it to ONNX Runtime's fused float kernel; integer rebuilds tanh-form GELU (Gelu "
+        "float", "GELU: float leaves it to ONNX Runtime's fused float kernel (an exported tanh chain is put as one op "
+                 "first); integer rebuilds tanh-form GELU (Gelu "
                  "approximate=tanh, com.microsoft FastGelu, the exported 0.5*x*(1+tanh(...)) chain) as "
                  "x*sigmoid(...), equal in float up to rounding, which runs as QLinearMul/QLinearAdd/QLinearSigmoid; "
                  "integer_erf also erf GELU, through the tanh approximation (lossy: each GELU output moves by at most "
@@ -487,6 +488,12 @@ class QuantPass(Pass[QuantConfig]):
         """The graph static QDQ is placed on (rewrites, SmoothQuant, int4 grid), and the nodes kept float with why."""
         prepared = _prepare(model, _PER_CHANNEL_OPSET, "per-channel QDQ needs DequantizeLinear with axis", report, ctx,
                             rewrite=True, activations=config.rewrite_activations)
+        if config.gelu == "float" and config.rewrite_activations:
+            fused = fuse_tanh_gelu_chains(prepared)
+            if fused:
+                report.notes.append(f"{fused} exported tanh-GELU chains put as one GELU op (float-exact; ONNX Runtime "
+                                    "runs it as one fused kernel, where it leaves the chain as a dozen ops)")
+                name_nodes(prepared)
         if config.gelu != "float":
             gelus = rewrite_gelu(prepared, erf=config.gelu == "integer_erf")
             if gelus:
