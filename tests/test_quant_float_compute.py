@@ -87,7 +87,8 @@ def test_guard_computes_in_float_on_int8_weights_when_int8_does_not_pay() -> Non
     speed = result.report.figures["speed"]
     assert speed["int8_over_fp32_before_fallback"]["median"] > 1.0
     whole = [t for t in speed["tried"] if t.get("scope") == "model"]
-    assert len(whole) == 1 and whole[0]["returned_to_float"] == (whole[0]["float_over_int8"]["median"] < 1.0)
+    assert len(whole) == 1 and whole[0]["returned_to_float"] == (whole[0]["float_over_int8"]["median"] < 1.0
+                                                                 or whole[0]["int8_slower_beyond_noise"])
     assert whole[0]["returned_to_float"], whole
     ops = _optimized_ops(result.model)
     assert "QLinearConv" not in ops and "QuantizeLinear" not in ops and "DequantizeLinear" not in ops, ops
