@@ -136,9 +136,9 @@ class QuantConfig:
                "cosine 0.901 -> 0.991), but ONNX Runtime then runs them in float on weights dequantized at every run")
     gelu: Literal["float", "integer", "integer_erf"] = option(
         "float", "GELU: float leaves it to ONNX Runtime's fused float kernel (an exported tanh chain is put as one op "
-                 "first); integer rebuilds tanh-form GELU (Gelu "
-                 "approximate=tanh, com.microsoft FastGelu, the exported 0.5*x*(1+tanh(...)) chain) as "
-                 "x*sigmoid(...), equal in float up to rounding, which runs as QLinearMul/QLinearAdd/QLinearSigmoid; "
+                 "first); integer rebuilds tanh-form GELU (Gelu approximate=tanh, com.microsoft FastGelu, the exported "
+                 "0.5*x*(1+tanh(...)) chain) as x*sigmoid(...), equal in float up to rounding, which runs as "
+                 "QLinearMul/QLinearAdd/QLinearSigmoid; "
                  "integer_erf also erf GELU, through the tanh approximation (lossy: each GELU output moves by at most "
                  "4.7e-4, near x = -2.7). Not the default: on all-MiniLM-L6-v2 the 8-bit polynomial cost the "
                  "embedding cosine 0.991 -> 0.962, and it was not faster than the fused float GELU here")
