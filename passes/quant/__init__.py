@@ -442,7 +442,7 @@ class QuantPass(Pass[QuantConfig]):
                                int4_grid=int4_grid, rounder=rounder)
             decoded[id(clone)] = WeightOnlyStats()
             if stored:
-                store_int8_decoded(clone, stored & kept_float, pc, names, decoded[id(clone)])
+                store_int8_decoded(clone, stored & kept_float, pc, names, decoded[id(clone)], int4_grid=int4_grid)
             cleanup(clone)
             return clone, p, stats
 
