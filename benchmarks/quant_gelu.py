@@ -4,8 +4,8 @@ Model: ``tests.graphs_quant.gelu_mlp`` (two transformer MLP blocks, 128 -> 512 -
 as PyTorch's exported tanh chain, the opset-20 Gelu(approximate=tanh), com.microsoft FastGelu, and PyTorch's
 exported erf chain. Calibration: 64 rows of N(0, 1); fidelity (1 - cosine against fp32) on 256 other rows;
 latency: onnxopt.timing's paired ratio against fp32 (1 thread) on a 64-row feed (64 tokens), measured after the
-pass. Variants: the speed guard off (what the integer kernels alone do) with and without
-``rewrite_activations`` (and ``gelu_erf=tanh`` for the erf chain), then the defaults (guard on).
+pass. Variants: the speed guard off (what the integer kernels alone do) with ``quant.gelu`` float (the default)
+and integer (and integer_erf for the erf chain), then with the guard on.
 
 Run: ``python benchmarks/quant_gelu.py`` (about a minute); writes benchmarks/results/quant_gelu.{md,json}.
 """
@@ -34,9 +34,10 @@ from tests.helpers import to_ir  # noqa: E402
 from tests.test_quant import _optimized_ops  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
-VARIANTS = [("guard off, no rewrite", {"speed_guard": "off", "rewrite_activations": False}),
-            ("guard off, rewrite", {"speed_guard": "off"}),
-            ("guard off, rewrite, gelu_erf=tanh", {"speed_guard": "off", "gelu_erf": "tanh"}),
+VARIANTS = [("guard off, gelu=float (default)", {"speed_guard": "off"}),
+            ("guard off, gelu=integer", {"speed_guard": "off", "gelu": "integer"}),
+            ("guard off, gelu=integer_erf", {"speed_guard": "off", "gelu": "integer_erf"}),
+            ("gelu=integer, guard on", {"gelu": "integer"}),
             ("defaults", {})]
 
 
@@ -51,7 +52,7 @@ def main() -> None:
         ref = ref_session.run(None, {"x": held})[0].ravel()
         fp32_ops = Counter(_optimized_ops(to_ir(proto)))
         for label, keys in VARIANTS:
-            if "gelu_erf" in keys and form != "erf_chain":
+            if keys.get("gelu") == "integer_erf" and form != "erf_chain":
                 continue
             result = QuantPass().apply(to_ir(proto), QuantConfig(**keys),
                                        PassContext(calibration=Dataset("calib", {"x": cal}, batch_size=64)))

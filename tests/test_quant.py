@@ -323,3 +323,24 @@ def test_per_tensor_weights_have_one_scale() -> None:
     (y,) = run_model(proto, {"x": x})
     (q,) = run_model(result.model, {"x": x})
     assert np.abs(q - y).max() < 0.1 * y.max()
+
+
+def test_float_bias_outputs_keeps_projection_outputs_that_reach_only_float_readers_float() -> None:
+    """MatMul -> Add(bias) -> Tanh (no integer kernel): with float_bias_outputs the Add stays float and the
+    MatMul's output is not quantized; the same Add before another MatMul still joins. Off by default."""
+    rng = np.random.default_rng(7)
+    w1, w2 = rng.standard_normal((16, 16)).astype(np.float32), rng.standard_normal((16, 8)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"), helper.make_node("Add", ["m1", "b"], ["a1"], name="bias1"),
+             helper.make_node("Tanh", ["a1"], ["t"], name="tanh"), helper.make_node("MatMul", ["t", "w1b"], ["m2"], name="mm2"),
+             helper.make_node("Add", ["m2", "b2"], ["a2"], name="bias2"), helper.make_node("MatMul", ["a2", "w2"], ["y"], name="mm3")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                       [init("w1", w1), init("b", b), init("w1b", w1.T.copy()), init("b2", b), init("w2", w2)])
+    data = {"x": rng.standard_normal((32, 16)).astype(np.float32)}
+    plain = _quant(proto, data, speed_guard="off")
+    assert {"mm1", "mm2", "mm3", "bias1", "bias2"} <= {i["node"] for i in plain.report.items if "kernel" in i}
+    result = _quant(proto, data, speed_guard="off", float_bias_outputs=True)
+    items = {i["node"]: i for i in result.report.items if "kernel" in i}
+    assert {"mm1", "mm2", "mm3", "bias2"} <= set(items) and "bias1" not in items, items
+    assert items["mm1"]["output"] is None and items["mm2"]["output"] is not None  # mm1's output stays float

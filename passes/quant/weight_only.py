@@ -150,15 +150,18 @@ def quantize_int8_weight(target: Int8WeightTarget, per_channel: bool, names: Nam
 
 
 def store_int8_decoded(model: ir.Model, node_names: frozenset[str], pc: Any, names: Names,
-                       stats: WeightOnlyStats) -> list[ir.Node]:
+                       stats: WeightOnlyStats, *, int4_grid: bool = False) -> list[ir.Node]:
     """Store the constant weight of each named Conv/MatMul/Gemm int8 (symmetric, per output channel when
     ``pc.per_channel``), decoded back to float by ``Mul(Cast(q), scale)``; returns the nodes changed.
+    ``int4_grid`` (opset 21): a weight already on a 4-bit grid per channel (``cluster.init=grid``) is stored as
+    its int4 levels and grid steps instead, exactly (ORT folds a Cast from int4 the same way).
 
     Why Cast and Mul, not DequantizeLinear: ONNX Runtime's constant folding leaves every DequantizeLinear alone
     (its QDQ fusions need them), so a DQ before a float Conv runs at every inference and blocks the NCHWc Conv
     fusions (measured 4.2x the fp32 latency on the MobileNetV3-style test net); Cast and Mul of initializers fold
     when the session loads, so the node computes in float at fp32's speed while the file keeps the int8 size.
     """
+    from onnxopt_passes.quant.grid import grid_levels
     from onnxopt_passes.quant.handlers import place
 
     changed = []
@@ -172,12 +175,17 @@ def store_int8_decoded(model: ir.Model, node_names: frozenset[str], pc: Any, nam
             continue  # shared, computed or tiny weights stay as they are
         weight = value.const_value.numpy()
         axis = placed[1].weight_axis if pc.per_channel else None
-        scale = weight_params(weight, axis)
+        step = grid_levels(weight, axis) if int4_grid else None
+        scale = step if step is not None else weight_params(weight, axis)
         q = quantize(weight, scale, 0, "int8", axis)
         if axis is not None:  # broadcast shape for the Mul: the scale along the channel axis
             scale = scale.reshape([-1 if i == axis % weight.ndim else 1 for i in range(weight.ndim)])
         hint = str(value.name)
-        q_value = add_initializer(model.graph, q, names.fresh(f"{hint}_int8"))
+        if step is not None:
+            q_value = add_initializer(model.graph, ir.Tensor(q.astype(ml_dtypes.int4), dtype=ir.DataType.INT4),
+                                      names.fresh(f"{hint}_int4"))
+        else:
+            q_value = add_initializer(model.graph, q, names.fresh(f"{hint}_int8"))
         s_value = add_initializer(model.graph, scale, names.fresh(f"{hint}_scale"))
         cast = make_node("Cast", [q_value], {"to": ir.DataType.FLOAT}, names=names, name_hint=f"{hint}_decode_cast")
         mul = make_node("Mul", [cast.outputs[0], s_value], names=names, name_hint=f"{hint}_decode")
@@ -186,6 +194,6 @@ def store_int8_decoded(model: ir.Model, node_names: frozenset[str], pc: Any, nam
         node.replace_input_with(placed[1].weight, mul.outputs[0])
         stats.nodes += 1
         stats.float_weight_bytes += weight.nbytes
-        stats.int_weight_bytes += q.nbytes + scale.nbytes
+        stats.int_weight_bytes += ((q.size + 1) // 2 if step is not None else q.nbytes) + scale.nbytes
         changed.append(node)
     return changed
