@@ -121,18 +121,20 @@ def _load_memory_warning(reference: ir.Model, candidate: ir.Model) -> str | None
     ORT's constant folding turns an in-graph decode of packed weights (cluster's packed indices) back into float
     weights when it creates a session, with every intermediate of the decode alive at once: the file shrinks,
     the memory in deployment grows (benchmarks/load_memory.py measures it on the 3 GiB benchmark model).
-    Estimated from the graph (the bytes of every folded value, intermediates included), so it costs no session.
+    Estimated from the graph (the bytes of the folded values whose shapes are known: the decoded weights, not
+    always the decode's intermediates, so a lower bound), so it costs no session.
     """
     stored, folded = held_bytes(candidate)
     original = sum(held_bytes(reference))
     if folded < FOLD_WARNING_BYTES or stored + folded <= original:
         return None
     return (f"a default ONNX Runtime session on the output holds more memory than one on the input: ORT decodes its "
-            f"packed weights back to floats when it loads it (about {format_bytes(stored + folded)} while loading, "
-            f"against {format_bytes(original)} of weights for the input; estimated from the graph). The file is "
+            f"packed weights back to floats when it loads it (at least {format_bytes(stored + folded)} held, estimated "
+            f"from the graph, against {format_bytes(original)} of weights for the input; while loading, the decode's "
+            "intermediates add more: 2.9x the input's weights at the peak on the 3 GiB benchmark model). The file is "
             "smaller, deployment memory is not: load it with constant folding off (onnxruntime.InferenceSession(path, "
-            "disabled_optimizers=['ConstantFolding']), which decodes at every run instead), or keep float weights "
-            "(cluster.mode=dense)")
+            "disabled_optimizers=['ConstantFolding']), which decodes at every run instead: 0.22x there), or keep "
+            "float weights (cluster.mode=dense)")
 
 
 def apply(

@@ -515,11 +515,17 @@ def _validate_segmented(
                                                     progress=progress, label="candidate", budget=budget)
     result = _compare(reference, candidate, dataset, names, ref, cand, sessions, metrics, reference_path, candidate_path,
                       declared)
-    if ref_ms is not None and cand_ms is not None:
-        comparison = compare_unpaired(ref_ms, cand_ms, timing)
+    if ref_ms is not None and cand_ms is not None and feed is not None:
+        # the reference is timed again after the candidate (reference, candidate, reference) and both timings pooled:
+        # a load that rose or fell steadily while the models were timed one after the other then weighs on both
+        _, again, _ = outputs_by_segments(reference, names, Dataset("latency feed", feeds=[dict(feed)]), sessions,
+                                          feed=feed, timing=timing, progress=progress, label="reference (timing again)",
+                                          budget=budget)
+        comparison = compare_unpaired(np.concatenate([ref_ms, again]) if again is not None else ref_ms, cand_ms, timing)
         comparison.warnings.append(
             f"large models: each was timed a segment at a time ({ref_parts} reference, {cand_parts} candidate "
-            "segments, one ORT session alive at a time) and its latency is the sum of its segments' run times; "
+            "segments, one ORT session alive at a time; the reference before and after the candidate, pooled) and "
+            "its latency is the sum of its segments' run times; "
             "fusions across a segment boundary are not in it, each segment adds ORT's per-run overhead"
             + ("; --isolate does not apply to them (the segments are timed in this process)" if timing.isolate else ""))
         _set_latency(result, comparison)

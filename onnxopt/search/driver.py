@@ -239,6 +239,8 @@ def search(
         best = _finish(state, local, candidates, max_drop, objective, latency_runs, progress)
         written = False
         state.settings["split"] = local.split.to_dict()
+        # this session's own notes on the pick replace a resumed one's
+        state.notes = [n for n in state.notes if not n.startswith(("the pick (#", "selection and confirmation are"))]
         if not local.split.disjoint:
             state.notes.append(f"selection and confirmation are the same samples ({local.split.how}): the pick's "
                                "confirmation figure is optimistic")
