@@ -651,15 +651,22 @@ def check_model_output(path: str | os.PathLike[str] | None, flag: str = "-o") ->
         return
     raw = os.fspath(path)
     target = Path(raw)
+    if target.suffix.lower() != ".onnx" and not (raw.endswith(("/", os.sep)) or target.is_dir()):
+        raise OnnxoptError(f"{flag} {raw} does not end in .onnx, and onnxopt writes an ONNX model there",
+                           f"name it e.g. {flag} {target.with_suffix('.onnx') if target.suffix else raw + '.onnx'}")
+    _writable_destination(raw, flag)
+
+
+def _writable_destination(raw: str, flag: str) -> Path:
+    """The folder a model file ``raw`` goes into; refuses a folder given as the file, or a missing folder."""
+    target = Path(raw)
     if raw.endswith(("/", os.sep)) or target.is_dir():
         raise OnnxoptError(f"{flag} {raw} is a folder, not a model file name",
                            f"give a file in it, e.g. {flag} {target / 'model.onnx'}")
-    if target.suffix.lower() != ".onnx":
-        raise OnnxoptError(f"{flag} {raw} does not end in .onnx, and onnxopt writes an ONNX model there",
-                           f"name it e.g. {flag} {target.with_suffix('.onnx') if target.suffix else raw + '.onnx'}")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise OnnxoptError(f"{flag} {raw}: folder {parent} does not exist", "create it first or choose another path")
+    return parent
 
 
 class StagedModel:
@@ -700,12 +707,8 @@ def stage_model(
 
     ``compact`` shortens internal names and drops intermediate shape annotations (:func:`compact_proto`); a model
     written with external data is not compacted (its names are a small share of it)."""
+    parent = _writable_destination(os.fspath(path), "output")
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OnnxoptError(f"output folder {parent} does not exist", "create it first or choose another -o path")
-    if path.is_dir():
-        raise OnnxoptError(f"output {path} is a folder", "give a file name ending in .onnx")
     if external_data is None:
         external_data = has_external_data(model) or tensor_bytes(model) >= PROTOBUF_LIMIT
     data_name = path.name + ".data"
