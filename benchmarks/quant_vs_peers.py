@@ -23,7 +23,9 @@ few runs per round); the ratio to fp32 is taken per round, and its median and IQ
 Keep runs short: ``--rounds 5`` is the default.
 
 Usage: .venv-bench/bin/python benchmarks/quant_vs_peers.py [--models cnn,cls,det,mbv3,yolo] [--rounds 5]
-Writes benchmarks/results/quant_vs_peers.md and .json.
+Writes benchmarks/results/quant_vs_peers.md and .json after every model; rows of models not named in --models
+are kept from the committed .json, and every row says when, on which commit and at which load average it was
+measured.
 """
 
 from __future__ import annotations
