@@ -23,7 +23,9 @@ few runs per round); the ratio to fp32 is taken per round, and its median and IQ
 Keep runs short: ``--rounds 5`` is the default.
 
 Usage: .venv-bench/bin/python benchmarks/quant_vs_peers.py [--models cnn,cls,det,mbv3,yolo] [--rounds 5]
-Writes benchmarks/results/quant_vs_peers.md and .json.
+Writes benchmarks/results/quant_vs_peers.md and .json after every model; rows of models not named in --models
+are kept from the committed .json, and every row says when, on which commit and at which load average it was
+measured.
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ def bench(name: str, tmp: Path, rounds: int) -> dict[str, Any]:
 
 def write_markdown(rows: list[dict[str, Any]], rounds: int, path: Path) -> None:
     lines = ["# quant vs peers", "",
-             f"32 calibration samples, a different 32 test samples; latency 1 thread, batch 1, {rounds} interleaved "
+             f"32 calibration samples, a different 32 test samples; latency 1 thread, batch 1, interleaved "
              "rounds (ratio to fp32 per round: median [IQR]). PP-OCR inputs are rendered text images; the "
              "MobileNetV3-style net and the YOLO-style head are hand-built with random weights (fidelity is "
              "agreement with their own fp32 outputs). The 2-core machine was shared with other jobs during the run: "
@@ -259,6 +261,15 @@ def write_markdown(rows: list[dict[str, Any]], rounds: int, path: Path) -> None:
              "benchmarks/quant_vs_peers.py.", ""]
     for row in rows:
         lines += [f"## {row['model']}", ""]
+        m = row.get("measured")
+        if m:
+            lines += [f"Measured {m['utc']} UTC on commit {m['commit']}"
+                      f"{' (library modified)' if m.get('dirty') else ''}, load average "
+                      f"{'/'.join(str(x) for x in m['loadavg_1_5_15'])} (1/5/15 min) at the end of the row, "
+                      f"{row.get('rounds', rounds)} rounds.", ""]
+        else:
+            lines += ["Measured before rows were stamped (results of commit 4a4dc61, wave 2), "
+                      f"{row.get('rounds', rounds)} rounds.", ""]
         parts = sorted({p for f in row["fidelity"].values() for p in f})
         lines.append("| variant | latency ms | x fp32 [IQR] | size | " + " | ".join(parts) + " |")
         lines.append("|---|---|---|---|" + "---|" * len(parts))
@@ -288,19 +299,43 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the last .json")
     args = parser.parse_args()
+    saved_path = RESULTS / "quant_vs_peers.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {"rounds": args.rounds, "rows": []}
     if args.markdown_only:
-        saved = json.loads((RESULTS / "quant_vs_peers.json").read_text())
         write_markdown(saved["rows"], saved["rounds"], RESULTS / "quant_vs_peers.md")
         return
-    rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # Rows of models not named in --models are kept as they were (each carries the date/commit it was measured
+    # on), and the file is rewritten after every model, so a run cut short loses nothing already measured.
+    order = ["cnn", "cls", "det", "mbv3", "yolo"]
+    rows = {r["model"]: r for r in saved["rows"]}
+    for r in rows.values():
+        r.setdefault("rounds", saved.get("rounds"))
     with tempfile.TemporaryDirectory(prefix="quant-peers-") as tmp:
         for name in args.models.split(","):
-            rows.append(bench(name, Path(tmp), args.rounds))
-            print(json.dumps({k: rows[-1][k] for k in ("model", "latency", "fidelity", "errors")}, indent=1), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quant_vs_peers.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows,
-                                                             "versions": _versions()}, indent=2, default=str) + "\n")
-    write_markdown(rows, args.rounds, RESULTS / "quant_vs_peers.md")
+            row = bench(name, Path(tmp), args.rounds)
+            row.update(rounds=args.rounds, measured=_stamp())
+            rows[name] = row
+            print(json.dumps({k: row[k] for k in ("model", "latency", "fidelity", "errors")}, indent=1), flush=True)
+            ordered = sorted(rows.values(), key=lambda r: order.index(r["model"]) if r["model"] in order else 99)
+            saved_path.write_text(json.dumps({"rounds": args.rounds, "rows": ordered, "versions": _versions()},
+                                             indent=2, default=str) + "\n")
+            write_markdown(ordered, args.rounds, RESULTS / "quant_vs_peers.md")
+
+
+def _stamp() -> dict[str, Any]:
+    import subprocess
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except Exception:
+            return "unknown"
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--", "onnxopt")),
+            "loadavg_1_5_15": [round(x, 2) for x in load]}
 
 
 def _versions() -> dict[str, str]:

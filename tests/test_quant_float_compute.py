@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
 from onnxopt import PassContext
 from onnxopt.data import Dataset
@@ -163,3 +164,41 @@ def test_weights_on_an_int4_grid_keep_4_bit_storage_in_float_compute() -> None:
     x = RNG.standard_normal((4, 3, 16, 16)).astype(np.float32)
     # the grid weights are step * level in float32, and the decode computes the same product: exact
     np.testing.assert_allclose(run_model(model, {"x": x})[0], run_model(clustered, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("int8_low, switched", [(1.006, True), (0.99, False)])
+def test_int8_slower_with_its_whole_interval_above_1_takes_float_compute_despite_noise(monkeypatch, int8_low: float,
+                                                                                      switched: bool) -> None:
+    """The noise seen on the MobileNetV3-style net of benchmarks/quant_vs_peers.py: int8 1.03x fp32 (1.006-1.058),
+    under timing's 3% resolution, and the float-compute build timed 1.027x int8. The guard used to keep int8 and
+    warn it SLOWER than fp32; with the interval wholly above 1 it now takes the float-compute build (fp32's own
+    graph). With an interval that holds 1 it keeps int8 as before. The timing is scripted (onnxopt's own
+    latency_ratio, not ONNX Runtime) so that the noise band is hit every time; the builds run on real ORT."""
+    import onnxopt_passes.quant as quant
+    from onnxopt.graph import iter_nodes
+    from onnxopt_passes.quant.speed import Ratio
+
+    def has_q(model) -> bool:
+        return any(n.op_type == "QuantizeLinear" for n in iter_nodes(model))
+
+    def scripted(candidate, reference, feed, sessions, *, rounds=7) -> Ratio:
+        if not has_q(reference):  # against fp32
+            return Ratio(1.03, int8_low, 1.058, 70) if has_q(candidate) else Ratio(1.0, 0.99, 1.01, 70)
+        if not has_q(candidate):  # the float-compute build against int8: above 1 by noise
+            return Ratio(1.027, 1.014, 1.051, 70)
+        return Ratio(1.0, 0.98, 1.02, 70)  # a region kind back to float: no gain, int8 kept
+
+    monkeypatch.setattr(quant, "latency_ratio", scripted)
+    proto = mbv3_net(width=8, blocks=2, size=16)
+    data = {"x": RNG.standard_normal((16, 3, 16, 16)).astype(np.float32)}
+    result = _quant(proto, data, speed_rounds=3)
+    whole = [t for t in result.report.figures["speed"]["tried"] if t.get("scope") == "model"]
+    assert len(whole) == 1 and whole[0]["int8_slower_beyond_noise"] is switched
+    assert whole[0]["returned_to_float"] is switched
+    ops = _optimized_ops(result.model)
+    if switched:
+        assert "QLinearConv" not in ops and "QuantizeLinear" not in ops, ops
+        assert result.report.figures["float_compute_int8_weights"] > 0 and not result.report.warnings
+    else:
+        assert "QLinearConv" in ops and result.report.figures["float_compute_int8_weights"] == 0
+        assert any("SLOWER than fp32 by its median" in w for w in result.report.warnings), result.report.warnings
