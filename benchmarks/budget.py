@@ -200,7 +200,7 @@ def fresh_drop(src: Path, out: Path, x: np.ndarray, metrics: dict[str, str] | No
 
 
 def run_ocr(real: Path, names: list[str], done: Callable[[list[dict[str, Any]]], None],
-            only: set[str] | None = None) -> list[dict[str, Any]]:
+            only: set[str] | None = None, budgets: tuple[float, ...] = BUDGETS) -> list[dict[str, Any]]:
     """The PP-OCR rows; ``done`` gets the rows so far after each one (runs are minutes long: nothing is lost).
 
     cls runs on rendered text crops with their orientation as labels (:func:`text_crops`, needs Pillow): its drop
@@ -235,7 +235,7 @@ def run_ocr(real: Path, names: list[str], done: Callable[[list[dict[str, Any]]],
             for chain in runs:
                 if only is not None and chain not in only:
                     continue
-                for budget in BUDGETS:
+                for budget in budgets:
                     out = folder / f"{name}_{chain.replace(',', '_')}_{budget}.onnx"
                     start = time.perf_counter()
                     run = onnxopt.apply(src, chain, out, data=folder / "calib.npz", eval_data=folder / "eval.npz",
@@ -284,6 +284,8 @@ def main() -> None:
     parser.add_argument("--rewrite", action="store_true", help="only rewrite budget.md from budget.json")
     parser.add_argument("--ocr", default=None, metavar="LIST",
                         help="only PP-OCR rows (ppocr_cls,ppocr_det; ONNXOPT_REAL_MODELS), added to the existing JSON")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+                        help="--max-drop values of the PP-OCR rows, comma-separated (the data drawn is the same)")
     args = parser.parse_args()
     if args.rewrite:
         write(json.loads((RESULTS / "budget.json").read_text())["rows"])
@@ -295,7 +297,9 @@ def main() -> None:
         names = args.ocr.split(",")
         old = json.loads((RESULTS / "budget.json").read_text())["rows"] if (RESULTS / "budget.json").exists() else []
         only = None if args.runs == "|".join(RUNS) else set(args.runs.split("|"))
-        run_ocr(real, names, lambda rows: write(_merged(old, rows)), only)  # re-run rows take their old rows' places
+        budgets = tuple(float(b) for b in args.budgets.split(","))
+        # re-run rows take their old rows' places
+        run_ocr(real, names, lambda rows: write(_merged(old, rows)), only, budgets)
         return
     ev = np.load(DIGITS / "eval.npz")
     x, labels = ev["x"], ev["labels"]

@@ -44,16 +44,26 @@ class BudgetChoice(Generic[T]):
                 "tried": self.tried, "reason": self.reason}
 
 
-#: Drop metrics that are a share of samples (a binomial standard error applies); others (cosine, SNR) get no margin.
+#: Drop metrics that are a share of samples (a binomial standard error applies); others (cosine, SNR, textmap) get
+#: one standard error from the spread of their per-sample values (:func:`onnxopt.metrics.sample_error`).
 SHARE_METRICS = frozenset({"top1", "match"})
 
 
 @dataclass(frozen=True)
 class Drop:
-    """A measured drop and, when it is a share of samples (top-1, match), how many: the margin's basis."""
+    """A measured drop and the basis of its margin: when it is a share of samples (top-1, match), how many;
+    otherwise (cosine, SNR, textmap), ``error``, one standard error from the per-sample drops when known."""
 
     value: float
     samples: int | None = None
+    error: float | None = None
+
+    @property
+    def margin(self) -> float:
+        """One standard error: binomial for a share of ``samples``, else ``error`` (0 when neither is known)."""
+        if self.samples:
+            return margin(self.value, self.samples)
+        return float(self.error) if self.error is not None and math.isfinite(self.error) else 0.0
 
 
 def margin(drop: float, samples: int | None) -> float:
@@ -85,7 +95,8 @@ def strongest_within(
     its drop plus one standard error (:func:`margin`) is: picking the
     strongest of several noisy measurements flatters it (the winner's curse),
     and the confirmation part is what it is judged on. A drop that is not a
-    share of samples (1 - cosine) gets no margin.
+    share of samples (1 - cosine, textmap) gets the :class:`Drop`'s ``error``
+    instead (the standard error of its per-sample values), when known.
     """
     labels = list(labels) if labels is not None else [str(v) for v in ladder]
     choice: BudgetChoice[T] = BudgetChoice(limit, rungs=labels, samples=samples)
@@ -94,12 +105,15 @@ def strongest_within(
         return choice
     measured: dict[int, float] = {}
     pads: dict[int, float] = {}
+    kinds: dict[int, str] = {}  # which margin a rung got: a share's (binomial) unless noted
 
     def within(i: int) -> bool:
         if i not in measured:
             result = measure(ladder[i])
-            value, n = (result.value, result.samples) if isinstance(result, Drop) else (float(result), samples)
-            measured[i], pads[i] = float(value), margin(float(value), n)
+            drop = result if isinstance(result, Drop) else Drop(float(result), samples)
+            measured[i], pads[i] = float(drop.value), drop.margin
+            if pads[i] and not drop.samples:
+                kinds[i] = "per-sample"
             choice.tried.append({"setting": labels[i], "drop": measured[i], "margin": pads[i],
                                  "within": measured[i] + pads[i] <= limit + BUDGET_TOLERANCE})
         return measured[i] + pads[i] <= limit + BUDGET_TOLERANCE
@@ -133,7 +147,8 @@ def strongest_within(
     pad = pads[best]
     choice.reason = (f"{labels[best]}: the strongest setting measured within {limit * 100:.2f} pt "
                      f"({what} {measured[best] * 100:.2f} pt"
-                     + (f" + {pad * 100:.2f} pt, one standard error of a share of samples)" if pad else ")")
+                     + ((f" + {pad * 100:.2f} pt, one standard error of "
+                         + ("its per-sample values)" if kinds.get(best) else "a share of samples)")) if pad else ")")
                      + (f"; stronger settings tried were over ({', '.join(stronger)})" if stronger else
                         "; it is the strongest rung of the ladder"))
     return choice

@@ -129,8 +129,7 @@ class _Ledger:
 
     def measured(self, candidate: ir.Model, data: Any, *, choosing: bool = False) -> Any:
         """The chain's drop against the original (an :class:`onnxopt.budget.Drop`); choosing: as choosers measure."""
-        from onnxopt.budget import SHARE_METRICS, Drop
-        from onnxopt.validate import collect_outputs, measure_drop_detail, one_session_at_a_time
+        from onnxopt.validate import budget_drop, collect_outputs, one_session_at_a_time
 
         cache = None
         if not one_session_at_a_time(self.original, candidate):
@@ -138,10 +137,8 @@ class _Ledger:
                 session = self.ctx.sessions.create(self.original)
                 self._ref[id(data)] = collect_outputs(session, data, [o.name for o in session.get_outputs()])
             cache = self._ref[id(data)]
-        value, metric = measure_drop_detail(self.original, candidate, data, self.ctx.sessions, declared=self.ctx.metrics,
-                                            registered=self.ctx.registered_metrics, reference_outputs=cache,
-                                            use_labels=not choosing)
-        return Drop(value, len(data) if metric in SHARE_METRICS and data.arrays else None)
+        return budget_drop(self.original, candidate, data, self.ctx.sessions, declared=self.ctx.metrics,
+                           registered=self.ctx.registered_metrics, reference_outputs=cache, use_labels=not choosing)
 
     def row(self, name: str, report: PassReport, candidate: ir.Model, action: str) -> dict[str, Any]:
         from onnxopt.validate import validate
@@ -184,7 +181,7 @@ def _builtin_metrics() -> list[Any]:
 def _fit_to_budget(planned: PlannedPass, current: ir.Model, ctx: PassContext, ledger: _Ledger,
                    ladder: list[tuple[str, Any]]) -> tuple[Any, Any]:
     """Run the pass at the strongest rung of its ladder within the budget (drop on the selection part, whole chain)."""
-    from onnxopt.budget import Drop, margin, strongest_within
+    from onnxopt.budget import Drop, strongest_within
 
     assert ctx.max_drop is not None and ctx.evaluation is not None
     results: dict[int, Any] = {}
@@ -195,7 +192,7 @@ def _fit_to_budget(planned: PlannedPass, current: ir.Model, ctx: PassContext, le
         index = next(i for i, c in enumerate(configs) if c is config)
         # only the rung in hand and the best within so far are kept (each is a whole model)
         drop = ledger.measured(result.model, ctx.evaluation, choosing=True) if result.modified else Drop(0.0)
-        if drop.value + margin(drop.value, drop.samples) <= ctx.max_drop + 1e-12:
+        if drop.value + drop.margin <= ctx.max_drop + 1e-12:
             for i in [i for i in results if i < index]:
                 del results[i]
             results[index] = result

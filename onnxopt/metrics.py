@@ -9,14 +9,14 @@ the hook specs, the plugins and validation all import it from above.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 
 __all__ = ["Metric", "top1_accuracy", "top1_agreement", "cosine", "snr_db", "max_abs_error", "BUILTIN_METRICS",
            "DROP_METRICS", "OutputDrop", "choose_metric", "metric_drop", "output_drops", "snr_drop", "text_map_f1",
-           "TEXT_MAP_THRESHOLD"]
+           "TEXT_MAP_THRESHOLD", "sample_error"]
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,12 @@ class OutputDrop:
     reason: str
     drop: float
     accuracy: dict[str, float] | None = None
+    #: one standard error of the drop from its per-sample spread (:func:`sample_error`), on the gated output only
+    error: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {"output": self.output, "metric": self.metric, "reason": self.reason, "drop": self.drop,
-                "accuracy": self.accuracy}
+                "accuracy": self.accuracy, "error": self.error}
 
 
 def _sums_to_one(a: np.ndarray) -> bool:
@@ -246,6 +248,37 @@ def metric_drop(metric: str, reference: np.ndarray, candidate: np.ndarray, label
     return ((1.0 - value) if plugin.higher_is_better else value), f"{metric} against the reference", None
 
 
+#: Drop metrics that are a share of samples: their standard error is binomial (onnxopt.budget.margin), not this one.
+_SHARE_METRICS = frozenset({"top1", "match", "none"})
+
+
+def sample_error(metric: str, reference: np.ndarray, candidate: np.ndarray,
+                 registered: Mapping[str, Metric] | None = None) -> float | None:
+    """One standard error of a drop that is not a share of samples (cosine, SNR, textmap, a registered compare
+    metric), from its spread over the samples: the drop measured on each sample (the first axis) alone, then the
+    standard deviation of those over the square root of their number (the standard error of their mean).
+
+    The gated drop itself is pooled over the samples (one cosine of the flattened outputs, one F-score of all
+    pixels); the per-sample spread is what says how much another draw of samples would move it. None where it
+    does not apply: share metrics (they have a binomial margin), label metrics, fewer than 2 samples, outputs whose
+    first axis differs between reference and candidate, or a metric that does not apply to one sample alone.
+    """
+    if metric in _SHARE_METRICS or reference.ndim == 0 or reference.shape[0] < 2 or candidate.shape[:1] != reference.shape[:1]:
+        return None
+    plugin = (registered or {}).get(metric)
+    if plugin is not None and plugin.kind == "labels":
+        return None
+    try:
+        # one sample at a time: views, the metric's own work in total (a loop over samples, not elements)
+        drops = np.array([metric_drop(metric, reference[i:i + 1], candidate[i:i + 1], None, registered)[0]
+                          for i in range(reference.shape[0])], dtype=np.float64)
+    except (KeyError, ValueError):
+        return None
+    if not np.all(np.isfinite(drops)):
+        return None
+    return float(np.std(drops, ddof=1) / np.sqrt(drops.size))
+
+
 def output_drops(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], labels: np.ndarray | None,
                  declared: Mapping[str, str] | None = None,
                  registered: Mapping[str, Metric] | None = None) -> tuple[OutputDrop | None, list[OutputDrop]]:
@@ -276,4 +309,10 @@ def output_drops(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np
         rows.append(OutputDrop(name, metric, f"{reason}; {basis}", float(drop), accuracy))
     gated = [r for r in rows if r.metric != "none" and (not declared or r.output in declared)]
     worst = max(gated, key=lambda r: r.drop) if gated else None
+    if worst is not None and worst.metric not in _SHARE_METRICS:
+        # the budget's margin for a drop that is not a share of samples (the gated output only: it is what is judged)
+        error = sample_error(worst.metric, reference[worst.output], candidate[worst.output], registered)
+        if error is not None:
+            index = next(i for i, r in enumerate(rows) if r is worst)
+            worst = rows[index] = replace(worst, error=error)
     return worst, rows

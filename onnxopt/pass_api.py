@@ -167,11 +167,11 @@ class PassContext:
         Every output by its metric (:func:`onnxopt.validate.gated_drop`); top-1
         outputs by 1 - agreement with the reference even when the data has
         labels (an upper bound on the accuracy lost: flips do not cancel).
-        Returns an :class:`onnxopt.budget.Drop`: the drop and, when it is a
-        share of samples (top-1, match), how many (the budget's margin).
+        Returns an :class:`onnxopt.budget.Drop`: the drop and its margin's
+        basis (how many samples for a share: top-1, match; else one standard
+        error from the per-sample drops: cosine, SNR, textmap).
         """
-        from onnxopt.budget import SHARE_METRICS, Drop
-        from onnxopt.validate import collect_outputs, measure_drop_detail, one_session_at_a_time
+        from onnxopt.validate import budget_drop, collect_outputs, one_session_at_a_time
 
         dataset = data or self.evaluation or self.calibration
         if dataset is None:
@@ -186,9 +186,8 @@ class PassContext:
                 entry = (reference, dataset, collect_outputs(session, dataset, [o.name for o in session.get_outputs()]))
                 self._reference_outputs = entry
             cached = entry[2]
-        value, metric = measure_drop_detail(reference, candidate, dataset, self.sessions, declared=self.metrics,
-                                            registered=self.registered_metrics, reference_outputs=cached, use_labels=False)
-        return Drop(value, len(dataset) if metric in SHARE_METRICS and dataset.arrays else None)
+        return budget_drop(reference, candidate, dataset, self.sessions, declared=self.metrics,
+                           registered=self.registered_metrics, reference_outputs=cached, use_labels=False)
 
 
 class Pass(Generic[ConfigT]):

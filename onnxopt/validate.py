@@ -25,6 +25,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.activations import SEGMENT_SHARE, held_bytes, model_segments, run_segments, segment_min_bytes
+from onnxopt.budget import SHARE_METRICS, Drop
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import expose_values
@@ -46,7 +47,7 @@ from onnxopt.timing import (
 __all__ = ["ModelFigures", "ValidationResult", "collect_outputs", "validate", "measure_drop",
            "probe_model", "probe_verdict", "PROBE_MAX_BYTES",
            "one_session_at_a_time", "segmented_validation", "segment_budget", "outputs_by_segments", "latency_feed",
-           "gated_drop", "measure_drop_detail"]
+           "gated_drop", "measure_drop_detail", "budget_drop"]
 
 
 @dataclass
@@ -202,6 +203,29 @@ def measure_drop_detail(reference: ir.Model, candidate: ir.Model, dataset: Datas
     1 - agreement bounds the accuracy lost from above and counts the flips that a net accuracy figure lets
     cancel, which is what a chooser should guard against. Returns the drop and the gated output's metric.
     """
+    return _with_metric(_measure_gated(reference, candidate, dataset, sessions, declared=declared, registered=registered,
+                                       reference_outputs=reference_outputs, use_labels=use_labels))
+
+
+def budget_drop(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory, *,
+                declared: Mapping[str, str] | None = None, registered: Mapping[str, Metric] | None = None,
+                reference_outputs: dict[str, np.ndarray] | None = None, use_labels: bool = False) -> Drop:
+    """The gated drop as budget choosers measure it (:func:`measure_drop_detail`, top-1 by agreement by default),
+    with its margin's basis: how many samples when the gated metric is a share of them (top-1, match), else one
+    standard error from the gated output's per-sample drops (:func:`onnxopt.metrics.sample_error`)."""
+    drop, _, _, rows = _measure_gated(reference, candidate, dataset, sessions, declared=declared, registered=registered,
+                                      reference_outputs=reference_outputs, use_labels=use_labels)
+    worst = next((r for r in rows if r["metric"] != "none" and r["drop"] == drop), None)
+    metric = worst["metric"] if worst else None
+    if metric in SHARE_METRICS:
+        return Drop(drop, len(dataset) if dataset.arrays else None)
+    return Drop(drop, None, worst.get("error") if worst else None)
+
+
+def _measure_gated(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory, *,
+                   declared: Mapping[str, str] | None, registered: Mapping[str, Metric] | None,
+                   reference_outputs: dict[str, np.ndarray] | None, use_labels: bool,
+                   ) -> tuple[float, str, dict[str, float] | None, list[dict[str, Any]]]:
     labels = dataset.labels if use_labels else None
     if segmented_validation(reference, candidate):
         names = _output_names(reference, candidate)
@@ -209,10 +233,10 @@ def measure_drop_detail(reference: ir.Model, candidate: ir.Model, dataset: Datas
         ref = reference_outputs if reference_outputs is not None and all(n in reference_outputs for n in names) else \
             outputs_by_segments(reference, names, dataset, sessions, budget=budget)[0]
         cand = outputs_by_segments(candidate, names, dataset, sessions, budget=budget)[0]
-        return _with_metric(gated_drop({n: ref[n] for n in names}, cand, labels, declared, registered))
+        return gated_drop({n: ref[n] for n in names}, cand, labels, declared, registered)
     if one_session_at_a_time(reference, candidate):
         names, (ref, cand), _ = _run_one_at_a_time(reference, candidate, dataset, sessions)
-        return _with_metric(gated_drop(ref, cand, labels, declared, registered))
+        return gated_drop(ref, cand, labels, declared, registered)
     cand_s = sessions.create(candidate)
     if reference_outputs is None:
         ref_s = sessions.create(reference)
@@ -225,7 +249,7 @@ def measure_drop_detail(reference: ir.Model, candidate: ir.Model, dataset: Datas
             raise OnnxoptError("the candidate has none of the reference's outputs", f"reference outputs: {list(reference_outputs)}")
         ref = reference_outputs
     cand = collect_outputs(cand_s, dataset, names)
-    return _with_metric(gated_drop({n: ref[n] for n in names}, cand, labels, declared, registered))
+    return gated_drop({n: ref[n] for n in names}, cand, labels, declared, registered)
 
 
 def validate(

@@ -10,7 +10,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxopt
+from onnxopt.data import Dataset
 from onnxopt.metrics import TEXT_MAP_THRESHOLD, metric_drop, text_map_f1
+from onnxopt.split import split_dataset
 
 from tests.graphs import init, make_model
 from tests.helpers import confirmation_part, run_cli, run_model
@@ -72,3 +74,102 @@ def test_apply_gates_a_text_map_by_textmap(tmp_path: Path) -> None:
     bad = run_cli("validate", digits / "mlp.onnx", digits / "mlp.onnx", "--eval", digits / "eval.npz",
                   "--metric", "logits=textmap")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "text probability map" in bad.stderr
+
+
+def _f1_drop(ref: np.ndarray, out: np.ndarray) -> float:
+    r, c = ref > TEXT_MAP_THRESHOLD, out > TEXT_MAP_THRESHOLD
+    total = np.count_nonzero(r) + np.count_nonzero(c)
+    return 0.0 if total == 0 else 1.0 - 2 * np.count_nonzero(r & c) / total
+
+
+def test_a_rung_within_by_its_textmap_drop_alone_is_rejected_by_its_per_sample_margin(tmp_path: Path) -> None:
+    """cluster's budget ladder with --metric map=textmap: the strongest rung (k=2) measures a pooled drop under the
+    budget on the selection part, but not once one standard error of its per-sample drops (computed here on ORT,
+    independently) is added: the ladder must not pick it (before the margin for non-share metrics, it did)."""
+    model, eval_path = _detector(tmp_path)
+    with np.load(eval_path) as f:
+        x_all = f["x"]
+    split = split_dataset(Dataset(str(eval_path), {"x": x_all}, []), 0)
+    x = x_all[split.selection_indices]
+    strongest = onnxopt.apply(model, "cluster", tmp_path / "k2.onnx", settings={"cluster": {"k": 2, "min_size": 16}},
+                              eval_data=eval_path, metrics={"map": "textmap"}, force=True)
+    assert strongest.written
+    ref, out = run_model(model, {"x": x})[0], run_model(tmp_path / "k2.onnx", {"x": x})[0]
+    drop = _f1_drop(ref, out)
+    per_sample = np.array([_f1_drop(ref[i], out[i]) for i in range(len(x))])
+    error = per_sample.std(ddof=1) / np.sqrt(len(x))
+    assert drop > 0.0 and error > 0.0
+    limit = float(drop + error / 2)  # within by the pooled drop alone, over with one standard error
+    run = onnxopt.apply(model, "cluster", tmp_path / "out.onnx", settings={"cluster": {"min_size": 16}},
+                        eval_data=eval_path, metrics={"map": "textmap"}, max_drop=limit, force=True)
+    budget = run.passes[0].figures["budget"]
+    k2 = next(t for t in budget["tried"] if t["setting"].startswith("k=2 "))
+    assert k2["drop"] == pytest.approx(drop, abs=1e-12) and k2["margin"] == pytest.approx(error, rel=1e-9)
+    assert k2["drop"] <= limit and not k2["within"]
+    assert budget["chosen"] is None or not budget["chosen"].startswith("k=2 ")
+    for t in budget["tried"]:
+        assert t["within"] == (t["drop"] + t["margin"] <= limit + 1e-12)
+    if budget["chosen"] is not None:
+        chosen = next(t for t in budget["tried"] if t["setting"] == budget["chosen"])
+        assert chosen["margin"] > 0.0 and "per-sample" in budget["reason"]
+
+
+def test_search_adds_the_per_sample_margin_to_a_textmap_drop(tmp_path: Path) -> None:
+    """search's candidates follow the same rule: a k=2 cluster candidate whose pooled textmap drop on the selection
+    part is within, but not with one standard error of its per-sample drops (computed here on ORT), is not within."""
+    from onnxopt.api import load_data
+    from onnxopt.io import load_model
+    from onnxopt.plugins import load_registry
+    from onnxopt.search import apply_recipe, recipe_from_json, search
+    from onnxopt.search.space import PassSpace
+    from onnxopt.search.strategy import within_budget
+    from onnxopt.sessions import SessionFactory
+    from onnxopt.timing import TimingConfig
+
+    model, eval_path = _detector(tmp_path)
+    reference = load_model(model)
+    split = split_dataset(load_data(reference, eval_path), 0)
+    x = np.load(eval_path)["x"][split.selection_indices]
+    space = {"cluster": PassSpace("ladder", ({"k": 2},), fixed={"min_size": 16})}
+    timing = TimingConfig(repeat=2, time_budget=0.5)
+    first = search(model, eval_data=eval_path, max_drop=1.0, passes="cluster", space=space, workers=1, timing=timing,
+                   metrics={"map": "textmap"}, force=True)
+    k2 = next(c for c in first.candidates if c["status"] == "ok" and c["recipe"][-1]["pass"] == "cluster")
+    built, _ = apply_recipe(reference, recipe_from_json(k2["recipe"]), registry=load_registry(), sessions=SessionFactory(),
+                            calibration=None, evaluation=split.selection)
+    ref, out = run_model(model, {"x": x})[0], run_model(built, {"x": x})[0]
+    drop = _f1_drop(ref, out)
+    error = np.array([_f1_drop(ref[i], out[i]) for i in range(len(x))]).std(ddof=1) / np.sqrt(len(x))
+    assert drop > 0.0 and error > 0.0
+    assert k2["drop"] == pytest.approx(drop, abs=1e-12) and k2["drop_margin"] == pytest.approx(error, rel=1e-9)
+    limit = float(drop + error / 2)  # within by the pooled drop alone, over with the margin
+    assert within_budget(k2, float(drop + 2 * error)) and not within_budget(k2, limit)
+    second = search(model, eval_data=eval_path, max_drop=limit, passes="cluster", space=space, workers=1,
+                    timing=timing, metrics={"map": "textmap"}, force=True)
+    assert second.best is None or second.best["recipe"][-1]["pass"] != "cluster"
+
+
+def test_quant_fallback_adds_the_per_sample_margin_to_a_textmap_drop(tmp_path: Path) -> None:
+    """quant's fallback: the all-int8 model's pooled textmap drop on the selection part (computed here on ORT) is within
+    the budget, but not with one standard error of its per-sample drops: a node goes back to float."""
+    model, eval_path = _detector(tmp_path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((16, 8, 16, 16)).astype(np.float32))
+    with np.load(eval_path) as f:
+        x_all = f["x"]
+    x = x_all[split_dataset(Dataset(str(eval_path), {"x": x_all}, []), 0).selection_indices]
+    common = {"data": tmp_path / "calib.npz", "eval_data": eval_path, "metrics": {"map": "textmap"}, "force": True}
+    onnxopt.apply(model, "quant", tmp_path / "int8.onnx", settings={"quant": {"fallback": False, "speed_guard": "off"}},
+                  **common)
+    ref, out = run_model(model, {"x": x})[0], run_model(tmp_path / "int8.onnx", {"x": x})[0]
+    drop = _f1_drop(ref, out)
+    error = np.array([_f1_drop(ref[i], out[i]) for i in range(len(x))]).std(ddof=1) / np.sqrt(len(x))
+    assert drop > 0.0 and error > 0.0
+    limit = float(drop + error / 2)
+    run = onnxopt.apply(model, "quant", tmp_path / "out.onnx", settings={"quant": {"speed_guard": "off"}}, max_drop=limit,
+                        **common)
+    figures = run.passes[0].figures
+    first = figures["budget"]["tried"][0]
+    assert first["setting"] == "all quantized" and first["drop"] == pytest.approx(drop, abs=1e-12)
+    assert first["margin"] == pytest.approx(error, rel=1e-9) and not first["within"]
+    assert figures["fallback"]["kept_float"]  # the margin, not the drop, sent a node back to float
+    assert all(t["within"] == (t["drop"] + t["margin"] <= limit + 1e-12) for t in figures["budget"]["tried"])

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.budget import SHARE_METRICS, margin
+from onnxopt.budget import SHARE_METRICS, Drop
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
 from onnxopt.io import (
@@ -119,8 +119,9 @@ class Measured:
     """A candidate measured on a part of --eval, as apply's budget ladders and its gate measure it.
 
     ``drop`` is the budget's drop (every output by its metric, top-1 outputs by 1 - agreement with the reference,
-    labels or not: flips do not cancel), ``margin`` one standard error of it when it is a share of ``samples``
-    (:func:`onnxopt.budget.margin`): a candidate is within when ``drop + margin`` is. ``gate_drop`` is what
+    labels or not: flips do not cancel), ``margin`` one standard error of it (binomial when it is a share of
+    ``samples``; else from the per-sample drops: :attr:`onnxopt.budget.Drop.margin`): a candidate is within
+    when ``drop + margin`` is. ``gate_drop`` is what
     apply's gate measures (top-1 against the labels when there are labels), with its basis and accuracies.
     """
 
@@ -186,9 +187,11 @@ class Evaluator:
         drop = gate
         if data.labels is not None:  # the budget's drop ignores the labels: 1 - agreement bounds the accuracy lost
             drop, _, _, rows = gated_drop(ref, out, None, self.declared, self.registered)
-        metric = next((r["metric"] for r in rows if r["metric"] != "none" and r["drop"] == drop), None)
-        samples = len(data) if metric in SHARE_METRICS and data.arrays else None
-        return Measured(drop, samples, margin(drop, samples), gate, basis, acc)
+        worst = next((r for r in rows if r["metric"] != "none" and r["drop"] == drop), None)
+        samples = len(data) if worst is not None and worst["metric"] in SHARE_METRICS and data.arrays else None
+        # a share's margin is binomial; another metric's (cosine, textmap) one standard error of its per-sample drops
+        error = None if samples or worst is None else worst.get("error")
+        return Measured(drop, samples, Drop(drop, samples, error).margin, gate, basis, acc)
 
     def measure(self, model: ir.Model, data: Dataset | None = None) -> tuple[Measured, Any]:
         """``model`` measured on the selection part (or a prefix of it), and its session."""

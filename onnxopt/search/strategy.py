@@ -66,7 +66,8 @@ class Proposal:
 
 def within_budget(result: Mapping[str, Any] | None, max_drop: float) -> bool:
     """True for a candidate measured whole and within ``max_drop`` by the budget's rule: its drop plus one standard
-    error (``drop_margin``, when the drop is a share of samples) within, as apply's ladders choose."""
+    error (``drop_margin``: binomial for a share of samples, else from the per-sample drops) within, as apply's
+    ladders choose."""
     if not result or result.get("status") != "ok":
         return False
     return float(result["drop"]) + float(result.get("drop_margin") or 0.0) <= max_drop + 1e-12

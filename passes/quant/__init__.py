@@ -316,17 +316,20 @@ def _report_fallback(fallback: Any, max_drop: float, figures: dict[str, Any], re
     figures["fallback"] = {"initial_drop": fallback.initial_drop, "final_drop": fallback.final_drop,
                            "within_budget": fallback.within_budget, "kept_float": fallback.kept_float}
     # the same shape as every pass's budget choice (onnxopt.budget.BudgetChoice.to_dict), for the report
-    tried = [{"setting": "all quantized", "drop": fallback.initial_drop,
-              "within": fallback.initial_drop <= max_drop + 1e-12}]
-    tried += [{"setting": f"+{k['node']} float", "drop": float(k["drop_after"]),
-               "within": float(k["drop_after"]) <= max_drop + 1e-12} for k in fallback.kept_float]
+    # "within" by the accept rule the fallback used: the drop plus one standard error (onnxopt.budget.Drop.margin)
+    tried = [{"setting": "all quantized", "drop": fallback.initial_drop, "margin": fallback.initial_margin,
+              "within": fallback.initial_drop + fallback.initial_margin <= max_drop + 1e-12}]
+    tried += [{"setting": f"+{k['node']} float", "drop": float(k["drop_after"]), "margin": float(k["margin_after"]),
+               "within": float(k["drop_after"]) + float(k["margin_after"]) <= max_drop + 1e-12}
+              for k in fallback.kept_float]
+    pad = f" + {fallback.final_margin * 100:.2f} pt (one standard error)" if fallback.final_margin else ""
     figures["budget"] = {
         "limit": max_drop, "rung": len(fallback.kept_float) if fallback.within_budget else None,
         "chosen": f"{len(fallback.kept_float)} node(s) back to float" if fallback.within_budget else None,
         "ladder": "nodes back to float, most sensitive first (greedy, on the selection part)", "tried": tried,
-        "reason": (f"drop on the selection part {fallback.final_drop * 100:.2f} pt within {max_drop * 100:.2f} pt"
+        "reason": (f"drop on the selection part {fallback.final_drop * 100:.2f} pt{pad} within {max_drop * 100:.2f} pt"
                    if fallback.within_budget else
-                   f"still {fallback.final_drop * 100:.2f} pt after {len(fallback.kept_float)} node(s) back to float")}
+                   f"still {fallback.final_drop * 100:.2f} pt{pad} after {len(fallback.kept_float)} node(s) back to float")}
     if fallback.kept_float:
         report.notes.append("accuracy fallback kept float: " + ", ".join(
             f"{k['node']} ({k['op']}, drop {float(k['drop_before']):.4f} -> {float(k['drop_after']):.4f})"

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from onnxopt.data import Dataset
 from onnxopt.pass_api import PassContext
-from onnxopt.budget import margin
+from onnxopt.budget import Drop
 from onnxopt.validate import collect_outputs
 
 __all__ = ["FallbackResult", "run_fallback"]
@@ -37,6 +37,8 @@ class FallbackResult:
     final_drop: float
     kept_float: list[dict[str, object]] = field(default_factory=list)
     within_budget: bool = True
+    initial_margin: float = 0.0  # one standard error of initial_drop (Drop.margin), part of the accept rule
+    final_margin: float = 0.0
 
 
 def _first_output(model: ir.Model, data: Dataset, ctx: PassContext) -> np.ndarray:
@@ -56,15 +58,17 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
     ``candidates`` are (node name, op type) of the quantized nodes that may go back to float.
     """
     model = build(frozenset())
-    # on the selection part, every output by its metric; a top-1 drop must be within by one standard error too
-    # (onnxopt.budget.margin), like every other budget choice
+    # on the selection part, every output by its metric; a drop must be within by one standard error too
+    # (Drop.margin: binomial for a top-1 share, the per-sample spread for cosine/SNR/textmap), like every other
+    # budget choice
     measured = ctx.measured_drop(reference, model)
     drop, samples = measured.value, measured.samples
 
-    def within(value: float) -> bool:
-        return value + margin(value, samples) <= max_drop + 1e-12
+    def within(measured: Drop) -> bool:
+        return measured.value + measured.margin <= max_drop + 1e-12
 
-    result = FallbackResult(model, drop, drop, within_budget=within(drop))
+    result = FallbackResult(model, drop, drop, within_budget=within(measured), initial_margin=measured.margin,
+                            final_margin=measured.margin)
     if result.within_budget or not candidates:
         return result
     assert ctx.evaluation is not None
@@ -89,7 +93,8 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
                 break
             trial = build(frozenset([*kept, name]))
             out = _first_output(trial, full, ctx)
-            trial_drop = ctx.drop(reference, trial, full)  # every output, each by its metric: what the gate measures
+            trial_measured = ctx.measured_drop(reference, trial, full)  # every output, each by its metric
+            trial_drop = trial_measured.value
             trial_error = _relative_error(full_ref, out)
             # Sensitivities measured one at a time do not add up exactly (a float node changes where its
             # neighbours are quantized): a node goes back to float only if that really lowers the drop
@@ -97,11 +102,12 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
             if (trial_drop, trial_error) >= (drop, error):
                 continue
             kept.append(name)
-            before, model, drop, error = drop, trial, trial_drop, trial_error
+            before, model, drop, error, measured = drop, trial, trial_drop, trial_error, trial_measured
             result.kept_float.append({"node": name, "op": op, "sensitivity": round(sensitivity[name], 6),
-                                      "drop_before": round(before, 6), "drop_after": round(drop, 6)})
-            if within(drop):
+                                      "drop_before": round(before, 6), "drop_after": round(drop, 6),
+                                      "margin_after": round(measured.margin, 6)})
+            if within(measured):
                 break
-    result.model, result.final_drop = model, drop
-    result.within_budget = within(drop)
+    result.model, result.final_drop, result.final_margin = model, drop, measured.margin
+    result.within_budget = within(measured)
     return result
