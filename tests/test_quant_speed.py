@@ -169,8 +169,10 @@ def test_cli_prints_the_slower_warning_first_and_writes_it_to_the_json_report(tm
 
 def test_speed_islands_return_single_regions_of_a_slower_model_to_float() -> None:
     """On the transition-bound graph (int8 about 1.8x fp32, far beyond timing noise) the kinds alone cannot help:
-    every region holds a conv. With speed_islands the guard times single regions and layers back in float."""
-    proto = transition_bound()
+    every region holds a conv. With speed_islands the guard times single regions and layers back in float.
+    Four blocks, not twelve: one region of twelve is worth ~3% (about the timing noise here, and the test failed on
+    it once); one of four is worth 8-20%, which every run decides."""
+    proto = transition_bound(blocks=4)
     data = {"x": RNG.standard_normal((16, 4, 32, 32)).astype(np.float32)}
     result = _quant(proto, data, speed_islands=12, speed_rounds=3)
     speed = result.report.figures["speed"]

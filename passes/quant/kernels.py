@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxopt.activations import SEGMENT_SHARE, model_segments, segment_min_bytes, segment_models
+from onnxopt.activations import SEGMENT_SHARE, held_bytes, model_segments, segment_min_bytes, segment_models
 from onnxopt.sessions import SessionFactory
 
 __all__ = ["INTEGER_KERNELS", "ort_kernels"]
@@ -86,18 +86,24 @@ def _optimized_graph(model: ir.Model, sessions: SessionFactory) -> onnx.GraphPro
         return onnx.load(str(path), load_external_data=False).graph
 
 
-def ort_kernels(model: ir.Model, sessions: SessionFactory) -> dict[str, Any]:
+def ort_kernels(model: ir.Model, sessions: SessionFactory) -> dict[str, Any] | None:
     """Counts from ORT's optimized graph: ``integer`` kernels per source op, ``float`` compute ops left,
     ``int_data_movers`` (MaxPool, Resize, Reshape, ... running on integer tensors), and ``conversions``
     (QuantizeLinear/DequantizeLinear/DynamicQuantizeLinear still executed).
 
     A model whose session would hold more than SEGMENT_SHARE of :func:`onnxopt.activations.segment_min_bytes`
     (what a segment of a large float model holds; an int8 model of a 1 GiB one is past it) is read a segment of
-    that size at a time, one session alive at a time, cut only where no fused group is (:func:`_may_cross`; one
-    session when no such cut exists): one session over a whole large quantized model, beside the pass's own copy
-    of its weights, was the static int8 pass's peak (ORT copies the weights while it optimizes and saves the graph).
+    that size at a time, one session alive at a time, cut only where no fused group is (:func:`_may_cross`): one
+    session over a whole large quantized model, beside the pass's own copy of its weights, was the static int8
+    pass's peak (ORT copies the weights while it optimizes and saves the graph). Such a model with no such cut (a
+    plain MatMul chain, a Q/DQ pair on every edge) is not checked: None, for the caller to say so. Cutting at the
+    8-bit tensor between a Q and its DQ kept the integer-kernel counts but moved ORT's Transpose placement, so the
+    counts would no longer be the whole model's.
     """
-    segments = model_segments(model, budget=SEGMENT_SHARE * segment_min_bytes(), crosses=_may_cross)
+    budget = SEGMENT_SHARE * segment_min_bytes()
+    segments = model_segments(model, budget=budget, crosses=_may_cross)
+    if segments is None and sum(held_bytes(model)) > budget and next(iter(model.graph.subgraphs()), None) is None:
+        return None
     parts = [model] if segments is None else segment_models(model, segments)
     integer: Counter[str] = Counter()
     floats: Counter[str] = Counter()
