@@ -18,9 +18,12 @@ model.
 
 Presets: ``large`` (>= 3 GiB of fp32 weights, 28 layers of hidden 1536,
 FFN 6144) and ``ci`` (the same shape at about 300 MB: 24 layers of hidden
-512, FFN 2048).
+512, FFN 2048). ``chain`` is another graph: issue 16's plain chain of 24
+2-D MatMuls alternating 4096x6144 and 6144x4096 (2.4 GB), input ``x``
+[batch, 4096], nothing between them (no activation, no bias): a graph where
+every edge of the int8 model is a Q/DQ pair.
 
-Usage: python benchmarks/make_large_model.py OUT.onnx [--preset large|ci] [--calib N]
+Usage: python benchmarks/make_large_model.py OUT.onnx [--preset large|ci|chain] [--calib N]
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["LargeModelSpec", "PRESETS", "make_large_model", "write_inputs"]
+__all__ = ["CHAIN", "LargeModelSpec", "PRESETS", "make_large_model", "make_matmul_chain", "write_chain_inputs",
+           "write_inputs"]
 
 OPSET = 18
 
@@ -67,6 +71,10 @@ PRESETS = {
     "ci": LargeModelSpec(layers=24, hidden=512, ffn=2048, heads=8, vocab=4096),
     "tiny": LargeModelSpec(layers=2, hidden=64, ffn=256, heads=4, vocab=128, seq=8),
 }
+
+
+#: issue 16's chain: (MatMuls, the two widths it alternates between)
+CHAIN = (24, 4096, 6144)
 
 
 class _ExternalWriter:
@@ -186,6 +194,40 @@ def make_large_model(path: str | os.PathLike[str], spec: LargeModelSpec, *, seed
     return path
 
 
+def make_matmul_chain(path: str | os.PathLike[str], layers: int = CHAIN[0], widths: tuple[int, int] = CHAIN[1:],
+                      *, seed: int = 0) -> Path:
+    """Write the plain MatMul chain to ``path`` (weights in ``<name>.data``, one tensor in memory at a time)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    spec = LargeModelSpec(layers=layers, hidden=widths[0], ffn=widths[1], heads=1, vocab=1)
+    writer = _ExternalWriter(path.with_name(path.name + ".data"))
+    nodes, initializers, x = [], [], "x"
+    try:
+        for i in range(layers):
+            rows, cols = (widths[0], widths[1]) if i % 2 == 0 else (widths[1], widths[0])
+            initializers.append(writer.add(f"chain.{i}.weight", _structured(rng, rows, cols, spec)))
+            out = "y" if i == layers - 1 else f"chain.{i}"
+            nodes.append(helper.make_node("MatMul", [x, f"chain.{i}.weight"], [out], name=f"chain.{i}/MatMul"))
+            x = out
+    finally:
+        writer.close()
+    last = widths[1] if layers % 2 else widths[0]
+    graph = helper.make_graph(nodes, "matmul_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", widths[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", last])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="onnxopt-make-large-model")
+    model.ir_version = 10
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def write_chain_inputs(path: str | os.PathLike[str], samples: int, width: int = CHAIN[1], *, seed: int = 1) -> Path:
+    """Random ``x`` [samples, width] for the chain, as an .npz for --data / --eval."""
+    np.savez(path, x=np.random.default_rng(seed).standard_normal((samples, width), dtype=np.float32))
+    return Path(path)
+
+
 def write_inputs(path: str | os.PathLike[str], spec: LargeModelSpec, samples: int, *, seed: int = 1) -> Path:
     """Random hidden states ``x`` [samples, seq, hidden] as an .npz for --data / --eval."""
     rng = np.random.default_rng(seed)
@@ -197,11 +239,17 @@ def write_inputs(path: str | os.PathLike[str], spec: LargeModelSpec, samples: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path, help="model path; weights go to OUTPUT.data beside it")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="large")
+    parser.add_argument("--preset", choices=[*sorted(PRESETS), "chain"], default="large")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calib", type=int, default=0, help="also write OUTPUT-stem.calib.npz with this many samples")
     args = parser.parse_args()
+    if args.preset == "chain":
+        make_matmul_chain(args.output, args.layers or CHAIN[0], seed=args.seed)
+        print(f"{args.output}: MatMul chain, weights in {args.output.name}.data")
+        if args.calib:
+            print(write_chain_inputs(args.output.with_suffix(".calib.npz"), args.calib))
+        return
     spec = PRESETS[args.preset]
     if args.layers is not None:
         spec = LargeModelSpec(**{**spec.__dict__, "layers": args.layers})

@@ -20,13 +20,13 @@ from onnxopt.io import (LOAD_NOTES, PROTOBUF_LIMIT, StagedModel, check_model_out
                         load_model, refuse_overwriting, stage_model,
                         same_file, save_model, serialize_model, tensor_bytes)
 from onnxopt.manager import plan_passes, run_chain
-from onnxopt.pass_api import PassContext
+from onnxopt.pass_api import PassContext, PassReport
 from onnxopt.plugins import Registry, load_registry
 from onnxopt.progress import Progress
 from onnxopt.report import RunReport, format_bytes, report_paths, write_report
 from onnxopt.sessions import SessionFactory, resolve_providers
 from onnxopt.split import split_dataset
-from onnxopt.timing import TimingConfig
+from onnxopt.timing import LatencyComparison, TimingConfig
 from onnxopt.validate import (PROBE_MAX_BYTES, ValidationResult, latency_feed, measure_drop, one_session_at_a_time,
                               probe_model, validate)
 
@@ -109,6 +109,15 @@ def _loud_warning(drop: float, basis: str, lossy: list[str], command: str | None
         " (give --data calib.npz and --eval eval.npz too: the passes choose their strength on them)"
     return (f"{', '.join(lossy)} lost {drop * 100:.1f} pt ({basis}) and no budget was given. "
             f"To let each pass choose the most compression within 1 pt, run: {fixed}{needs}")
+
+
+def _slower_warning(latency: LatencyComparison | None, passes: Sequence[PassReport]) -> str | None:
+    """The warning for an output validation timed slower than the input beyond noise (any pass: dynamic int8 on an
+    LSTM whose weights ORT does not fold, a packed decode run every call), unless a pass already said so first."""
+    if latency is None or latency.verdict != "slower" or any(w for p in passes for w in p.warnings if "SLOWER" in w):
+        return None
+    return (f"the output is SLOWER than the input on this machine: {latency.text()} by validation's timing; the passes "
+            "made it smaller, not faster (see the pass notes), so time it where it will run before shipping it")
 
 
 #: Weights ORT folds at load (a packed decode) below this many bytes are not worth a warning: the process costs more.
@@ -294,6 +303,9 @@ def apply(
                                                   names, data, eval_data, output)
                                     + (f" (leave out --set {', '.join(hand_set)} to let the budget choose it: a strength "
                                        "set by hand is kept, and rolled back if it breaks the budget)" if hand_set else ""))
+            slower = _slower_warning(run.validation.latency, run.passes)  # after the accuracy warning: it matters more
+            if slower:
+                run.warnings.append(slower)
         if max_drop is not None and run.validation is not None:
             run.gate_passed = run.validation.drop <= max_drop + 1e-12
         elif max_drop is not None:

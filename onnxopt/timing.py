@@ -383,7 +383,8 @@ def compare_unpaired(reference_ms: np.ndarray, candidate_ms: np.ndarray, config:
     result = LatencyComparison(ratio=ratio, low=low, high=high, reference_ms=ref, candidate_ms=cand,
                                pairs=min(len(reference_ms), len(candidate_ms)),
                                capped=not _within(ratio, low, high, config.precision), paired=False,
-                               precision=config.precision)
+                               precision=config.precision,
+                               seconds=float(np.sum(reference_ms) + np.sum(candidate_ms)) / 1e3)  # the timed runs
     result.warnings.append("the two models were timed one after the other, not interleaved (they are too large "
                            "to have both ORT sessions alive): load that changed in between is in the ratio")
     return _finish(result, config)

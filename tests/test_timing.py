@@ -99,6 +99,8 @@ def test_models_timed_apart_get_an_interval_and_a_warning(models: dict[str, Path
     assert result.low > 1.0 and result.verdict == "slower" and not result.paired
     assert result.ratio == pytest.approx(np.median(wide) / np.median(narrow), rel=0.01)
     assert any("not interleaved" in w for w in result.warnings)
+    # what the report prints as "runs each in N s": the timed runs' own total, not 0.00
+    assert result.seconds == pytest.approx((narrow.sum() + wide.sum()) / 1e3) and result.seconds > 0
 
 
 def test_interval_and_wording_follow_the_order_statistics() -> None:
