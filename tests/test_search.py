@@ -449,3 +449,17 @@ def test_search_gates_its_pick_on_the_confirmation_part(tmp_path: Path) -> None:
     assert not (tmp_path / "best.onnx").exists() and "nothing written" in proc.stdout
     forced = run_cli(*args, "-o", tmp_path / "best.onnx", "--force", cwd=tmp_path)
     assert forced.returncode == 3 and (tmp_path / "best.onnx").exists() and "written all the same" in forced.stdout
+
+
+def test_a_search_saved_before_the_per_sample_margin_is_not_resumed(digits: Path, tmp_path: Path) -> None:
+    """Older JSONs measured cosine/SNR/textmap candidates without the per-sample margin: resuming would mix the two."""
+    from onnxopt.errors import OnnxoptError
+    from onnxopt.search.state import SCHEMA, SearchState, fingerprint
+
+    fp = fingerprint(digits / "mlp.onnx", digits / "eval.npz", digits / "calib.npz", max_drop=0.01, seed=0, threads=1)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"schema": SCHEMA, "fingerprint": {**fp, "drop": "budget rule"}, "candidates": []}))
+    with pytest.raises(OnnxoptError, match=r"another search \(drop differ\)"):
+        SearchState.open(path, fp)
+    path.write_text(json.dumps({"schema": SCHEMA, "fingerprint": fp, "candidates": [{"key": "k"}]}))
+    assert len(SearchState.open(path, fp).candidates) == 1

@@ -53,8 +53,9 @@ def fingerprint(model: str | os.PathLike[str], eval_data: str | os.PathLike[str]
             "seed": seed, "threads": threads, "latency_batch": latency_batch, "onnxruntime": onnxruntime.__version__,
             # candidates are measured on the selection part of --eval (onnxopt.split): older runs measured all of it
             "selection": f"split share {SELECTION_SHARE}",
-            # candidates' drops are the budget's (top-1 by 1 - agreement, with a margin): older runs used net accuracy
-            "drop": "budget rule"}
+            # candidates' drops are the budget's (top-1 by 1 - agreement, with a margin): older runs used net accuracy;
+            # since wave 4 a cosine/SNR/textmap drop carries a per-sample margin too, which older JSONs lack
+            "drop": "budget rule, per-sample margin"}
 
 
 @dataclass
