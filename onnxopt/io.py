@@ -47,6 +47,7 @@ __all__ = [
     "MappedTensor",
     "map_external_tensors",
     "release_pages",
+    "spill",
     "serialized_size",
     "weights_as_inputs",
     "restore_weights",
@@ -223,6 +224,53 @@ def release_pages(array: np.ndarray) -> bool:
         return False
     mapped.madvise(mmap.MADV_DONTNEED)
     return True
+
+
+class _Scratch:
+    """One append-only scratch file per process for arrays a pass computed on a large model, removed at exit."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.file: Any = None
+        self.lock = threading.Lock()
+
+    def write(self, array: np.ndarray) -> tuple[Path, int]:
+        with self.lock:
+            if self.file is None:
+                import atexit
+
+                self.folder = Path(tempfile.mkdtemp(prefix="onnxopt-scratch-"))
+                self.file = open(self.folder / "spilled.data", "ab")  # noqa: SIM115 - closed at exit
+                atexit.register(self.close)
+            offset = self.file.seek(0, os.SEEK_END)
+            np.ascontiguousarray(array).tofile(self.file)
+            self.file.flush()
+            return self.folder / "spilled.data", offset
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            shutil.rmtree(self.folder or "", ignore_errors=True)
+            self.file = self.folder = None
+
+
+_SCRATCH = _Scratch()
+
+
+def spill(array: np.ndarray, name: str | None = None) -> MappedTensor:
+    """``array`` written to the process's scratch file and read back mapped (:class:`MappedTensor`).
+
+    A pass whose output weights are as large as its input's (cluster's dense
+    floats) would otherwise hold a whole second model in anonymous memory
+    until the save; spilled, each weight is on disk once computed, and what
+    is resident is what a reader maps at the time (the save, a segment's
+    session). The caller drops ``array``. The file lives until the process
+    exits, so a model holding spilled tensors stays valid as long as it does.
+    """
+    path, offset = _SCRATCH.write(array)
+    dtype = ir.DataType.from_numpy(array.dtype)
+    return MappedTensor(path.name, offset, array.nbytes, dtype, shape=ir.Shape(array.shape), name=name,
+                        base_dir=path.parent)
 
 
 def map_external_tensors(model: ir.Model) -> int:

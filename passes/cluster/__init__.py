@@ -27,7 +27,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import Pass, PassContext, PassResult, PassSkipped, hookimpl, option
+from onnxopt.activations import segment_min_bytes
 from onnxopt.graph import Names, attribute, cleanup, opset_version, reroute
+from onnxopt.io import spill, tensor_bytes
 from onnxopt.opset import ensure_opset
 from onnxopt.pass_api import PassReport, PassSpace
 
@@ -195,9 +197,10 @@ class ClusterPass(Pass[ClusterConfig]):
         # seeded per run, not drawn from the run's generator: a budget ladder's rung clusters the same whatever was
         # tried before it (and the passes after get the same draws whichever rung was kept)
         rng = np.random.default_rng(ctx.seed)
+        large = config.mode == "dense" and tensor_bytes(model) >= segment_min_bytes()
         with ctx.progress.task(f"cluster: k-means (k={config.k})", total=len(targets)) as task:
             for target in targets:
-                totals += self._cluster(target, config, rng, names, decoders, report, moments.get(target.name))
+                totals += self._cluster(target, config, rng, names, decoders, report, moments.get(target.name), large)
                 task.advance()
         if not report.items:
             raise PassSkipped("every candidate weight was left alone")
@@ -228,7 +231,7 @@ class ClusterPass(Pass[ClusterConfig]):
 
     def _cluster(self, target: Target, config: ClusterConfig, rng: np.random.Generator, names: Names,
                  decoders: dict[int, Decoder], report: PassReport,
-                 moment: np.ndarray | None = None) -> tuple[float, float, float]:
+                 moment: np.ndarray | None = None, large: bool = False) -> tuple[float, float, float]:
         """Cluster one weight and write it back; returns seconds spent clustering, squared error, squared weights."""
         tensor = target.value.const_value
         assert tensor is not None
@@ -255,7 +258,9 @@ class ClusterPass(Pass[ClusterConfig]):
         k = codebook.shape[1]
         bits = index_bits(k)
         if config.mode == "dense":
-            target.value.const_value = ir.tensor(decoded, name=target.value.name)
+            # on a large model the dense floats go to disk as they are made: held, they were a second model in memory
+            target.value.const_value = (spill(decoded, target.value.name) if large else
+                                        ir.tensor(decoded, name=target.value.name))
             after = decoded.nbytes
         else:
             decoder = decoders.setdefault(id(target.graph), Decoder(target.graph, names))
