@@ -210,6 +210,7 @@ class LowrankPass(Pass[LowrankConfig]):
                         f.prepare(keep)
                 else:
                     f.tail()
+                f.totals()  # the report's energy figures need the norm: taken now, not by reading the weight again
                 f.release(keep)
                 release_pages(layer.weight)
                 out.append(f)
