@@ -203,6 +203,28 @@ def _fit_to_budget(planned: PlannedPass, current: ir.Model, ctx: PassContext, le
     return choice, (results.get(choice.chosen) if choice.chosen is not None else None)
 
 
+def _refine(planned: PlannedPass, current: ir.Model, ctx: PassContext, ledger: _Ledger, choice: Any,
+            result: PassResult) -> tuple[PassResult, dict[str, Any] | None]:
+    """The pass's refinement of the rung the ladder chose (:meth:`Pass.budget_refinement`), measured as the ladder
+    was: the strongest alternative within the budget on the selection part that is smaller on disk, else ``result``.
+    Returns the result kept and what was tried (None: the pass offers no refinement)."""
+    steps = planned.pass_.budget_refinement(current, choice.value, ctx, planned.explicit)
+    if not steps:
+        return result, None
+    refined_choice, refined = _fit_to_budget(planned, current, ctx, ledger, steps)
+    doc = {**refined_choice.to_dict(), "from": choice.label, "kept": False}
+    if refined is None:
+        doc["reason"] = f"{refined_choice.reason}: {choice.label} stays"
+        return result, doc
+    size, uniform = _size(refined.model), _size(result.model)
+    if size is not None and uniform is not None and size >= uniform:
+        doc["reason"] = (f"{refined_choice.reason}; but its file ({size:,} bytes) is not smaller than "
+                         f"{choice.label}'s ({uniform:,} bytes): {choice.label} stays")
+        return result, doc
+    doc.update(kept=True, size_bytes=size, from_size_bytes=uniform)
+    return refined, doc
+
+
 def run_chain(
     model: ir.Model,
     plan: Sequence[PlannedPass],
@@ -216,7 +238,8 @@ def run_chain(
     """Run the chain, keeping a ledger; under ``ctx.max_drop`` each lossy pass holds the budget or is rolled back.
 
     With a budget and evaluation data: a pass with a ladder (:meth:`Pass.budget_ladder`) whose strength the
-    user did not set runs at the strongest rung within what is left; any pass that leaves the chain over the
+    user did not set runs at the strongest rung within what is left (then at the strongest of its refinements,
+    :meth:`Pass.budget_refinement`, that is within and smaller); any pass that leaves the chain over the
     budget on the selection part is rolled back (the chain goes on from the model before it). Decisions use
     the selection part only; the confirmation part is measured for the ledger and the gate.
     """
@@ -236,9 +259,12 @@ def run_chain(
         choice = None
         ladder = planned.pass_.budget_ladder(planned.config, pass_ctx) if budget is not None and lossy else []
         chosen_by_user = sorted(planned.explicit & set(planned.pass_.budget_keys))
+        refinement: dict[str, Any] | None = None
         if ladder and not chosen_by_user and book is not None:
             # the ladder measures the whole chain against the original: the full budget, not what is left
             choice, result = _fit_to_budget(planned, current, dc_replace(ctx, max_drop=budget), book, ladder)
+            if result is not None:
+                result, refinement = _refine(planned, current, dc_replace(ctx, max_drop=budget), book, choice, result)
             if result is None:  # no rung within: the pass is not applied
                 report = planned.pass_.new_report(planned.config)
                 report.summary = "rolled back: no setting of its ladder kept the chain within --max-drop"
@@ -252,6 +278,10 @@ def run_chain(
         report = result.report
         if choice is not None:
             report.figures["budget"] = choice.to_dict()  # printed and rendered from here (RunReport.budget_choices)
+            if refinement is not None:
+                report.figures["budget"]["refinement"] = refinement
+                if refinement["kept"]:
+                    report.figures["budget"]["chosen"] = f"{choice.label}, refined: {refinement['chosen']}"
         elif budget is not None and lossy and chosen_by_user:
             report.notes.append(f"strength set by you ({', '.join(chosen_by_user)}): the budget did not choose it")
         notify(registry, "onnxopt_after_pass", pass_name=planned.name, result=result, ctx=ctx)
@@ -277,8 +307,8 @@ def run_chain(
                 continue  # rolled back above
             row = {"pass": planned.name, "summary": report.summary, "action": action, **_last(out.ledger)}
         if choice is not None:
-            row["chosen"] = choice.label
-            row["tried"] = len(choice.tried)
+            row["chosen"] = report.figures["budget"]["chosen"]
+            row["tried"] = len(choice.tried) + (len(refinement["tried"]) if refinement is not None else 0)
         out.ledger.append(row)
         out.reports.append(report)
         current = result.model
