@@ -68,6 +68,12 @@ def chosen(run: onnxopt.RunReport) -> str:
         budget = p.figures.get("budget")
         if row.get("action") == "rolled back":
             parts.append(f"{p.pass_name}: rolled back")
+        elif budget is not None and budget.get("refinement"):
+            refined = budget["refinement"]
+            # the per-layer label's middle: "6 to k=16" of "per layer at 4x the weight error of k=32 (tensor): ..."
+            what = refined["chosen"].split("): ", 1)[-1].split(" (")[0] if refined["kept"] else "not kept"
+            parts.append(f"{p.pass_name}: {refined['from']} ({len(budget['tried'])} tried), per layer: {what} "
+                         f"({len(refined['tried'])} tried)")
         elif budget is not None:
             parts.append(f"{p.pass_name}: {budget['chosen'] or 'none within'} ({len(budget['tried'])} tried)")
         else:
