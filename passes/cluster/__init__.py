@@ -33,7 +33,7 @@ from onnxopt.graph import Names, attribute, cleanup, opset_version, reroute
 from onnxopt.opset import ensure_opset
 from onnxopt.pass_api import PassReport, PassSpace
 
-from onnxopt_passes.cluster.allocation import Proposal, proposals
+from onnxopt_passes.cluster.allocation import Proposal, error_scales, proposals
 from onnxopt_passes.cluster.kmeans import Clustering, Init, cluster_rows
 from onnxopt_passes.cluster.layers import LayerSetting, exact_entry, parse_layers, setting_for
 from onnxopt_passes.quant.adaround import adaround_rows, layer_inputs
@@ -215,15 +215,17 @@ class ClusterPass(Pass[ClusterConfig]):
         return [(f"k={k} ({config.granularity})", replace(config, k=k)) for k in ladder]
 
     def budget_refinement(self, model: ir.Model, config: ClusterConfig, ctx: PassContext,
-                          explicit: frozenset[str] = frozenset()) -> list[tuple[str, ClusterConfig]]:
+                          explicit: frozenset[str] = frozenset(),
+                          over: ClusterConfig | None = None) -> list[tuple[str, ClusterConfig]]:
         """Per-layer k and granularity around the uniform k the ladder chose, weaker to stronger (:mod:`.allocation`).
 
         Each weight is clustered at the widest k of each index width (256,
         16, 4, 2; and the chosen k), per tensor and per channel; its relative
         error and stored bytes at each are the proxy. A proposal is the
         assignment storing the fewest bytes whose summed error is within a
-        multiple (:data:`.allocation.ERROR_SCALES`) of the uniform k's; only
-        those storing fewer bytes than the uniform k are offered. Layers the
+        multiple of the uniform k's, below the error of ``over``, the stronger
+        k the ladder measured over the budget (:func:`.allocation.error_scales`);
+        only those storing fewer bytes than the uniform k are offered. Layers the
         user named in ``layers`` keep their entries, and a granularity the user
         set is kept. None with ``per_layer`` off, in dense mode (the stored
         bytes do not change) or with rounding=adaround (its data is per run).
@@ -240,13 +242,14 @@ class ClusterPass(Pass[ClusterConfig]):
         widest: dict[int, int] = {}
         for k in ((16, 8, 4) if config.init == "grid" else self.BUDGET_K):
             widest[index_bits(k)] = max(widest.get(index_bits(k), 0), k)
-        ks = sorted({*widest.values(), config.k}, reverse=True)
+        ks = sorted({*widest.values(), config.k, *([over.k] if over is not None else [])}, reverse=True)
         granularities = (config.granularity,) if "granularity" in explicit else ("tensor", "channel")
         options = [(k, g) for k in ks for g in granularities]
         errors = np.full((len(weights), len(options)), np.inf)
         sizes = np.full((len(weights), len(options)), np.inf)
         settings: list[list[tuple[int, str]]] = []  # per layer and column: the k and granularity it stores
         baseline = np.zeros(len(weights), dtype=np.intp)
+        failed = np.zeros(len(weights), dtype=np.intp)  # per layer, the column of ``over``'s setting
         rng = np.random.default_rng(ctx.seed)
         with ctx.progress.task("cluster: per-layer error and bytes", total=len(weights)) as task:
             for row, (target, weight) in enumerate(weights):
@@ -265,16 +268,22 @@ class ClusterPass(Pass[ClusterConfig]):
                     sizes[row, column] = _packed_bytes(codebook, clustering.labels, scale)
                 chosen_axis, _ = _layout(target, shape, config.k, config.granularity, config.init)
                 baseline[row] = seen[(config.k, chosen_axis)]
+                if over is not None:
+                    over_axis, _ = _layout(target, shape, over.k, over.granularity, config.init)
+                    failed[row] = seen[(over.k, over_axis)]
                 settings.append(layer)
                 task.advance()
         uniform = f"k={config.k} ({config.granularity})"
         rungs = []
-        for proposal in proposals(errors, sizes, baseline):
+        rows = np.arange(len(weights))
+        scales = error_scales(float(errors[rows, baseline].sum()),
+                              float(errors[rows, failed].sum()) if over is not None else None)
+        for proposal in proposals(errors, sizes, baseline, scales):
             entries, counts = self._entries(weights, settings, baseline, proposal)
             changed = ", ".join(f"{n} to {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-            label = (f"per layer at {proposal.scale:g}x the weight error of {uniform}: {changed} "
+            label = (f"per layer at {proposal.scale:.2f}x the weight error of {uniform}: {changed} "
                      f"({len(entries)} of {len(weights)} layers moved; weights {proposal.bytes / 1024:.1f} KiB, "
-                     f"uniform {float(sizes[np.arange(len(weights)), baseline].sum()) / 1024:.1f} KiB)")
+                     f"uniform {float(sizes[rows, baseline].sum()) / 1024:.1f} KiB)")
             rungs.append((label, replace(config, layers=(*config.layers, *entries))))
         return rungs
 
