@@ -133,8 +133,8 @@ def _selection_drop(digits: Path, written: Path, seed: int = 0) -> tuple[float, 
 def test_budget_refines_cnn_per_layer_as_reported_and_within_on_selection(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "cnn.onnx"
     uniform_out = tmp_path / "uniform.onnx"
-    run = apply(digits / "cnn.onnx", ["cluster"], out, data=digits / "calib.npz", eval_data=digits / "eval.npz",
-                max_drop=0.02, seed=0, force=True)
+    run = apply(digits / "cnn.onnx", ["cluster"], out, settings={"cluster": {"per_layer": True}},
+                data=digits / "calib.npz", eval_data=digits / "eval.npz", max_drop=0.02, seed=0, force=True)
     budget = run.passes[0].figures["budget"]
     refined = budget["refinement"]
     assert refined["kept"] and refined["tried"] and refined["from"] == budget["ladder"][budget["rung"]]
@@ -165,14 +165,14 @@ def test_budget_refines_cnn_per_layer_as_reported_and_within_on_selection(digits
 
 
 def test_explicit_k_turns_the_budget_and_its_refinement_off(digits: Path, tmp_path: Path) -> None:
-    run = apply(digits / "cnn.onnx", ["cluster"], tmp_path / "o.onnx", settings={"cluster": {"k": 32}},
+    run = apply(digits / "cnn.onnx", ["cluster"], tmp_path / "o.onnx", settings={"cluster": {"k": 32, "per_layer": True}},
                 data=digits / "calib.npz", eval_data=digits / "eval.npz", max_drop=0.02, seed=0, force=True)
     report = run.passes[0]
     assert "budget" not in report.figures and all("set_by" not in item for item in report.items)
     assert {item["k"] for item in report.items} == {32}
     assert any("set by you" in note for note in report.notes)
-    # per_layer=false keeps the ladder and skips the refinement
-    run = apply(digits / "cnn.onnx", ["cluster"], tmp_path / "p.onnx", settings={"cluster": {"per_layer": False}},
+    # per_layer off (the default) keeps the ladder and skips the refinement
+    run = apply(digits / "cnn.onnx", ["cluster"], tmp_path / "p.onnx",
                 data=digits / "calib.npz", eval_data=digits / "eval.npz", max_drop=0.02, seed=0, force=True)
     assert "refinement" not in run.passes[0].figures["budget"]
     assert all("set_by" not in item for item in run.passes[0].items)
@@ -193,7 +193,7 @@ def _chain(digits: Path, pass_: ClusterPass, budget: float = 0.02):
     split = split_dataset(load_data(model, digits / "eval.npz"), 0)
     ctx = PassContext(calibration=load_data(model, digits / "calib.npz"), evaluation=split.selection,
                       confirmation=split.confirmation, max_drop=budget)
-    return run_chain(model, [PlannedPass(pass_, ClusterConfig())], ctx, timed=False)
+    return run_chain(model, [PlannedPass(pass_, ClusterConfig(per_layer=True))], ctx, timed=False)
 
 
 def test_a_refinement_over_the_budget_is_backed_off(digits: Path) -> None:

@@ -79,9 +79,11 @@ class ClusterConfig:
         (), "per-layer settings, GLOB=K or GLOB=K/tensor|channel, matched in order against weight and node names "
         "(the first match wins; the others take k and granularity), e.g. fc*=256,conv1*=4/channel")
     per_layer: bool = option(
-        True, "under --max-drop (with --eval), once the budget chose k: propose per-layer k and granularity from each "
-        "weight's error and bytes, keep the strongest proposal measured within the budget on the selection part "
-        "and smaller on disk, else the uniform k; layers you name in `layers` stay as given, a k you set turns it off")
+        False, "under --max-drop (with --eval), once the budget chose k: propose per-layer k and granularity from each "
+        "weight's error and bytes, keep the strongest proposal measured within the budget (two standard errors) on "
+        "the selection part and smaller on disk, else the uniform k; layers you name in `layers` stay as given, a k "
+        "you set turns it off. Off by default: in benchmarks/results/cluster_per_layer.md it shrank one of ten runs "
+        "and took another over its budget on fresh inputs")
 
     def __post_init__(self) -> None:
         if not 2 <= self.k <= 256:
