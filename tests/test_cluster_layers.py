@@ -242,3 +242,16 @@ def test_layers_from_the_command_line(digits: Path, tmp_path: Path) -> None:
     assert (items["net.1.weight"]["k"], items["net.1.weight"]["set_by"]) == (4, "net.1*=4")
     assert (items["net.3.weight"]["granularity"], items["net.3.weight"]["set_by"]) == ("channel", "net.3*=16/channel")
     assert "set_by" not in items["net.5.weight"] and items["net.5.weight"]["granularity"] == "tensor"
+
+
+def test_the_terminal_report_says_what_the_refinement_tried(digits: Path, tmp_path: Path) -> None:
+    from tests.helpers import run_cli
+
+    proc = run_cli("apply", digits / "cnn.onnx", "--pass", "cluster", "--set", "cluster.per_layer=true",
+                   "--data", digits / "calib.npz", "--eval", digits / "eval.npz", "--max-drop", "0.02",
+                   "-o", tmp_path / "o.onnx", env={"COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if "refinement of k=" in line)
+    import re
+
+    assert re.search(r"refinement of k=\d+ \(tensor\) kept: per layer at ", line) and "; tried per layer at" in line
