@@ -68,6 +68,12 @@ def chosen(run: onnxopt.RunReport) -> str:
         budget = p.figures.get("budget")
         if row.get("action") == "rolled back":
             parts.append(f"{p.pass_name}: rolled back")
+        elif budget is not None and budget.get("refinement"):
+            refined = budget["refinement"]
+            # the per-layer label's middle: "6 to k=16" of "per layer at 4x the weight error of k=32 (tensor): ..."
+            what = refined["chosen"].split("): ", 1)[-1].split(" (")[0] if refined["kept"] else "not kept"
+            parts.append(f"{p.pass_name}: {refined['from']} ({len(budget['tried'])} tried), per layer: {what} "
+                         f"({len(refined['tried'])} tried)")
         elif budget is not None:
             parts.append(f"{p.pass_name}: {budget['chosen'] or 'none within'} ({len(budget['tried'])} tried)")
         else:
@@ -200,7 +206,8 @@ def fresh_drop(src: Path, out: Path, x: np.ndarray, metrics: dict[str, str] | No
 
 
 def run_ocr(real: Path, names: list[str], done: Callable[[list[dict[str, Any]]], None],
-            only: set[str] | None = None, budgets: tuple[float, ...] = BUDGETS) -> list[dict[str, Any]]:
+            only: set[str] | None = None, budgets: tuple[float, ...] = BUDGETS,
+            settings: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
     """The PP-OCR rows; ``done`` gets the rows so far after each one (runs are minutes long: nothing is lost).
 
     cls runs on rendered text crops with their orientation as labels (:func:`text_crops`, needs Pillow): its drop
@@ -239,7 +246,8 @@ def run_ocr(real: Path, names: list[str], done: Callable[[list[dict[str, Any]]],
                     out = folder / f"{name}_{chain.replace(',', '_')}_{budget}.onnx"
                     start = time.perf_counter()
                     run = onnxopt.apply(src, chain, out, data=folder / "calib.npz", eval_data=folder / "eval.npz",
-                                        max_drop=budget, force=True, seed=0, metrics=metrics)
+                                        max_drop=budget, force=True, seed=0, metrics=metrics,
+                                        settings=_settings(settings, chain))
                     fresh = ref_fresh - accuracy(out, fresh_x, fresh_y) if crops else fresh_drop(src, out, fresh_x,
                                                                                                metrics)
                     row = _row(name, chain, budget, run, src, out, fresh, n_fresh, time.perf_counter() - start)
@@ -286,20 +294,34 @@ def main() -> None:
                         help="only PP-OCR rows (ppocr_cls,ppocr_det; ONNXOPT_REAL_MODELS), added to the existing JSON")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
                         help="--max-drop values of the PP-OCR rows, comma-separated (the data drawn is the same)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="PASS.KEY=VALUE",
+                        help="a pass setting for every run whose chain holds the pass (as apply's --set)")
+    parser.add_argument("--results", default="budget", help="results file name under benchmarks/results (NAME.md, .json)")
     args = parser.parse_args()
+    from onnxopt.config import parse_settings
+
+    settings = parse_settings(args.settings)
+    name = args.results
+
+    def write_rows(rows: list[dict[str, Any]]) -> None:
+        write(rows, name, settings)
+
+    def old_rows() -> list[dict[str, Any]]:
+        return json.loads((RESULTS / f"{name}.json").read_text())["rows"] if (RESULTS / f"{name}.json").exists() else []
+
     if args.rewrite:
-        write(json.loads((RESULTS / "budget.json").read_text())["rows"])
+        write_rows(old_rows())
         return
     if args.ocr:
         import os
 
         real = Path(os.environ.get("ONNXOPT_REAL_MODELS", "/work/real-models"))
         names = args.ocr.split(",")
-        old = json.loads((RESULTS / "budget.json").read_text())["rows"] if (RESULTS / "budget.json").exists() else []
+        old = old_rows()
         only = None if args.runs == "|".join(RUNS) else set(args.runs.split("|"))
         budgets = tuple(float(b) for b in args.budgets.split(","))
         # re-run rows take their old rows' places
-        run_ocr(real, names, lambda rows: write(_merged(old, rows)), only, budgets)
+        run_ocr(real, names, lambda rows: write_rows(_merged(old, rows)), only, budgets, settings)
         return
     ev = np.load(DIGITS / "eval.npz")
     x, labels = ev["x"], ev["labels"]
@@ -317,11 +339,15 @@ def main() -> None:
                     out = folder / f"{model}_{chain.replace(',', '_')}_{budget}.onnx"
                     start = time.perf_counter()
                     run = onnxopt.apply(src, chain, out, data=DIGITS / "calib.npz", eval_data=eval_path, max_drop=budget,
-                                        force=True, seed=0)
+                                        force=True, seed=0, settings=_settings(settings, chain))
                     fresh = ref_fresh - accuracy(out, fresh_x, fresh_y)
                     rows.append(_row(model, chain, budget, run, src, out, fresh, FRESH, time.perf_counter() - start))
-    old = json.loads((RESULTS / "budget.json").read_text())["rows"] if (RESULTS / "budget.json").exists() else []
-    write(_merged(old, rows))
+    write_rows(_merged(old_rows(), rows))
+
+
+def _settings(settings: dict[str, dict[str, str]] | None, chain: str) -> dict[str, dict[str, str]] | None:
+    """The --set settings of the passes in ``chain`` (apply refuses settings for a pass not in the chain)."""
+    return {p: keys for p, keys in (settings or {}).items() if p in chain.split(",")} or None
 
 
 def _merged(old: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -345,16 +371,20 @@ def _pt(v: float | None) -> str:
     return "-" if v is None else f"{v * 100:.2f}"
 
 
-def write(rows: list[dict[str, Any]]) -> None:
+def write(rows: list[dict[str, Any]], name: str = "budget", settings: dict[str, dict[str, str]] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = {"python": platform.python_version(), "machine": platform.machine(), "onnxopt": onnxopt.__version__}
-    (RESULTS / "budget.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, "settings": settings or {}, "rows": rows},
+                                                     indent=2, default=str) + "\n")
     n = rows[0] if rows else {}
     lines = [
         "# Budget: each lossy pass under --max-drop, chosen on one part, judged on another",
         "",
-        "Written by `python benchmarks/budget.py`. digits models (examples/digits); `onnxopt.apply(model, passes, "
-        "data=calib.npz, eval_data=EVAL, max_drop=B, seed=0)`. EVAL is eval.npz without its last "
+        "Written by `python benchmarks/budget.py" + "".join(f" --set {p}.{k}={v}" for p, keys in (settings or {}).items()
+                                                          for k, v in keys.items())
+        + (f" --results {name}" if name != "budget" else "") + "`. digits models (examples/digits); "
+        "`onnxopt.apply(model, passes, data=calib.npz, eval_data=EVAL, max_drop=B, seed=0"
+        + (", settings=SET" if settings else "") + ")`. EVAL is eval.npz without its last "
         f"{n.get('fresh_samples', FRESH)} samples; apply splits it by seed into a **selection** part "
         f"({n.get('selection_samples')} samples: every choice is made on it) and a **confirmation** part "
         f"({n.get('confirmation_samples')} samples: the gate and the report). **fresh** is the last "
@@ -396,7 +426,7 @@ def write(rows: list[dict[str, Any]]) -> None:
     lines += ["", f"Held the budget on fresh inputs: {len(held)} of {len(rows)} runs ({len(held_changed)} of the "
               f"{len(changed)} runs where at least one pass changed the model); with a size or latency win "
               f"(size < 0.99 or latency < 0.95, on a model at least one pass changed): {len(win)} of {len(rows)}."]
-    (RESULTS / "budget.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

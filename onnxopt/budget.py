@@ -66,6 +66,10 @@ class Drop:
         return float(self.error) if self.error is not None and math.isfinite(self.error) else 0.0
 
 
+def _count(n: float) -> str:
+    return {1.0: "one", 2.0: "two", 3.0: "three"}.get(float(n), f"{n:g}")
+
+
 def margin(drop: float, samples: int | None) -> float:
     """One standard error of a drop measured as a share of ``samples`` (binomial; at least that of one sample in n)."""
     if not samples:
@@ -83,6 +87,7 @@ def strongest_within(
     mode: Literal["bisect", "greedy"] = "bisect",
     what: str = "drop on the selection part",
     samples: int | None = None,
+    standard_errors: float = 1.0,
 ) -> BudgetChoice[T]:
     """The strongest rung of ``ladder`` (ordered weaker to stronger) whose ``measure`` stays within ``limit``.
 
@@ -97,6 +102,8 @@ def strongest_within(
     and the confirmation part is what it is judged on. A drop that is not a
     share of samples (1 - cosine, textmap) gets the :class:`Drop`'s ``error``
     instead (the standard error of its per-sample values), when known.
+    ``standard_errors`` widens that margin: a second search on the same
+    samples (a refinement of a rung already chosen on them) needs more.
     """
     labels = list(labels) if labels is not None else [str(v) for v in ladder]
     choice: BudgetChoice[T] = BudgetChoice(limit, rungs=labels, samples=samples)
@@ -111,7 +118,7 @@ def strongest_within(
         if i not in measured:
             result = measure(ladder[i])
             drop = result if isinstance(result, Drop) else Drop(float(result), samples)
-            measured[i], pads[i] = float(drop.value), drop.margin
+            measured[i], pads[i] = float(drop.value), drop.margin * standard_errors
             if pads[i] and not drop.samples:
                 kinds[i] = "per-sample"
             choice.tried.append({"setting": labels[i], "drop": measured[i], "margin": pads[i],
@@ -147,7 +154,8 @@ def strongest_within(
     pad = pads[best]
     choice.reason = (f"{labels[best]}: the strongest setting measured within {limit * 100:.2f} pt "
                      f"({what} {measured[best] * 100:.2f} pt"
-                     + ((f" + {pad * 100:.2f} pt, one standard error of "
+                     + ((f" + {pad * 100:.2f} pt, {_count(standard_errors)} standard error"
+                         + ("s" if standard_errors != 1 else "") + " of "
                          + ("its per-sample values)" if kinds.get(best) else "a share of samples)")) if pad else ")")
                      + (f"; stronger settings tried were over ({', '.join(stronger)})" if stronger else
                         "; it is the strongest rung of the ladder"))

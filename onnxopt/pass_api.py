@@ -248,6 +248,23 @@ class Pass(Generic[ConfigT]):
         """
         return []
 
+    def budget_refinement(self, model: ir.Model, config: ConfigT, ctx: PassContext,
+                          explicit: frozenset[str] = frozenset(),
+                          over: ConfigT | None = None) -> list[tuple[str, ConfigT]]:
+        """Stronger alternatives to the rung the ladder chose (``config``), weaker to stronger, each a label and a
+        config: e.g. per-layer settings, each proposed to store less than ``config`` does.
+
+        The manager measures them like the ladder's rungs (the same drop and
+        margin on the selection part, by bisection) and keeps the strongest
+        within the budget that is also smaller on disk than ``config``'s
+        result; otherwise ``config``'s result stays. ``model`` is what the
+        pass runs on; ``explicit`` holds the config keys the user set (their
+        values must stay); ``over`` is the weakest rung stronger than
+        ``config`` that the ladder measured over the budget (None: none was).
+        Empty (the default) means no refinement.
+        """
+        return []
+
     @classmethod
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()

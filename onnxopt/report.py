@@ -252,6 +252,12 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
         tried = ", ".join(f"{t['setting']}: {t['drop'] * 100:.2f} pt{'' if t['within'] else ' (over)'}" for t in choice["tried"])
         console.print(f"{escape(choice['pass'])}: --max-drop {choice['limit']:g} chose "
                       f"{escape(str(choice['chosen'] or 'nothing (pass not applied)'))}; tried {escape(tried)}")
+        refined = choice.get("refinement")
+        if refined:
+            tried = ", ".join(f"{t['setting']}: {t['drop'] * 100:.2f} pt{'' if t['within'] else ' (over)'}"
+                              for t in refined["tried"])
+            console.print(f"{escape(choice['pass'])}: refinement of {escape(str(refined['from']))} "
+                          f"{'kept' if refined['kept'] else 'not kept'}: {escape(refined['reason'])}; tried {escape(tried)}")
     if report.ledger:
         ledger = Table(title="ledger (the chain against the original after each pass)", title_justify="left")
         for col in ("pass", "action", "drop selection", "drop confirmation", "size", "latency ms"):
