@@ -174,3 +174,19 @@ def test_serialized_size_is_the_protobufs_length(kind, tmp_path) -> None:
     assert serialized_size(model, min_bytes=0) == expected
     assert serialized_size(model, min_bytes=256) == expected
     assert len(serialize_model(model)) == expected  # the stand-ins were put back
+
+
+def test_each_segment_holds_only_the_weights_its_nodes_read(tmp_path) -> None:
+    """A segment's session is handed its model's in-memory weights: one that kept the whole model's (nodes removed
+    unsafely still counted as their readers) gave every segment's session all of them to copy."""
+    out = tmp_path / "l.onnx"
+    apply(DIGITS / "mlp.onnx", "lowrank", out, settings={"lowrank": {"ratio": 0.5}}, validate_result=False)
+    model = load_model(out)
+    segments = model_segments(model, budget=1)
+    assert segments is not None and len(segments) > 2
+    total = 0
+    for part in activations.segment_models(model, segments):
+        read = {v.name for node in part.graph for v in node.inputs if v is not None}
+        assert set(part.graph.initializers) <= read, sorted(set(part.graph.initializers) - read)
+        total += len(part.graph.initializers)
+    assert total >= len(model.graph.initializers)  # and none is missing (a weight read by two segments counts twice)
