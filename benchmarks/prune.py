@@ -4,7 +4,7 @@ For every model and ratio: parameters, MACs, ORT latency against the dense
 model at 1 and 2 threads (batch 1, and a batch of 8 or 2; medians of runs
 interleaved one by one, ratios from the same run), and quality four ways:
 
-- ``l1``: magnitude pruning alone (filter L1 norm, BatchNorm gain folded in);
+- ``l1``: magnitude pruning alone (data-free: BatchNorm gamma, else the readers' weight energy);
 - ``l1+refit``: the same channels, then the least-squares refit of the layers
   that read them (what reconstruction buys over magnitude alone);
 - ``reconstruct``: channels chosen greedily by the least-squares error their

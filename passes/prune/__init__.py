@@ -66,7 +66,9 @@ class PruneConfig:
                                              "(e.g. 0.5); replaces ratio", unit="share")
     target_params: float | None = option(None, "parameters the pruned model may keep, as a share of the dense "
                                                "model's; replaces ratio", unit="share")
-    saliency: Saliency = option("l1", "which channels go: l1/l2 = smallest filter norm; activation = smallest mean "
+    saliency: Saliency = option("l1", "which channels go: l1/l2 = smallest weights, data-free (a following BatchNorm's "
+                                      "gamma, else the readers' weight energy on the channel, else the filter's "
+                                      "L1/L2 norm); activation = smallest mean "
                                       "|x| on --data; reconstruct = those the next layers can best do without "
                                       "(greedy least squares on --data), then a least-squares refit of those layers")
     reconstruct: bool | None = option(None, "refit the layers that read pruned channels by ridge least squares on "
