@@ -181,7 +181,8 @@ def text_pages(rng: np.random.Generator, n: int, h: int = 320, w: int = 320) -> 
 OCR = {
     "ppocr_cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (48, 192), (240, 200, 64),
                   ("cluster", "quant", "lowrank", "prune,cluster,quant", "prune")),
-    "ppocr_det": ("ch_PP-OCRv4_det_infer.onnx", (256, 256), (48, 24, 16), ("cluster", "quant")),
+    "ppocr_det": ("ch_PP-OCRv4_det_infer.onnx", (256, 256), (192, 96, 16),
+                  ("cluster", "quant", "prune", "lowrank", "prune,cluster,quant")),
 }
 #: det's drop: its text map binarized at DBNet's 0.3, F-score against the original's (onnxopt.metrics.text_map_f1).
 DET_METRICS = {"sigmoid_0.tmp_0": "textmap"}
@@ -200,7 +201,8 @@ def fresh_drop(src: Path, out: Path, x: np.ndarray, metrics: dict[str, str] | No
 
 
 def run_ocr(real: Path, names: list[str], done: Callable[[list[dict[str, Any]]], None],
-            only: set[str] | None = None, budgets: tuple[float, ...] = BUDGETS) -> list[dict[str, Any]]:
+            only: set[str] | None = None, budgets: tuple[float, ...] = BUDGETS,
+            keep: Path | None = None) -> list[dict[str, Any]]:
     """The PP-OCR rows; ``done`` gets the rows so far after each one (runs are minutes long: nothing is lost).
 
     cls runs on rendered text crops with their orientation as labels (:func:`text_crops`, needs Pillow): its drop
@@ -248,6 +250,11 @@ def run_ocr(real: Path, names: list[str], done: Callable[[list[dict[str, Any]]],
                                    "synthetic text lines, no labels")
                     rows.append(row)
                     done(rows)
+                    if keep is not None:  # the written model, for a look at its per-sample drops afterwards
+                        import shutil
+
+                        keep.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(out, keep / out.name)
     return rows
 
 
@@ -286,6 +293,7 @@ def main() -> None:
                         help="only PP-OCR rows (ppocr_cls,ppocr_det; ONNXOPT_REAL_MODELS), added to the existing JSON")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
                         help="--max-drop values of the PP-OCR rows, comma-separated (the data drawn is the same)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR", help="copy the PP-OCR rows' models to DIR")
     args = parser.parse_args()
     if args.rewrite:
         write(json.loads((RESULTS / "budget.json").read_text())["rows"])
@@ -299,7 +307,7 @@ def main() -> None:
         only = None if args.runs == "|".join(RUNS) else set(args.runs.split("|"))
         budgets = tuple(float(b) for b in args.budgets.split(","))
         # re-run rows take their old rows' places
-        run_ocr(real, names, lambda rows: write(_merged(old, rows)), only, budgets)
+        run_ocr(real, names, lambda rows: write(_merged(old, rows)), only, budgets, args.keep)
         return
     ev = np.load(DIGITS / "eval.npz")
     x, labels = ev["x"], ev["labels"]
@@ -365,12 +373,14 @@ def write(rows: list[dict[str, Any]]) -> None:
         "noisy. Models the gate refused were written with --force so that their fresh drop could be measured too "
         "(gate column).",
         "",
-        "| model | data | passes | max-drop | chosen | drop selection | drop confirmation | drop fresh | gate | size | latency |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | data | samples sel/conf/fresh | passes | max-drop | chosen | drop selection | drop confirmation "
+        "| drop fresh | gate | size | latency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         latency = f"{r['latency_ratio']:.3f}" if r["latency_ratio"] else "-"
-        lines.append(f"| {r['model']} | {_data(r)} | {r['passes']} | {r['max_drop']:g} | {r['chosen']} | "
+        counts = f"{r['selection_samples']}/{r['confirmation_samples']}/{r['fresh_samples']}"
+        lines.append(f"| {r['model']} | {_data(r)} | {counts} | {r['passes']} | {r['max_drop']:g} | {r['chosen']} | "
                      f"{_pt(r['drop_selection'])} | {_pt(r['drop_confirmation'])} | {_pt(r['drop_fresh'])} | "
                      f"{'pass' if r['gate_passed'] else 'REFUSED'} | {r['size_ratio']:.3f} | {latency} |")
     if any(r["model"] in OCR for r in rows):
@@ -385,9 +395,8 @@ def write(rows: list[dict[str, Any]]) -> None:
                   "turned up to 6°, on light paper with noise and blur, 3×256×256, ImageNet mean/std as PP-OCR's det "
                   "preprocessing) without labels, gated with `--metric sigmoid_0.tmp_0=textmap`: 1 − the F-score of "
                   "the candidate's text pixels (probability map > 0.3, DBNet's binarization) against the original "
-                  "model's; 24 selection / 24 confirmation / 24 fresh pages drawn independently (16 more as --data). "
-                  "Each row's data is in budget.json (`data`). det ran cluster and quant only (prune's sensitivity "
-                  "scan on det is minutes per budget; not run)."]
+                  "model's; pages drawn independently, as many selection / confirmation / fresh as the samples column "
+                  "says (16 more as --data). Each row's data is in budget.json (`data`)."]
     # an unchanged model (every pass rolled back) has no win, whatever the latency noise says
     changed = [r for r in rows if len(r["rollbacks"]) < len(r["passes"].split(","))]
     held = [r for r in rows if r["drop_fresh"] <= r["max_drop"] + 1e-12]

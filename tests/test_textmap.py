@@ -29,6 +29,10 @@ def test_text_map_f1_counts_text_pixels() -> None:
     assert metric_drop("textmap", ref, cand, None)[0] == pytest.approx(1 - 16 / 22)
     assert text_map_f1(np.zeros_like(ref), np.zeros_like(ref)) == 1.0  # no text in either: the same map
     assert text_map_f1(ref[:, 0], cand[:, 0]) == pytest.approx(16 / 22)  # [N, H, W] too
+    # float32 Sigmoid on ORT returns 1.0000001 on sure text (PP-OCRv4 det on rendered pages): still a probability map
+    sure = ref.copy()
+    sure.reshape(-1)[0] = np.nextafter(np.float32(1.0), np.float32(2.0))
+    assert text_map_f1(sure, cand) == pytest.approx(16 / 22)
     # not a probability map: logits, values beyond [0, 1], several channels, other shapes
     assert text_map_f1(np.zeros((4, 10), np.float32), np.zeros((4, 10), np.float32)) is None
     assert text_map_f1(ref * 3, cand) is None
