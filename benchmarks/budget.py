@@ -187,7 +187,8 @@ def text_pages(rng: np.random.Generator, n: int, h: int = 320, w: int = 320) -> 
 OCR = {
     "ppocr_cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (48, 192), (240, 200, 64),
                   ("cluster", "quant", "lowrank", "prune,cluster,quant", "prune")),
-    "ppocr_det": ("ch_PP-OCRv4_det_infer.onnx", (256, 256), (48, 24, 16), ("cluster", "quant")),
+    "ppocr_det": ("ch_PP-OCRv4_det_infer.onnx", (256, 256), (192, 96, 16),
+                  ("cluster", "quant", "prune", "lowrank", "prune,cluster,quant")),
 }
 #: det's drop: its text map binarized at DBNet's 0.3, F-score against the original's (onnxopt.metrics.text_map_f1).
 DET_METRICS = {"sigmoid_0.tmp_0": "textmap"}
@@ -207,7 +208,7 @@ def fresh_drop(src: Path, out: Path, x: np.ndarray, metrics: dict[str, str] | No
 
 def run_ocr(real: Path, names: list[str], done: Callable[[list[dict[str, Any]]], None],
             only: set[str] | None = None, budgets: tuple[float, ...] = BUDGETS,
-            settings: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+            settings: dict[str, dict[str, str]] | None = None, keep: Path | None = None) -> list[dict[str, Any]]:
     """The PP-OCR rows; ``done`` gets the rows so far after each one (runs are minutes long: nothing is lost).
 
     cls runs on rendered text crops with their orientation as labels (:func:`text_crops`, needs Pillow): its drop
@@ -256,6 +257,11 @@ def run_ocr(real: Path, names: list[str], done: Callable[[list[dict[str, Any]]],
                                    "synthetic text lines, no labels")
                     rows.append(row)
                     done(rows)
+                    if keep is not None:  # the written model, for a look at its per-sample drops afterwards
+                        import shutil
+
+                        keep.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(out, keep / out.name)
     return rows
 
 
@@ -297,6 +303,7 @@ def main() -> None:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="PASS.KEY=VALUE",
                         help="a pass setting for every run whose chain holds the pass (as apply's --set)")
     parser.add_argument("--results", default="budget", help="results file name under benchmarks/results (NAME.md, .json)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR", help="copy the PP-OCR rows' models to DIR")
     args = parser.parse_args()
     from onnxopt.config import parse_settings
 
@@ -321,7 +328,7 @@ def main() -> None:
         only = None if args.runs == "|".join(RUNS) else set(args.runs.split("|"))
         budgets = tuple(float(b) for b in args.budgets.split(","))
         # re-run rows take their old rows' places
-        run_ocr(real, names, lambda rows: write_rows(_merged(old, rows)), only, budgets, settings)
+        run_ocr(real, names, lambda rows: write_rows(_merged(old, rows)), only, budgets, settings, args.keep)
         return
     ev = np.load(DIGITS / "eval.npz")
     x, labels = ev["x"], ev["labels"]
@@ -395,12 +402,14 @@ def write(rows: list[dict[str, Any]], name: str = "budget", settings: dict[str, 
         "noisy. Models the gate refused were written with --force so that their fresh drop could be measured too "
         "(gate column).",
         "",
-        "| model | data | passes | max-drop | chosen | drop selection | drop confirmation | drop fresh | gate | size | latency |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | data | samples sel/conf/fresh | passes | max-drop | chosen | drop selection | drop confirmation "
+        "| drop fresh | gate | size | latency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         latency = f"{r['latency_ratio']:.3f}" if r["latency_ratio"] else "-"
-        lines.append(f"| {r['model']} | {_data(r)} | {r['passes']} | {r['max_drop']:g} | {r['chosen']} | "
+        counts = f"{r['selection_samples']}/{r['confirmation_samples']}/{r['fresh_samples']}"
+        lines.append(f"| {r['model']} | {_data(r)} | {counts} | {r['passes']} | {r['max_drop']:g} | {r['chosen']} | "
                      f"{_pt(r['drop_selection'])} | {_pt(r['drop_confirmation'])} | {_pt(r['drop_fresh'])} | "
                      f"{'pass' if r['gate_passed'] else 'REFUSED'} | {r['size_ratio']:.3f} | {latency} |")
     if any(r["model"] in OCR for r in rows):
@@ -415,9 +424,8 @@ def write(rows: list[dict[str, Any]], name: str = "budget", settings: dict[str, 
                   "turned up to 6°, on light paper with noise and blur, 3×256×256, ImageNet mean/std as PP-OCR's det "
                   "preprocessing) without labels, gated with `--metric sigmoid_0.tmp_0=textmap`: 1 − the F-score of "
                   "the candidate's text pixels (probability map > 0.3, DBNet's binarization) against the original "
-                  "model's; 24 selection / 24 confirmation / 24 fresh pages drawn independently (16 more as --data). "
-                  "Each row's data is in budget.json (`data`). det ran cluster and quant only (prune's sensitivity "
-                  "scan on det is minutes per budget; not run)."]
+                  "model's; pages drawn independently, as many selection / confirmation / fresh as the samples column "
+                  "says (16 more as --data). Each row's data is in budget.json (`data`)."]
     # an unchanged model (every pass rolled back) has no win, whatever the latency noise says
     changed = [r for r in rows if len(r["rollbacks"]) < len(r["passes"].split(","))]
     held = [r for r in rows if r["drop_fresh"] <= r["max_drop"] + 1e-12]

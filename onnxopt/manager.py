@@ -144,10 +144,13 @@ class _Ledger:
         from onnxopt.validate import validate
 
         row: dict[str, Any] = {"pass": name, "summary": report.summary, "action": action,
-                               "drop_selection": None, "drop_confirmation": None, "size_bytes": _size(candidate),
-                               "latency_ms": None, "reference_latency_ms": None}
+                               "drop_selection": None, "margin_selection": None, "drop_confirmation": None,
+                               "size_bytes": _size(candidate), "latency_ms": None, "reference_latency_ms": None}
         if self.ctx.evaluation is not None:
-            row["drop_selection"] = self.drop(candidate, self.ctx.evaluation)
+            # keeping or rolling back is a choice made on the selection part: it gets the margin choosers add
+            # (one standard error: binomial for a share of samples, else from the per-sample drops)
+            measured = self.measured(candidate, self.ctx.evaluation)
+            row["drop_selection"], row["margin_selection"] = measured.value, measured.margin
         if self.ctx.confirmation is not None:
             if self.timed:
                 # the latency field is whatever validate measures today (the timing module is another change's)
@@ -161,7 +164,8 @@ class _Ledger:
         return row
 
 
-_FIGURES = ("drop_selection", "drop_confirmation", "size_bytes", "latency_ms", "reference_latency_ms")
+_FIGURES = ("drop_selection", "margin_selection", "drop_confirmation", "size_bytes", "latency_ms",
+            "reference_latency_ms")
 
 
 def _last(ledger: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,7 +173,7 @@ def _last(ledger: list[dict[str, Any]]) -> dict[str, Any]:
     for row in reversed(ledger):
         if row["action"] != "rolled back":
             return {k: row.get(k) for k in _FIGURES}
-    return {k: (0.0 if k.startswith("drop") else None) for k in _FIGURES}
+    return {k: (0.0 if k.startswith(("drop", "margin")) else None) for k in _FIGURES}
 
 
 def _builtin_metrics() -> list[Any]:
@@ -249,11 +253,14 @@ def run_chain(
 
     With a budget and evaluation data: a pass with a ladder (:meth:`Pass.budget_ladder`) whose strength the
     user did not set runs at the strongest rung within what is left (then at the strongest of its refinements,
-    :meth:`Pass.budget_refinement`, that is within and smaller); any pass that leaves the chain over the
-    budget on the selection part is rolled back (the chain goes on from the model before it). Decisions use
-    the selection part only; the confirmation part is measured for the ledger and the gate.
+    :meth:`Pass.budget_refinement`, that is within and smaller); any pass that leaves the chain over the budget on
+    the selection part, by its drop plus one standard error (the margin every chooser adds:
+    :attr:`onnxopt.budget.Drop.margin`), is rolled back (the chain goes on from the model before it).
+    Decisions use the selection part only; the confirmation part is measured for the ledger and the gate.
     """
     from dataclasses import replace as dc_replace
+
+    from onnxopt.budget import BUDGET_TOLERANCE
 
     check_requirements(plan, ctx)
     book = _Ledger(model, ctx, timed) if ledger and ctx.evaluation is not None else None
@@ -303,9 +310,12 @@ def run_chain(
             continue
         row = book.row(planned.name, report, result.model, action) if result.modified else None
         if rollback and row is not None and budget is not None and row["drop_selection"] is not None \
-                and row["drop_selection"] > budget + 1e-12:
+                and row["drop_selection"] + row["margin_selection"] > budget + BUDGET_TOLERANCE:
+            pad = row["margin_selection"]
             reason = (f"the chain's drop on the selection part after {planned.name} was "
-                      f"{row['drop_selection'] * 100:.2f} pt, over --max-drop {budget * 100:.2f} pt")
+                      f"{row['drop_selection'] * 100:.2f} pt"
+                      + (f" + {pad * 100:.2f} pt margin (one standard error)" if pad else "")
+                      + f", over --max-drop {budget * 100:.2f} pt")
             row.update(action="rolled back", reason=reason)
             report.notes.append(f"rolled back: {reason}; the chain goes on from the model before it")
             report.summary = f"rolled back ({report.summary})"

@@ -116,6 +116,9 @@ BUILTIN_METRICS = (
 DROP_METRICS = ("top1", "cosine", "snr", "match", "textmap", "none")
 #: DBNet's binarization threshold of a text probability map (PP-OCR's det_db_thresh).
 TEXT_MAP_THRESHOLD = 0.3
+#: How far outside [0, 1] a probability map may stray by float rounding: ORT's float32 Sigmoid returns 1.0000001
+#: (one ulp over 1) on confidently-text pixels of PP-OCRv4 det; logits stray by whole units.
+PROBABILITY_SLACK = 1e-5
 #: A last axis of at most this many entries can be classes (a 2-D [N, C] output); beyond it, it is more likely anchors.
 MAX_CLASSES = 1000
 #: Probabilities along the last axis sum to 1 within this tolerance (softmax outputs: classes at any rank).
@@ -200,7 +203,7 @@ def text_map_f1(reference: np.ndarray, candidate: np.ndarray, threshold: float =
             or not np.issubdtype(reference.dtype, np.floating) or not np.issubdtype(candidate.dtype, np.floating)):
         return None
     with np.errstate(invalid="ignore"):
-        if not (np.nanmin(reference) >= 0.0 and np.nanmax(reference) <= 1.0):
+        if not (np.nanmin(reference) >= -PROBABILITY_SLACK and np.nanmax(reference) <= 1.0 + PROBABILITY_SLACK):
             return None
         r, c = reference > threshold, candidate > threshold  # NaN is no text
     both, total = int(np.count_nonzero(r & c)), int(np.count_nonzero(r)) + int(np.count_nonzero(c))

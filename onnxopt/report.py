@@ -260,12 +260,14 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
                           f"{'kept' if refined['kept'] else 'not kept'}: {escape(refined['reason'])}; tried {escape(tried)}")
     if report.ledger:
         ledger = Table(title="ledger (the chain against the original after each pass)", title_justify="left")
-        for col in ("pass", "action", "drop selection", "drop confirmation", "size", "latency ms"):
+        # margin: one standard error of the selection drop; keep or roll back is decided on drop + margin
+        for col in ("pass", "action", "drop selection", "margin", "drop confirmation", "size", "latency ms"):
             ledger.add_column(col)
         for row in report.ledger:
             action = row["action"] if row["action"] != "rolled back" else "[bold red]rolled back[/bold red]"
-            ledger.add_row(escape(row["pass"]), action, _pt(row.get("drop_selection")), _pt(row.get("drop_confirmation")),
-                           format_bytes(row.get("size_bytes")), _fmt(row.get("latency_ms")))
+            ledger.add_row(escape(row["pass"]), action, _pt(row.get("drop_selection")), _pt(row.get("margin_selection")),
+                           _pt(row.get("drop_confirmation")), format_bytes(row.get("size_bytes")),
+                           _fmt(row.get("latency_ms")))
         console.print(ledger)
         for row in report.ledger:
             if row["action"] == "rolled back":

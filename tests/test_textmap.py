@@ -29,6 +29,10 @@ def test_text_map_f1_counts_text_pixels() -> None:
     assert metric_drop("textmap", ref, cand, None)[0] == pytest.approx(1 - 16 / 22)
     assert text_map_f1(np.zeros_like(ref), np.zeros_like(ref)) == 1.0  # no text in either: the same map
     assert text_map_f1(ref[:, 0], cand[:, 0]) == pytest.approx(16 / 22)  # [N, H, W] too
+    # float32 Sigmoid on ORT returns 1.0000001 on sure text (PP-OCRv4 det on rendered pages): still a probability map
+    sure = ref.copy()
+    sure.reshape(-1)[0] = np.nextafter(np.float32(1.0), np.float32(2.0))
+    assert text_map_f1(sure, cand) == pytest.approx(16 / 22)
     # not a probability map: logits, values beyond [0, 1], several channels, other shapes
     assert text_map_f1(np.zeros((4, 10), np.float32), np.zeros((4, 10), np.float32)) is None
     assert text_map_f1(ref * 3, cand) is None
@@ -173,3 +177,33 @@ def test_quant_fallback_adds_the_per_sample_margin_to_a_textmap_drop(tmp_path: P
     assert first["margin"] == pytest.approx(error, rel=1e-9) and not first["within"]
     assert figures["fallback"]["kept_float"]  # the margin, not the drop, sent a node back to float
     assert all(t["within"] == (t["drop"] + t["margin"] <= limit + 1e-12) for t in figures["budget"]["tried"])
+
+
+def test_chain_rolls_back_a_pass_within_by_its_textmap_drop_alone_but_not_with_its_margin(tmp_path: Path) -> None:
+    """The chain's keep-or-roll-back is a choice made on the selection part: the same drop + one standard error rule
+    as the ladders. cluster k=2 (set by hand: no ladder) leaves the chain with a pooled textmap drop within the budget
+    but not once the standard error of its per-sample drops (computed here on ORT) is added: it is rolled back; with
+    a budget of two standard errors it is kept. (Before the chain had a margin, the first run kept it.)"""
+    model, eval_path = _detector(tmp_path)
+    with np.load(eval_path) as f:
+        x_all = f["x"]
+    x = x_all[split_dataset(Dataset(str(eval_path), {"x": x_all}, []), 0).selection_indices]
+    settings = {"cluster": {"k": 2, "min_size": 16}}
+    common = {"eval_data": eval_path, "metrics": {"map": "textmap"}, "settings": settings, "force": True}
+    onnxopt.apply(model, "cluster", tmp_path / "k2.onnx", **common)
+    ref, out = run_model(model, {"x": x})[0], run_model(tmp_path / "k2.onnx", {"x": x})[0]
+    drop = _f1_drop(ref, out)
+    error = np.array([_f1_drop(ref[i], out[i]) for i in range(len(x))]).std(ddof=1) / np.sqrt(len(x))
+    assert drop > 0.0 and error > 0.0
+
+    tight = onnxopt.apply(model, ["fold", "cluster"], tmp_path / "tight.onnx", max_drop=float(drop + error / 2), **common)
+    row = tight.ledger[-1]
+    assert row["pass"] == "cluster" and row["drop_selection"] == pytest.approx(drop, abs=1e-12)
+    assert row["drop_selection"] <= drop + error / 2 and row["action"] == "rolled back"
+    assert row["margin_selection"] == pytest.approx(error, rel=1e-9)
+    assert "margin" in row["reason"] and tight.passes[-1].summary.startswith("rolled back")
+    # the chain went on from the model before cluster: the original's text map
+    np.testing.assert_array_equal(run_model(tmp_path / "tight.onnx", {"x": x})[0], ref)
+
+    loose = onnxopt.apply(model, ["fold", "cluster"], tmp_path / "loose.onnx", max_drop=float(drop + 2 * error), **common)
+    assert loose.ledger[-1]["action"] == "kept" and loose.ledger[-1]["margin_selection"] == pytest.approx(error, rel=1e-9)
