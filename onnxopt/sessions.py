@@ -39,14 +39,14 @@ PROVIDER_ALIASES = {
 def _libc_trim() -> Any:
     try:
         import ctypes
-        import ctypes.util
 
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        # by its soname, not ctypes.util.find_library: that runs /sbin/ldconfig in a subprocess
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
         return None
 
 
-_MALLOC_TRIM = _libc_trim() if os.name == "posix" else None
+_MALLOC_TRIM: list[Any] = []
 
 
 def give_back_memory() -> None:
@@ -58,8 +58,10 @@ def give_back_memory() -> None:
     model one segment's session after another grew by each session's size
     (24-48 MB per segment of a 300 MB chain) though only one was alive.
     """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if not _MALLOC_TRIM:
+        _MALLOC_TRIM.append(_libc_trim() if os.name == "posix" else None)
+    if _MALLOC_TRIM[0] is not None:
+        _MALLOC_TRIM[0](0)
 
 
 def check_threads(threads: int) -> None:
