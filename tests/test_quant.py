@@ -318,6 +318,8 @@ def test_config_rejects_bad_values() -> None:
 
 
 
+@pytest.mark.xfail(NO_VNNI, reason="u8 x s8 kernels of CPUs without VNNI: 12% off on an AVX2-only EPYC at the "
+                   "lowest supported onnxruntime (tests/conftest.py NO_VNNI)", strict=False)
 def test_per_tensor_weights_have_one_scale() -> None:
     proto = conv_relu()
     x = RNG.uniform(-1, 1, (16, 3, 6, 6)).astype(np.float32)
