@@ -124,6 +124,7 @@ def test_fallback_returns_the_wrecked_layer_to_float() -> None:
     assert fallback["within_budget"] and fallback["final_drop"] <= 0.01
     assert fallback["initial_drop"] == pytest.approx(1 - plain_agreement)
     assert [k["node"] for k in fallback["kept_float"]] == ["fc1"]
+    assert fallback["trials"] == 1  # the most sensitive node first, and within: no other trial
     got = run_model(result.model, {"x": x[128:]})[0]
     assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.99
     assert result.report.figures["quantized_nodes"] == {"Gemm": 1}  # fc2 stays int8

@@ -314,7 +314,8 @@ def _report_placement(report: Any, plan: Plan, stats: InsertionStats, prepared: 
 def _report_fallback(fallback: Any, max_drop: float, figures: dict[str, Any], report: Any) -> None:
     """The accuracy fallback's figures, its budget choice in the shape every pass reports, and its notes."""
     figures["fallback"] = {"initial_drop": fallback.initial_drop, "final_drop": fallback.final_drop,
-                           "within_budget": fallback.within_budget, "kept_float": fallback.kept_float}
+                           "within_budget": fallback.within_budget, "kept_float": fallback.kept_float,
+                           "trials": fallback.trials}
     # the same shape as every pass's budget choice (onnxopt.budget.BudgetChoice.to_dict), for the report
     # "within" by the accept rule the fallback used: the drop plus one standard error (onnxopt.budget.Drop.margin)
     tried = [{"setting": "all quantized", "drop": fallback.initial_drop, "margin": fallback.initial_margin,
