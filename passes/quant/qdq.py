@@ -162,7 +162,8 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
     assert w is not None
     axis = placement.weight_axis
     grid = grid_levels(w, axis) if writer.int4_grid else None
-    w_scale = grid if grid is not None else weight_params(w, axis)
+    plain = weight_params(w, axis) if grid is None else None
+    w_scale = grid if grid is not None else plain
     rows = None
     if writer.saturation != "off" and input_params.dtype == "uint8":
         rows = reduction_rows(w, node.op_type, bool(attribute(node, "transB", 0)))
@@ -192,7 +193,7 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
         learned = writer.rounder(node, w, w_scale, axis)
         w_q = w_q if learned is None else learned
     if rows is not None:
-        _record_saturation(node, w, w_q, weight_params(w, axis), w_scale, writer)
+        _record_saturation(node, w, w_q, plain if plain is not None else weight_params(w, axis), w_scale, writer)
     # a Conv weight's zero point (0) is left out: ORT fuses QLinearConv all the same; its QGemm/MatMulInteger
     # fusions need it (both measured on ORT 1.32)
     zero = None if node.op_type == "Conv" else np.zeros(w_scale.shape, np.int8)
