@@ -14,11 +14,11 @@ of their own values.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-__all__ = ["BudgetChoice", "Drop", "strongest_within", "margin", "BUDGET_TOLERANCE", "SHARE_METRICS"]
+__all__ = ["BudgetChoice", "Drop", "strongest_within", "margin", "BUDGET_TOLERANCE", "SHARE_METRICS", "gated_as_drop"]
 
 #: Drops within this of the budget count as within (float noise of a share).
 BUDGET_TOLERANCE = 1e-12
@@ -64,6 +64,16 @@ class Drop:
         if self.samples:
             return margin(self.value, self.samples)
         return float(self.error) if self.error is not None and math.isfinite(self.error) else 0.0
+
+
+def gated_as_drop(drop: float, gated: Mapping[str, Any] | None, samples: int | None) -> Drop:
+    """The gated output's drop (a row of :func:`onnxopt.validate.gated_drop`) with its margin's basis: one standard
+    error of its per-sample drops when the row has one (cosine, SNR, textmap; top-1 of a sequence or map), else
+    binomial over ``samples`` for a share of them (top-1 of one position per sample, match)."""
+    error = gated.get("error") if gated is not None else None
+    if gated is not None and gated["metric"] in SHARE_METRICS and error is None:
+        return Drop(drop, samples)
+    return Drop(drop, None, error)
 
 
 def _count(n: float) -> str:

@@ -90,7 +90,7 @@ def _check_folders(paths: list[Path]) -> None:
 
 
 def _progress(quiet: bool) -> Progress:
-    return Progress(enabled=not quiet and sys.stderr.isatty())
+    return Progress(enabled=not quiet and sys.stderr.isatty(), lines=not quiet and not sys.stderr.isatty())
 
 
 def _timing_options(fn: F) -> F:

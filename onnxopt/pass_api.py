@@ -161,7 +161,8 @@ class PassContext:
         """Drop of ``candidate`` against ``reference`` on the selection part (see :meth:`measured_drop`)."""
         return self.measured_drop(reference, candidate, data).value
 
-    def measured_drop(self, reference: ir.Model, candidate: ir.Model, data: Dataset | None = None) -> Any:
+    def measured_drop(self, reference: ir.Model, candidate: ir.Model, data: Dataset | None = None, *,
+                      candidate_outputs: dict[str, np.ndarray] | None = None) -> Any:
         """Drop of ``candidate`` against ``reference`` on the selection part, as choosers measure it.
 
         Every output by its metric (:func:`onnxopt.validate.gated_drop`); top-1
@@ -169,7 +170,8 @@ class PassContext:
         labels (an upper bound on the accuracy lost: flips do not cancel).
         Returns an :class:`onnxopt.budget.Drop`: the drop and its margin's
         basis (how many samples for a share: top-1, match; else one standard
-        error from the per-sample drops: cosine, SNR, textmap).
+        error from the per-sample drops: cosine, SNR, textmap). ``candidate_outputs``: every output of
+        ``candidate`` on the data when the caller ran it already (saves a second run).
         """
         from onnxopt.validate import budget_drop, collect_outputs, one_session_at_a_time
 
@@ -187,7 +189,8 @@ class PassContext:
                 self._reference_outputs = entry
             cached = entry[2]
         return budget_drop(reference, candidate, dataset, self.sessions, declared=self.metrics,
-                           registered=self.registered_metrics, reference_outputs=cached, use_labels=False)
+                           registered=self.registered_metrics, reference_outputs=cached, use_labels=False,
+                           candidate_outputs=candidate_outputs if cached is not None else None)
 
 
 class Pass(Generic[ConfigT]):

@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.activations import SEGMENT_SHARE, held_bytes, model_segments, run_segments, segment_min_bytes
-from onnxopt.budget import SHARE_METRICS, Drop
+from onnxopt.budget import Drop, gated_as_drop
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import expose_values
@@ -209,22 +209,25 @@ def measure_drop_detail(reference: ir.Model, candidate: ir.Model, dataset: Datas
 
 def budget_drop(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory, *,
                 declared: Mapping[str, str] | None = None, registered: Mapping[str, Metric] | None = None,
-                reference_outputs: dict[str, np.ndarray] | None = None, use_labels: bool = False) -> Drop:
+                reference_outputs: dict[str, np.ndarray] | None = None, use_labels: bool = False,
+                candidate_outputs: dict[str, np.ndarray] | None = None) -> Drop:
     """The gated drop as budget choosers measure it (:func:`measure_drop_detail`, top-1 by agreement by default),
     with its margin's basis: how many samples when the gated metric is a share of them (top-1, match), else one
-    standard error from the gated output's per-sample drops (:func:`onnxopt.metrics.sample_error`)."""
+    standard error from the gated output's per-sample drops (:func:`onnxopt.metrics.sample_error`).
+
+    ``candidate_outputs``: every output of ``candidate`` on ``dataset``, when the caller already ran it (used with
+    ``reference_outputs`` only; a model validated one session at a time or by segments is run here all the same)."""
     drop, _, _, rows = _measure_gated(reference, candidate, dataset, sessions, declared=declared, registered=registered,
-                                      reference_outputs=reference_outputs, use_labels=use_labels)
+                                      reference_outputs=reference_outputs, use_labels=use_labels,
+                                      candidate_outputs=candidate_outputs)
     worst = next((r for r in rows if r["metric"] != "none" and r["drop"] == drop), None)
-    metric = worst["metric"] if worst else None
-    if metric in SHARE_METRICS:
-        return Drop(drop, len(dataset) if dataset.arrays else None)
-    return Drop(drop, None, worst.get("error") if worst else None)
+    return gated_as_drop(drop, worst, len(dataset) if dataset.arrays else None)
 
 
 def _measure_gated(reference: ir.Model, candidate: ir.Model, dataset: Dataset, sessions: SessionFactory, *,
                    declared: Mapping[str, str] | None, registered: Mapping[str, Metric] | None,
                    reference_outputs: dict[str, np.ndarray] | None, use_labels: bool,
+                   candidate_outputs: dict[str, np.ndarray] | None = None,
                    ) -> tuple[float, str, dict[str, float] | None, list[dict[str, Any]]]:
     labels = dataset.labels if use_labels else None
     if segmented_validation(reference, candidate):
@@ -237,6 +240,11 @@ def _measure_gated(reference: ir.Model, candidate: ir.Model, dataset: Dataset, s
     if one_session_at_a_time(reference, candidate):
         names, (ref, cand), _ = _run_one_at_a_time(reference, candidate, dataset, sessions)
         return gated_drop(ref, cand, labels, declared, registered)
+    if candidate_outputs is not None and reference_outputs is not None:
+        names = [n for n in reference_outputs if n in candidate_outputs]
+        if names:
+            return gated_drop({n: reference_outputs[n] for n in names}, {n: candidate_outputs[n] for n in names},
+                              labels, declared, registered)
     cand_s = sessions.create(candidate)
     if reference_outputs is None:
         ref_s = sessions.create(reference)

@@ -33,21 +33,3 @@ def unavailable(feature: str, reason: str) -> None:
     pytest.skip(reason)
 
 
-def _no_vnni() -> bool:
-    """True on an x86 CPU without AVX512-VNNI/AVX-VNNI: ONNX Runtime's u8 x s8 kernels then add weight pairs in int16
-    (vpmaddubsw) and saturate, and results differ from a VNNI CPU's (see passes/quant/saturation.py)."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
-
-
-#: Found in wave 5 on an AMD EPYC with AVX2 only: static and dynamic int8 outputs off by 4-12% where the VNNI
-#: machines of earlier waves were within 2-5%, although quant.saturation's pair check found no pair that can
-#: overflow; the cause in ORT's non-VNNI kernels is not pinned down yet (issue note).
-NO_VNNI = _no_vnni()

@@ -231,3 +231,39 @@ def test_registered_metrics_become_drops() -> None:
     assert snr == pytest.approx(np.sum((ref - cand) ** 2) / np.sum(ref ** 2), rel=1e-5)
     with pytest.raises(KeyError):
         metric_drop("nope", ref, cand, None, registered)
+
+
+def test_top1_of_a_sequence_output_gets_the_margin_of_its_per_sample_shares_not_a_binomial_over_samples() -> None:
+    """A [N, T, C] output (a recognizer's frames): its top-1 agreement is a share of N x T positions that move
+    together within a sample. The margin is the standard error of the N per-sample shares; a classifier's [N, C]
+    output keeps the binomial margin over N."""
+    from onnxopt.sessions import SessionFactory
+    from onnxopt.validate import budget_drop
+
+    rng = np.random.default_rng(3)
+    n, t, c = 40, 24, 12
+    w = rng.standard_normal((8, c)).astype(np.float32)
+    noisy = w + rng.normal(0, 0.25, w.shape).astype(np.float32)
+
+    def model(weight: np.ndarray, shape: list[int]) -> onnx.ModelProto:
+        # softmax probabilities per frame, as a recognizer's output: read as top-1 by the automatic metric
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*shape, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape, c])], [init("w", weight)])
+
+    x = rng.standard_normal((n, t, 8)).astype(np.float32)
+    ref, cand = to_ir(model(w, ["N", t])), to_ir(model(noisy, ["N", t]))
+    sessions = SessionFactory()
+    measured = budget_drop(ref, cand, Dataset("eval", {"x": x}), sessions)
+    y_ref, y_cand = (sessions.create(m).run(None, {"x": x})[0] for m in (ref, cand))
+    flipped = (y_ref.argmax(-1) != y_cand.argmax(-1)).mean(axis=1)  # each sample's share of frames flipped
+    assert measured.value == pytest.approx(flipped.mean()) and 0 < measured.value < 0.5
+    assert measured.margin == pytest.approx(flipped.std(ddof=1) / np.sqrt(n), rel=1e-6)
+    assert measured.margin < 0.6 * margin(measured.value, n)  # what the binomial over samples claimed
+
+    # one position per sample: the same rows as a classifier's outputs, binomial over their number
+    flat = x.reshape(-1, 8)
+    ref2, cand2 = to_ir(model(w, ["N"])), to_ir(model(noisy, ["N"]))
+    measured2 = budget_drop(ref2, cand2, Dataset("eval", {"x": flat}), sessions)
+    assert measured2.value == pytest.approx(measured.value)
+    assert measured2.margin == pytest.approx(margin(measured2.value, n * t))

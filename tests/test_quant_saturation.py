@@ -90,3 +90,32 @@ def test_pass_fixes_the_layer_and_reports_it() -> None:
         else:
             assert not flagged["conv"]["fixed"] and not exact_everywhere
             assert any("not fixed" in n for n in result.report.notes)
+
+
+def test_dynamic_int8_widens_the_pairs_that_can_saturate_and_runs_exact_on_this_cpu() -> None:
+    """DynamicQuantizeLinear feeds uint8 to a u8 x s8 kernel: the same int16 pairs as static int8. A [64, 16]
+    Gaussian weight has same-sign pairs up to ~214 at absmax/127 scales; on a CPU without VNNI ORT's result was 4%
+    off. After the fix no pair can overflow, and ORT's output equals exact integer arithmetic on any CPU."""
+    from tests.helpers import run_model
+    from tests.test_quant import _quant, matmul_model
+
+    proto = matmul_model()
+    results = {mode: _quant(proto, None, mode="dynamic", saturation=mode) for mode in ("fix", "report")}
+    report = results["report"].report.figures["saturation"]
+    assert report and not report[0]["fixed"] and report[0]["worst_pair"] > PAIR_LIMIT  # the plain scales overflow
+    result = results["fix"]
+    inits, _ = _initializers(result.model)
+    w_q, w_scale = inits["mm_weight_quantized"], inits["mm_weight_scale"]
+    assert not check_weight([w_q.T]).can_overflow
+    fixed = {s["node"]: s for s in result.report.figures["saturation"]}
+    assert fixed["mm"]["fixed"] and fixed["mm"]["max_scale_widening"] > 1
+    assert any("fixed by widening" in n for n in result.report.notes)
+    # ORT against DynamicQuantizeLinear + an exact int64 MatMulInteger in numpy, on inputs that fill the uint8 range
+    x = RNG.uniform(-3, 3, (32, 64)).astype(np.float32)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    x_scale = np.float32((hi - lo) / 255)
+    zp = np.clip(np.rint(-lo / x_scale), 0, 255)
+    xq = np.clip(np.rint(x / x_scale) + zp, 0, 255).astype(np.int64)
+    want = ((xq - zp.astype(np.int64)) @ w_q.astype(np.int64)).astype(np.float32) * (x_scale * w_scale)
+    (got,) = run_model(result.model, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.budget import SHARE_METRICS, Drop
+from onnxopt.budget import gated_as_drop
 from onnxopt.data import Dataset, input_specs
 from onnxopt.errors import OnnxoptError
 from onnxopt.io import (
@@ -188,10 +188,8 @@ class Evaluator:
         if data.labels is not None:  # the budget's drop ignores the labels: 1 - agreement bounds the accuracy lost
             drop, _, _, rows = gated_drop(ref, out, None, self.declared, self.registered)
         worst = next((r for r in rows if r["metric"] != "none" and r["drop"] == drop), None)
-        samples = len(data) if worst is not None and worst["metric"] in SHARE_METRICS and data.arrays else None
-        # a share's margin is binomial; another metric's (cosine, textmap) one standard error of its per-sample drops
-        error = None if samples or worst is None else worst.get("error")
-        return Measured(drop, samples, Drop(drop, samples, error).margin, gate, basis, acc)
+        measured = gated_as_drop(drop, worst, len(data) if data.arrays else None)
+        return Measured(drop, measured.samples, measured.margin, gate, basis, acc)
 
     def measure(self, model: ir.Model, data: Dataset | None = None) -> tuple[Measured, Any]:
         """``model`` measured on the selection part (or a prefix of it), and its session."""

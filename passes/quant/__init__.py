@@ -339,7 +339,7 @@ def _report_fallback(fallback: Any, max_drop: float, figures: dict[str, Any], re
                             f"{len(fallback.kept_float)} nodes back to float (raise fallback_steps or exclude more)")
 
 
-def _report_saturation(stats: InsertionStats, saturation: str, figures: dict[str, Any], report: Any) -> None:
+def _report_saturation(stats: InsertionStats | DynamicStats, saturation: str, figures: dict[str, Any], report: Any) -> None:
     """The layers whose int16 weight pairs can saturate on CPUs without VNNI, and whether they were fixed."""
     figures["saturation"] = stats.saturation
     if stats.saturation:
@@ -804,7 +804,7 @@ class QuantPass(Pass[QuantConfig]):
         names, cache, stats = Names(model), {}, DynamicStats()
         while targets:  # popped: each weight is let go once quantized, so a large model is never all in memory
             node, weight, bias = targets.pop(0)
-            quantize_dynamic_node(node, weight, bias, config.per_channel, names, cache, stats)
+            quantize_dynamic_node(node, weight, bias, config.per_channel, names, cache, stats, config.saturation)
             report.items.append({"node": node.name, "op": node.op_type, "kernel": "DynamicQuantizeMatMul",
                                  "weight": list(weight.shape)})
         int8 = WeightOnlyStats()
@@ -820,6 +820,8 @@ class QuantPass(Pass[QuantConfig]):
                                    "weight_only_int8_tensors": int8.nodes,
                                    "weight_bytes_float": stats.float_weight_bytes + int8.float_weight_bytes,
                                    "weight_bytes_int8": stats.int_weight_bytes + int8.int_weight_bytes}
+        if config.saturation != "off":
+            _report_saturation(stats, config.saturation, figures, report)
         self._kernels(model, config, ctx, figures, report)
         report.figures = figures
         report.summary = (f"dynamic int8: {stats.nodes} MatMul/Gemm"

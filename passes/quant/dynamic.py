@@ -6,19 +6,24 @@ the pattern ONNX Runtime fuses into ``DynamicQuantizeMatMul`` (one kernel,
 per-column weight scales). Activation ranges come from each input at run
 time, so no calibration data is needed and outliers never clip.
 
+DynamicQuantizeLinear's activations are uint8, so on x86 CPUs without VNNI
+the u8 x s8 kernel adds adjacent weight products in int16 and can saturate:
+the weight scales are widened as static int8's are (:mod:`saturation`).
+
 Conv is never quantized dynamically: ConvInteger runs 3-8x slower than the
 float Conv on ONNX Runtime's CPU provider (measured), so it stays float.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxopt.graph import Names, add_initializer, attribute, constant_array, make_node, replace_node
 
+from onnxopt_passes.quant.saturation import check_weight, layer_record, pair_safe_scale
 from onnxopt_passes.quant.scheme import quantize, weight_params
 
 __all__ = ["DynamicStats", "RewriteStats", "finish_rewrite", "dynamic_target", "quantize_dynamic_node", "CONV_REASON"]
@@ -33,6 +38,8 @@ class RewriteStats:
     nodes: int = 0
     float_weight_bytes: int = 0
     int_weight_bytes: int = 0
+    #: layers whose u8 x s8 pairs can saturate int16 on CPUs without VNNI (dynamic int8 only)
+    saturation: list[dict[str, object]] = field(default_factory=list)
 
 
 DynamicStats = RewriteStats
@@ -79,8 +86,11 @@ def dynamic_target(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
 
 
 def quantize_dynamic_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | None, per_channel: bool, names: Names,
-                          cache: dict[int, ir.Node], stats: DynamicStats) -> None:
-    """Replace ``node`` by the dynamic-quantization pattern (sharing one DynamicQuantizeLinear per input)."""
+                          cache: dict[int, ir.Node], stats: DynamicStats, saturation: str = "fix") -> None:
+    """Replace ``node`` by the dynamic-quantization pattern (sharing one DynamicQuantizeLinear per input).
+
+    ``saturation`` as quant's option: fix widens the weight scales so that no int16 pair can saturate, report
+    only records the layers where one can, off does neither."""
     graph = node.graph
     assert graph is not None
     x = node.inputs[0]
@@ -91,8 +101,20 @@ def quantize_dynamic_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | 
         dql = make_node("DynamicQuantizeLinear", [x], names=names, num_outputs=3, name_hint=f"{x.name}_DynamicQuantizeLinear")
         graph.insert_before(node, [dql])  # the first reader of x: its new nodes go right here
         cache[id(x)] = dql
-    scale = weight_params(weight, 1 if per_channel else None)
-    w_q = quantize(weight, scale, 0, "int8", 1 if per_channel else None)
+    axis = 1 if per_channel else None
+    plain = scale = weight_params(weight, axis)
+    rows = [weight.T]  # [K, N]: each output column is one reduction over K
+    if saturation == "fix":
+        scale = pair_safe_scale(rows, plain)
+    # the plain-scale check before w_q exists: one int8 copy of the weight's size at a time
+    before = check_weight([quantize(weight, plain, 0, "int8", axis).T]) if saturation != "off" and scale is not plain else None
+    w_q = quantize(weight, scale, 0, "int8", axis)
+    if saturation != "off":
+        after = check_weight([w_q.T])
+        before = after if before is None else before
+        entry = layer_record(hint, node.op_type, before, after, float(np.max(scale / plain)))
+        if entry is not None:
+            stats.saturation.append(entry)
     w_value = add_initializer(graph, w_q, names.fresh(f"{hint}_weight_quantized"))
     zp_value = add_initializer(graph, np.zeros(scale.shape, np.int8), names.fresh(f"{hint}_weight_zero_point"))
     s_value = add_initializer(graph, scale, names.fresh(f"{hint}_weight_scale"))

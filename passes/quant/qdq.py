@@ -22,7 +22,7 @@ from onnxopt.graph import Names, add_initializer, attribute, constant_array, is_
 from onnxopt_passes.quant.handlers import Placement, rescale_factor
 from onnxopt_passes.quant.grid import grid_levels
 from onnxopt_passes.quant.plan import NodePlan, Plan
-from onnxopt_passes.quant.saturation import SaturationCheck, check_weight, pair_safe_scale, reduction_rows
+from onnxopt_passes.quant.saturation import SaturationCheck, check_weight, layer_record, pair_safe_scale, reduction_rows
 from onnxopt_passes.quant.scheme import QParams, activation_params, quantize, quantize_bias, weight_params
 
 __all__ = ["InsertionStats", "group_params", "insert_qdq", "Rounder"]
@@ -241,12 +241,10 @@ def _record_saturation(node: ir.Node, w_q: np.ndarray, plain_scale: np.ndarray, 
     trans_b = bool(attribute(node, "transB", 0))
     after = check_weight(reduction_rows(w_q, node.op_type, trans_b))
     before = after if before is None else before
-    if before.can_overflow or after.can_overflow:
-        widened = float(np.max(np.asarray(scale) / np.asarray(plain_scale)))
-        writer.stats.saturation.append({
-            "node": node.name, "op": node.op_type, "worst_pair": before.worst_pair, "channels": before.channels,
-            "overflowing_channels": before.overflowing_channels, "fixed": not after.can_overflow,
-            "worst_pair_after": after.worst_pair, "max_scale_widening": round(widened, 4)})
+    widened = float(np.max(np.asarray(scale) / np.asarray(plain_scale)))
+    entry = layer_record(node.name or node.op_type, node.op_type, before, after, widened)
+    if entry is not None:
+        writer.stats.saturation.append(entry)
 
 
 def _axis_of(scale: np.ndarray, w: np.ndarray, node: ir.Node) -> int | None:

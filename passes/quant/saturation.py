@@ -30,7 +30,7 @@ import numpy as np
 import onnxopt_passes.quant.scheme as scheme
 
 __all__ = ["PAIR_LIMIT", "SaturationCheck", "reduction_rows", "worst_pairs", "check_weight", "pair_safe_scale",
-           "saturating_dot"]
+           "layer_record", "saturating_dot"]
 
 #: Largest |w_i + w_{i+1}| (int8 weights, same sign) that 255 x pair cannot push past int16.
 PAIR_LIMIT = 32767 // 255  # 128
@@ -105,6 +105,16 @@ def pair_safe_scale(rows: list[np.ndarray], scale: np.ndarray) -> np.ndarray:
     if np.ndim(scale) == 0:
         return np.maximum(np.asarray(scale, np.float32), need.max(initial=0.0)).astype(np.float32)
     return np.maximum(scale.astype(np.float32), need).astype(np.float32)
+
+
+def layer_record(node: str, op: str, before: SaturationCheck, after: SaturationCheck, widened: float
+                 ) -> dict[str, object] | None:
+    """The report's entry for one layer (None when no pair could overflow, before or after a fix)."""
+    if not (before.can_overflow or after.can_overflow):
+        return None
+    return {"node": node, "op": op, "worst_pair": before.worst_pair, "channels": before.channels,
+            "overflowing_channels": before.overflowing_channels, "fixed": not after.can_overflow,
+            "worst_pair_after": after.worst_pair, "max_scale_widening": round(widened, 4)}
 
 
 def saturating_dot(a: np.ndarray, w: np.ndarray) -> np.ndarray:
