@@ -17,7 +17,7 @@ average is recorded before each run: the machine is shared, so these are
 single, indicative runs.
 
 Usage: python benchmarks/tool_time.py [--models vgg19,resnet50,large,chain] [--passes fold,lowrank,...] [--large-dir DIR]
-Writes benchmarks/results/tool_time.md and .json (models not rerun keep their rows).
+Writes benchmarks/results/tool_time.md and .json (rows not rerun, by model and pass, keep theirs).
 """
 
 from __future__ import annotations
@@ -151,9 +151,10 @@ def run(models: list[str], passes: set[str] | None, large_dir: Path) -> dict[str
                 for f in Path(tmp).glob(f"{name}_out.onnx*"):
                     f.unlink()
     previous = RESULTS / "tool_time.json"
-    if previous.exists():  # models not rerun keep their rows (validation-on rows only)
-        done = {NAMES.get(n, n) for n in models}
-        rows = [r for r in json.loads(previous.read_text())["rows"] if "load" in r and r["model"] not in done] + rows
+    if previous.exists():  # rows not rerun (model and pass) keep their place; rerun ones are replaced where they were
+        fresh = {(r["model"], r["pass"]): r for r in rows}
+        kept = [fresh.pop((r["model"], r["pass"]), r) for r in json.loads(previous.read_text())["rows"] if "load" in r]
+        rows = kept + list(fresh.values())
     return {"rows": rows, "machine": {"cpus": os.cpu_count()}}
 
 

@@ -106,10 +106,12 @@ def quantize_dynamic_node(node: ir.Node, weight: np.ndarray, bias: np.ndarray | 
     rows = [weight.T]  # [K, N]: each output column is one reduction over K
     if saturation == "fix":
         scale = pair_safe_scale(rows, plain)
+    # the plain-scale check before w_q exists: one int8 copy of the weight's size at a time
+    before = check_weight([quantize(weight, plain, 0, "int8", axis).T]) if saturation != "off" and scale is not plain else None
     w_q = quantize(weight, scale, 0, "int8", axis)
     if saturation != "off":
         after = check_weight([w_q.T])
-        before = after if scale is plain else check_weight([quantize(weight, plain, 0, "int8", axis).T])
+        before = after if before is None else before
         entry = layer_record(hint, node.op_type, before, after, float(np.max(scale / plain)))
         if entry is not None:
             stats.saturation.append(entry)

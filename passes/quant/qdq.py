@@ -22,7 +22,7 @@ from onnxopt.graph import Names, add_initializer, attribute, constant_array, is_
 from onnxopt_passes.quant.handlers import Placement, rescale_factor
 from onnxopt_passes.quant.grid import grid_levels
 from onnxopt_passes.quant.plan import NodePlan, Plan
-from onnxopt_passes.quant.saturation import check_weight, layer_record, pair_safe_scale, reduction_rows
+from onnxopt_passes.quant.saturation import SaturationCheck, check_weight, layer_record, pair_safe_scale, reduction_rows
 from onnxopt_passes.quant.scheme import QParams, activation_params, quantize, quantize_bias, weight_params
 
 __all__ = ["InsertionStats", "group_params", "insert_qdq", "Rounder"]
@@ -162,7 +162,8 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
     assert w is not None
     axis = placement.weight_axis
     grid = grid_levels(w, axis) if writer.int4_grid else None
-    w_scale = grid if grid is not None else weight_params(w, axis)
+    plain = weight_params(w, axis) if grid is None else None
+    w_scale = grid if grid is not None else plain
     rows = None
     if writer.saturation != "off" and input_params.dtype == "uint8":
         rows = reduction_rows(w, node.op_type, bool(attribute(node, "transB", 0)))
@@ -187,12 +188,16 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
     # the graph that owns it, ahead of its nodes: every body reading it sees the one DequantizeLinear
     owner = w_value.graph if key is not None and w_value.is_initializer() and w_value.graph is not None else graph  # type: ignore[union-attr]
     first = owner.node(0) if owner is not graph and len(owner) else None
+    if rows is not None and plain is None:
+        plain = weight_params(w, axis)
+    # checked before w_q exists: the plain-scale int8 copy it needs is then the only one of the weight's size
+    before = _plain_check(node, w, plain) if rows is not None and plain is not None and writer.saturation == "fix" else None
     w_q = quantize(w, w_scale, 0, "int8", axis)
     if writer.rounder is not None and not (grid is not None and np.array_equal(w_scale, grid)):  # a grid is exact
         learned = writer.rounder(node, w, w_scale, axis)
         w_q = w_q if learned is None else learned
-    if rows is not None:
-        _record_saturation(node, w, w_q, weight_params(w, axis), w_scale, writer)
+    if rows is not None and plain is not None:
+        _record_saturation(node, w_q, plain, w_scale, before, writer)
     # a Conv weight's zero point (0) is left out: ORT fuses QLinearConv all the same; its QGemm/MatMulInteger
     # fusions need it (both measured on ORT 1.32)
     zero = None if node.op_type == "Conv" else np.zeros(w_scale.shape, np.int8)
@@ -222,15 +227,20 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
     writer.stats.int_weight_bytes += (w_q.size + 1) // 2 if four_bit else w_q.nbytes
 
 
-def _record_saturation(node: ir.Node, w: np.ndarray, w_q: np.ndarray, plain_scale: np.ndarray, scale: np.ndarray,
-                       writer: _Writer) -> None:
-    """Check the int8 weight as the kernels will pair it; with a fix, also what the plain scale would have risked."""
+def _plain_check(node: ir.Node, w: np.ndarray, plain_scale: np.ndarray) -> SaturationCheck:
+    """The saturation check of ``w`` quantized with its plain (unwidened) scale: what a fix saved it from."""
+    trans_b = bool(attribute(node, "transB", 0))
+    return check_weight(reduction_rows(quantize(w, plain_scale, 0, "int8", _axis_of(plain_scale, w, node)),
+                                       node.op_type, trans_b))
+
+
+def _record_saturation(node: ir.Node, w_q: np.ndarray, plain_scale: np.ndarray, scale: np.ndarray,
+                       before: SaturationCheck | None, writer: _Writer) -> None:
+    """Check the int8 weight as the kernels will pair it; ``before``: with a fix, what the plain scale would have
+    risked (:func:`_plain_check`; None without one)."""
     trans_b = bool(attribute(node, "transB", 0))
     after = check_weight(reduction_rows(w_q, node.op_type, trans_b))
-    before = after
-    if writer.saturation == "fix":
-        before = check_weight(reduction_rows(quantize(w, plain_scale, 0, "int8", _axis_of(plain_scale, w, node)),
-                                             node.op_type, trans_b))
+    before = after if before is None else before
     widened = float(np.max(np.asarray(scale) / np.asarray(plain_scale)))
     entry = layer_record(node.name or node.op_type, node.op_type, before, after, widened)
     if entry is not None:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import onnxopt_passes.quant.scheme as scheme
+
 __all__ = ["PAIR_LIMIT", "SaturationCheck", "reduction_rows", "worst_pairs", "check_weight", "pair_safe_scale",
            "layer_record", "saturating_dot"]
 
@@ -69,6 +71,19 @@ def reduction_rows(weight: np.ndarray, op: str, trans_b: bool = False) -> list[n
 
 def worst_pairs(rows: np.ndarray) -> np.ndarray:
     """Per channel, the largest |r_i + r_{i+1}| over the adjacent pairs (0,1), (2,3), ... along K."""
+    channels, k = rows.shape
+    if rows.size <= scheme.BLOCK_ELEMENTS:
+        return _worst_pairs(rows)
+    # by blocks of an even number of K (pairs never straddle two blocks): the float64 pair sums of a block, not of the
+    # whole weight (twice its float32 size); a MatMul's rows are its weight transposed, so a block is a run of its rows
+    step = max(2, scheme.BLOCK_ELEMENTS // max(1, channels) // 2 * 2)
+    worst = _worst_pairs(rows[:, :step])
+    for start in range(step, k, step):
+        worst = np.maximum(worst, _worst_pairs(rows[:, start:start + step]))
+    return worst
+
+
+def _worst_pairs(rows: np.ndarray) -> np.ndarray:
     k = rows.shape[1]
     if k % 2:
         rows = np.concatenate([rows, np.zeros((rows.shape[0], 1), rows.dtype)], axis=1)
