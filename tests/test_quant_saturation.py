@@ -119,3 +119,19 @@ def test_dynamic_int8_widens_the_pairs_that_can_saturate_and_runs_exact_on_this_
     want = ((xq - zp.astype(np.int64)) @ w_q.astype(np.int64)).astype(np.float32) * (x_scale * w_scale)
     (got,) = run_model(result.model, {"x": x})
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_the_reported_widening_is_the_pair_fix_not_a_dead_channels_bias_fit() -> None:
+    """A channel whose weights are ~0 next to a real bias (PP-OCRv4 rec has them) gets its weight scale raised
+    far more than 2x so that the int32 bias fits; that is not the pair fix's doing, which never needs more than
+    2x (|w_i + w_j| <= 2 absmax), and the report said "widened at most 9.6x" for it."""
+    proto = _conv_model()
+    w = onnx.numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w[5] = 1e-15  # a dead channel
+    proto.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "w"))
+    proto.graph.node[0].input.append("b")
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.full(8, 1.5, np.float32), "b"))
+    calib = Dataset("calib", {"x": RNG.standard_normal((16, 4, 6, 6)).astype(np.float32)}, batch_size=8)
+    result = QuantPass().apply(to_ir(proto), QuantConfig(speed_guard="off"), PassContext(calibration=calib))
+    flagged = {s["node"]: s for s in result.report.figures["saturation"]}
+    assert flagged["conv"]["fixed"] and 1.0 < flagged["conv"]["max_scale_widening"] <= 2.0

@@ -169,6 +169,7 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
         rows = reduction_rows(w, node.op_type, bool(attribute(node, "transB", 0)))
         if writer.saturation == "fix":
             w_scale = pair_safe_scale(rows, w_scale)
+    pair_scale = w_scale  # the report's widening is the pair fix's: quantize_bias may raise a dead channel's more
     if placement.bias is not None:
         b = constant_array(node.inputs[placement.bias])
         assert b is not None
@@ -197,7 +198,7 @@ def _weight_and_bias(planned: NodePlan, input_params: QParams, writer: _Writer) 
         learned = writer.rounder(node, w, w_scale, axis)
         w_q = w_q if learned is None else learned
     if rows is not None and plain is not None:
-        _record_saturation(node, w_q, plain, w_scale, before, writer)
+        _record_saturation(node, w_q, plain, pair_scale, before, writer)
     # a Conv weight's zero point (0) is left out: ORT fuses QLinearConv all the same; its QGemm/MatMulInteger
     # fusions need it (both measured on ORT 1.32)
     zero = None if node.op_type == "Conv" else np.zeros(w_scale.shape, np.int8)
