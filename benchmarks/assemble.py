@@ -14,7 +14,9 @@ ORDER = ["quant", "prune", "cluster", "lowrank", "distill", "search", "arm", "la
 
 HEADER = """# Benchmarks
 
-Measured on this project's build machine: 2 cores (x86_64, AVX512-VNNI), 24 GiB,
+Measured on this project's build machines: 2 cores x86_64, 24 GiB (an AVX512-VNNI
+machine for the earlier sections; since wave 5 an AMD EPYC with AVX2 and no VNNI, among them
+the budget, tool-time and quant-memory sections),
 onnxruntime's CPU provider. Figures are medians of interleaved repeated runs,
 reported as ratios computed within one run; the machine is shared and noisy, so
 absolute milliseconds vary between runs while ratios hold better. Each section

@@ -33,8 +33,15 @@ def _start(tmp_path: Path, model: Path, passes: str, pause: str) -> tuple[subpro
     env = {**os.environ, **probe_env(tmp_path, marker=marker, pause=pause), "TMPDIR": str(scratch)}
     proc = subprocess.Popen([sys.executable, "-m", "onnxopt", "apply", str(model), "--pass", passes,
                              "-o", str(tmp_path / "out" / "out.onnx")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_a_terminal_gives_it)
     return proc, marker, scratch
+
+
+def _sigint_as_a_terminal_gives_it() -> None:
+    # A shell starts background jobs with SIGINT ignored and Python keeps an ignored SIGINT ignored, as onnxopt
+    # should; the test suite itself run in the background (CI runners, `pytest &`) must still test Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(proc: subprocess.Popen[str], marker: Path, point: str) -> None:
