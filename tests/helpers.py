@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -47,6 +48,13 @@ def run_cli(*args: str | Path, cwd: Path | None = None, env: Mapping[str, str] |
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "onnxopt", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=timeout)
+
+
+def sigint_as_a_terminal_gives_it() -> None:
+    """``preexec_fn`` of a child the test will Ctrl-C: a shell starts background jobs with SIGINT ignored, Python keeps
+    an ignored SIGINT ignored (as onnxopt should), and a suite run in the background (CI runners, ``pytest &``) must
+    still test Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def file_digest(path: Path) -> bytes:

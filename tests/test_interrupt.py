@@ -19,7 +19,7 @@ import onnx
 import pytest
 
 from tests.graphs import gemm_chain
-from tests.helpers import run_model
+from tests.helpers import run_model, sigint_as_a_terminal_gives_it
 from tests.probe_plugin import probe_env
 
 INTERRUPTED_EXIT = 130
@@ -34,14 +34,8 @@ def _start(tmp_path: Path, model: Path, passes: str, pause: str) -> tuple[subpro
     proc = subprocess.Popen([sys.executable, "-m", "onnxopt", "apply", str(model), "--pass", passes,
                              "-o", str(tmp_path / "out" / "out.onnx")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_sigint_as_a_terminal_gives_it)
+                            preexec_fn=sigint_as_a_terminal_gives_it)
     return proc, marker, scratch
-
-
-def _sigint_as_a_terminal_gives_it() -> None:
-    # A shell starts background jobs with SIGINT ignored and Python keeps an ignored SIGINT ignored, as onnxopt
-    # should; the test suite itself run in the background (CI runners, `pytest &`) must still test Ctrl-C.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(proc: subprocess.Popen[str], marker: Path, point: str) -> None:
