@@ -68,14 +68,24 @@ def busy_core() -> Iterator[None]:
         spinner.wait()
 
 
-def test_model_against_itself_under_load_has_no_measurable_difference(models: dict[str, Path], busy_core: None) -> None:
+def test_session_against_itself_under_load_gets_an_interval_that_covers_1(models: dict[str, Path], busy_core: None) -> None:
+    """One session timed against itself: the true ratio is exactly 1, and the interval must cover it."""
+    session = SessionFactory(threads=1).create(models["narrow"])
+    result = compare_latency(session, session, FEED, TimingConfig(time_budget=CAP))
+    assert result.low <= 1.0 <= result.high, result.to_dict()
+    assert result.verdict == "same" and "no measurable difference" in result.text()
+    assert result.seconds < CAP + 2.0  # the cap holds (plus at most one block and the warm-up)
+
+
+def test_two_sessions_of_one_model_under_load_are_never_called_different(models: dict[str, Path],
+                                                                          busy_core: None) -> None:
+    """Two sessions of one model differ by where their buffers landed (CI measured 1.017, interval 1.007–1.027,
+    with a core busy), a real but steady gap no timing can average away: the verdict must still be "same"."""
     factory = SessionFactory(threads=1)
     a, b = factory.create(models["narrow"]), factory.create(models["narrow"])
     result = compare_latency(a, b, FEED, TimingConfig(time_budget=CAP))
-    assert result.low <= 1.0 <= result.high, result.to_dict()
-    assert 0.9 <= result.ratio <= 1.1
-    assert result.verdict == "same" and "no measurable difference" in result.text()
-    assert result.seconds < CAP + 2.0  # the cap holds (plus at most one block and the warm-up)
+    assert 0.9 <= result.ratio <= 1.1, result.to_dict()
+    assert result.verdict == "same" and "no measurable difference" in result.text(), result.to_dict()
 
 
 def test_wider_model_is_reported_slower(models: dict[str, Path], busy_core: None) -> None:
