@@ -160,7 +160,7 @@ def _apply_command(model: Path, names: list[str], settings: tuple[str, ...], rec
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2..", help="Synthetic inputs of this shape (fidelity only).")
 @click.option("--max-drop", type=float, default=None, help="Accuracy budget (0.01 = 1 pt); past it nothing is written.")
 @click.option("--metric", "metrics", multiple=True, metavar="OUTPUT=METRIC",
-              help="How an output's drop is measured: top1, cosine, snr, match, textmap (a text detector's probability map), none or a plugin's metric (repeatable).")
+              help="How an output's drop is measured: top1, cosine, snr, match, textmap (a text detector's probability map), detection (a YOLO-style detector's raw output), none or a plugin's metric (repeatable).")
 @click.option("--holdout", type=click.Path(path_type=Path), default=None,
               help="Confirmation data: gate and report on it, choose on all of --eval (default: --eval split by --seed).")
 @click.option("--force", is_flag=True, help="Write the model even when it is over --max-drop.")
@@ -276,7 +276,7 @@ def inspect(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--max-drop", type=float, default=None, help="Exit 3 when the drop is over this budget.")
 @click.option("--metric", "metrics", multiple=True, metavar="OUTPUT=METRIC",
-              help="How an output's drop is measured: top1, cosine, snr, match, textmap (a text detector's probability map), none or a plugin's metric (repeatable).")
+              help="How an output's drop is measured: top1, cosine, snr, match, textmap (a text detector's probability map), detection (a YOLO-style detector's raw output), none or a plugin's metric (repeatable).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), multiple=True,
               help="Write the report here: JSON, or an HTML page for a .html name (repeatable).")
 @click.option("--target", type=click.Choice(["host", "arm64"]), default="host", show_default=True,
@@ -369,7 +369,7 @@ def list_passes(as_json: bool) -> None:
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Calibration data for the passes that need it.")
 @click.option("--max-drop", type=float, default=0.01, show_default=True, help="Accuracy budget (0.01 = 1 pt).")
 @click.option("--metric", "metrics", multiple=True, metavar="OUTPUT=METRIC",
-              help="How an output's drop is measured: top1, cosine, snr, match, textmap (a text detector's probability map), none or a plugin's metric (repeatable).")
+              help="How an output's drop is measured: top1, cosine, snr, match, textmap (a text detector's probability map), detection (a YOLO-style detector's raw output), none or a plugin's metric (repeatable).")
 @click.option("--passes", default=None, help="Passes to search over, e.g. prune,quant [default: every installed pass that declares a search space].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the best model within budget here.")
 @click.option("--report", "report_paths_given", type=click.Path(path_type=Path), multiple=True,

@@ -2,8 +2,9 @@
 
 The built-in metrics are registered through the same hook a plugin uses
 (``onnxopt_register_metrics``, see :mod:`onnxopt.plugins`), so a plugin's
-metric shows up next to them. This module imports nothing else of onnxopt:
-the hook specs, the plugins and validation all import it from above.
+metric shows up next to them. This module imports nothing else of onnxopt
+but :mod:`onnxopt.detection`: the hook specs, the plugins and validation
+all import it from above.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+
+from onnxopt.detection import DETECTION_SCORE, MATCH_IOU, detection_f1, detection_layout
 
 __all__ = ["Metric", "top1_accuracy", "top1_agreement", "cosine", "snr_db", "max_abs_error", "BUILTIN_METRICS",
            "DROP_METRICS", "OutputDrop", "choose_metric", "metric_drop", "output_drops", "snr_drop", "text_map_f1",
@@ -113,7 +116,7 @@ BUILTIN_METRICS = (
 # -- what "drop" means, per output ---------------------------------------------------------------------------------
 
 #: Metrics ``--metric OUTPUT=NAME`` accepts besides registered (plugin) metrics; each turns into a drop in [0, 1].
-DROP_METRICS = ("top1", "cosine", "snr", "match", "textmap", "none")
+DROP_METRICS = ("top1", "cosine", "snr", "match", "textmap", "detection", "none")
 #: DBNet's binarization threshold of a text probability map (PP-OCR's det_db_thresh).
 TEXT_MAP_THRESHOLD = 0.3
 #: How far outside [0, 1] a probability map may stray by float rounding: ORT's float32 Sigmoid returns 1.0000001
@@ -161,6 +164,11 @@ def choose_metric(reference: np.ndarray) -> tuple[str, str]:
         return "top1", f"[{shape}]: 2-D [N, C] with C = {reference.shape[1]} <= {MAX_CLASSES}, read as class scores"
     if _sums_to_one(reference):
         return "top1", f"[{shape}]: the last axis sums to 1 (probabilities over classes)"
+    layout = detection_layout(reference, MAX_CLASSES)
+    if layout is not None:
+        where = "last" if layout == "anchors_last" else "first"
+        return "detection", (f"[{shape}]: a detector's raw output (boxes in pixels and class scores in [0, 1], anchors "
+                             f"{where}): compared by its detections")
     return "cosine", f"[{shape}]: not class scores (the last axis of {reference.shape[-1] if reference.ndim else 1} " \
                      "is not a modest class axis and does not sum to 1): compared as a signal"
 
@@ -232,6 +240,13 @@ def metric_drop(metric: str, reference: np.ndarray, candidate: np.ndarray, label
         if f1 is None:
             raise ValueError("textmap needs a text probability map ([N, 1, H, W] or [N, H, W], values in [0, 1])")
         return 1.0 - f1, f"1 - F-score of the text pixels (map > {TEXT_MAP_THRESHOLD}) against the reference's", None
+    if metric == "detection":
+        f1 = detection_f1(reference, candidate)
+        if f1 is None:
+            raise ValueError("detection needs a detector's raw output: [N, 4 + C, A] (anchors last, YOLOv8) or "
+                             "[N, A, 5 + C] (anchors first, YOLOv5), boxes cx, cy, w, h then scores in [0, 1]")
+        return 1.0 - f1, (f"1 - F-score of the detections (score > {DETECTION_SCORE} after NMS, matched at IoU >= "
+                          f"{MATCH_IOU} and same class) against the reference's"), None
     plugin = (registered or {}).get(metric)
     if plugin is None:
         raise KeyError(metric)

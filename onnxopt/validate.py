@@ -166,7 +166,7 @@ def gated_drop(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray], la
         worst, rows = output_drops(ref, cand, labels, declared, registered)
     except KeyError as err:
         raise OnnxoptError(f"--metric names {err.args[0]!r}, which is neither a built-in drop metric nor a registered one",
-                           "use top1, cosine, snr, match, textmap or none (or install the metric's plugin)") from None
+                           "use top1, cosine, snr, match, textmap, detection or none (or install the metric's plugin)") from None
     except ValueError as err:
         raise OnnxoptError(f"--metric: {err}", "declare another metric for that output") from None
     missing = [n for n in (declared or {}) if n not in ref]
