@@ -19,7 +19,9 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["DETECTION_SCORE", "NMS_IOU", "MATCH_IOU", "Layout", "detection_layout", "detections", "detection_f1"]
+__all__ = ["DETECTION_SCORE", "NMS_IOU", "MATCH_IOU", "Layout", "detection_layout", "detections", "detection_counts",
+           "detection_f1",
+           "boxes_and_scores"]
 
 #: A detection is an anchor whose best class score exceeds this (ultralytics' default ``conf``).
 DETECTION_SCORE = 0.25
@@ -65,6 +67,13 @@ def detection_layout(output: np.ndarray, max_classes: int = 1000, *, pixels: boo
                 and (not pixels or np.nanmax(boxes) > 1.0 + _SLACK)):
             return None
     return layout  # type: ignore[return-value]
+
+
+def boxes_and_scores(output: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Views of a batch's box entries and score entries (objectness included), in the output's own layout."""
+    if layout == "anchors_last":
+        return output[:, :4, :], output[:, 4:, :]
+    return output[:, :, :4], output[:, :, 4:]
 
 
 def _split(image: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
@@ -131,18 +140,30 @@ def _matches(reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarr
     return matched
 
 
-def detection_f1(reference: np.ndarray, candidate: np.ndarray, layout: Layout | None = None) -> float | None:
-    """F-score of the candidate's detections against the reference's, pooled over the images: 2 x matched pairs
-    over the two models' detections together (1.0 when neither detects anything); None unless both are a
+def detection_counts(reference: np.ndarray, candidate: np.ndarray,
+                     layout: Layout | None = None) -> tuple[int, int, int] | None:
+    """(matched pairs, reference detections, candidate detections) over the images, or None unless both are a
     detector's raw output of one shape (:func:`detection_layout` of the reference, unless ``layout`` is given)."""
     if reference.shape != candidate.shape or not np.issubdtype(candidate.dtype, np.floating):
         return None
     layout = layout or detection_layout(reference, pixels=False)
     if layout is None:
         return None
-    matched = total = 0
+    matched = in_reference = in_candidate = 0
     for ref_image, cand_image in zip(reference, candidate):
         ref, cand = detections(ref_image, layout), detections(cand_image, layout)
         matched += _matches(ref, cand)
-        total += len(ref[1]) + len(cand[1])
+        in_reference, in_candidate = in_reference + len(ref[1]), in_candidate + len(cand[1])
+    return matched, in_reference, in_candidate
+
+
+def detection_f1(reference: np.ndarray, candidate: np.ndarray, layout: Layout | None = None) -> float | None:
+    """F-score of the candidate's detections against the reference's, pooled over the images: 2 x matched pairs
+    over the two models' detections together (1.0 when neither detects anything); None where
+    :func:`detection_counts` is None."""
+    counts = detection_counts(reference, candidate, layout)
+    if counts is None:
+        return None
+    matched, in_reference, in_candidate = counts
+    total = in_reference + in_candidate
     return 1.0 if total == 0 else 2.0 * matched / total

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 import onnxopt
 from onnxopt.detection import DETECTION_SCORE, detection_f1, detection_layout, detections
-from onnxopt.metrics import choose_metric, metric_drop
+from onnxopt.metrics import choose_metric, metric_drop, relative_error
 from tests.graphs import init, make_model
 from tests.helpers import confirmation_part, run_cli, run_model
 
@@ -75,7 +75,8 @@ def test_cosine_hides_a_lost_detection_that_the_detection_metric_sees() -> None:
     cand = ref.copy()
     cand[0, 5, 2] = 0.2  # B's score falls under the threshold: the user loses one of three objects
     assert metric_drop("cosine", ref, cand, None)[0] < 1e-4
-    assert metric_drop("detection", ref, cand, None)[0] == pytest.approx(1 - 2 * 2 / (3 + 2))
+    drop, basis, _ = metric_drop("detection", ref, cand, None)
+    assert drop == pytest.approx(1 - 2 * 2 / (3 + 2)) and "3 reference, 2 candidate, 2 matched" in basis
 
 
 def test_automatic_metric_reads_a_detector_output_by_its_detections_and_nothing_else() -> None:
@@ -139,3 +140,25 @@ def test_apply_gates_a_detector_by_its_detections(tmp_path: Path) -> None:
     bad = run_cli("validate", digits / "mlp.onnx", digits / "mlp.onnx", "--eval", digits / "eval.npz",
                   "--metric", "logits=detection")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "raw output" in bad.stderr
+
+
+def test_ranking_error_weighs_a_detectors_scores_as_much_as_its_boxes() -> None:
+    """quant's fallback and prune's scan rank by relative_error: over the whole tensor, every box moved by one pixel
+    outweighs a lost detection 20 to 1; with boxes and scores each counted, the lost detection is the worse."""
+    ref = _output()
+    moved = ref.copy()
+    moved[:, :4] += 1.0
+    lost = ref.copy()
+    lost[0, 5, 2] = 0.2
+    whole = [float(np.linalg.norm(c - ref) / np.linalg.norm(ref)) for c in (moved, lost)]
+    assert whole[0] > 10 * whole[1]  # the premise: the whole tensor sees the boxes
+    assert relative_error(ref, lost) > 10 * relative_error(ref, moved)
+    assert detection_f1(ref, moved) == 1.0 and detection_f1(ref, lost) < 1.0
+    # batches are pooled per part; squared is the square of each part's figure
+    assert relative_error([ref[:1], ref[1:]], [lost[:1], lost[1:]], squared=True) == pytest.approx(
+        sum(float(np.sum((c - r) ** 2) / np.sum(r ** 2)) for r, c in ((ref[:, :4], lost[:, :4]), (ref[:, 4:], lost[:, 4:]))))
+    # any other output: the plain figure, exactly as before
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((4, 10)), rng.standard_normal((4, 10))
+    assert relative_error(a, b) == float(np.linalg.norm(b - a) / np.linalg.norm(a))
+    assert relative_error([a[:2], a[2:]], [b[:2], b[2:]], squared=True) == pytest.approx(float(np.sum((b - a) ** 2) / np.sum(a ** 2)))

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.data import Dataset
+from onnxopt.metrics import relative_error
 from onnxopt.progress import Progress
 from onnxopt.sessions import SessionFactory, run_batches
 
@@ -131,12 +132,6 @@ def plan_for_target(cg: ChannelGraph, groups: Sequence[Group], order: Mapping[st
     return best, share
 
 
-def _relative_error(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    num = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outputs, reference))
-    den = sum(float(np.sum(r ** 2)) for r in reference)
-    return num / den if den > 0 else num
-
-
 def _first_outputs(model: ir.Model, dataset: Dataset, sessions: SessionFactory) -> list[np.ndarray]:
     session = sessions.create(model)
     name = session.get_outputs()[0].name
@@ -161,8 +156,8 @@ def scan_sensitivity(model: ir.Model, groups: Sequence[Group], order: Mapping[st
         for ratio in SCAN_RATIOS:
             kept = kept_count(g, ratio, limits)
             if kept not in done:
-                done[kept] = 0.0 if kept >= g.size else _relative_error(
-                    _first_outputs(prune_copy(model, {g.key: kept}), dataset, sessions), reference)
+                done[kept] = 0.0 if kept >= g.size else relative_error(
+                    reference, _first_outputs(prune_copy(model, {g.key: kept}), dataset, sessions), squared=True)
             curve.append((1.0 - kept / g.size, done[kept]))
             if task:
                 task.advance()

@@ -4,7 +4,9 @@ Sensitivity is measured, not guessed: for each quantized node, the model
 quantized *except* that node is run on a slice of the evaluation data, and
 the node's sensitivity is how much of the full model's output error goes
 away (relative L2 error of the first output against the float model, a
-continuous measure that ranks better than top-1 on a few samples). Nodes
+continuous measure that ranks better than top-1 on a few samples; a
+detector's boxes and scores each count, see
+:func:`onnxopt.metrics.relative_error`). Nodes
 then go back to float most sensitive first (those whose return lowered the
 error at all; the walk ends after ``max_steps`` nodes back, or as many trials
 in a row that did not lower the drop), each only if it lowers the
@@ -24,6 +26,7 @@ import onnx_ir as ir
 from onnxopt.data import Dataset
 from onnxopt.pass_api import PassContext
 from onnxopt.budget import Drop
+from onnxopt.metrics import relative_error
 from onnxopt.validate import collect_outputs
 
 __all__ = ["FallbackResult", "run_fallback"]
@@ -64,10 +67,6 @@ def _trial(reference: ir.Model, trial: ir.Model, data: Dataset, ctx: PassContext
     return ctx.measured_drop(reference, trial, data, candidate_outputs=outputs), outputs[names[0]].astype(np.float64)
 
 
-def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
-    return float(np.linalg.norm(candidate - reference) / max(np.linalg.norm(reference), 1e-12))
-
-
 def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], reference: ir.Model, ctx: PassContext,
                  max_drop: float, *, samples: int, max_steps: int) -> FallbackResult:
     """Quantize with ``build``; while the drop is over ``max_drop``, keep the most sensitive candidates float.
@@ -91,12 +90,12 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
     assert ctx.evaluation is not None
     subset = ctx.evaluation.take(samples)
     ref_out = _first_output(reference, subset, ctx)
-    full_error = _relative_error(ref_out, _first_output(model, subset, ctx))
+    full_error = relative_error(ref_out, _first_output(model, subset, ctx))
     sensitivity: dict[str, float] = {}
     with ctx.progress.task("quant: sensitivity per node", total=len(candidates)) as task:
         for name, _ in candidates:
             out = _first_output(build(frozenset({name})), subset, ctx)
-            sensitivity[name] = full_error - _relative_error(ref_out, out)
+            sensitivity[name] = full_error - relative_error(ref_out, out)
             task.advance()
     # a node whose return to float did not lower the output error on the subset is not worth a trial on the whole
     # selection part (on PP-OCRv4 rec most of its 197 nodes: each trial a full run)
@@ -104,7 +103,7 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
     full = ctx.evaluation
     full_ref = ref_out if len(subset) == len(full) else _first_output(reference, full, ctx)
     kept: list[str] = []
-    error = full_error if full_ref is ref_out else _relative_error(full_ref, _first_output(model, full, ctx))
+    error = full_error if full_ref is ref_out else relative_error(full_ref, _first_output(model, full, ctx))
     idle = 0  # trials in a row that did not lower the drop: past max_steps the ranking has run out of signal
     with ctx.progress.task("quant: returning nodes to float", total=len(order)) as task:
         for name, op in order:
@@ -115,7 +114,7 @@ def run_fallback(build: Builder, candidates: Sequence[tuple[str, str]], referenc
             result.trials += 1
             trial_measured, out = _trial(reference, trial, full, ctx)  # every output, each by its metric
             trial_drop = trial_measured.value
-            trial_error = _relative_error(full_ref, out)
+            trial_error = relative_error(full_ref, out)
             # Sensitivities measured one at a time do not add up exactly (a float node changes where its
             # neighbours are quantized): a node goes back to float only if that really lowers the drop
             # (or, at equal drop, the output error) given the ones already back.
